@@ -1,0 +1,212 @@
+"""One frozen settings model for the CLI, the YAML config file and the flow parameters.
+
+Each stage reads only its own section, so a task's cache key moves only when its own
+settings move. Defaults marked "auto" are resolved from the data at run time and the
+resolved value is written to the run's manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCORERS = ("heuristic", "dsir", "classifier")
+SELECTORS = ("quad", "random", "topk", "dsir")
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the setting and the offending value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class IngestSettings(Section):
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Pool files, directories or globs (JSONL, .jsonl.gz, .jsonl.zst, Parquet, .txt).",
+    )
+    targets: list[str] = Field(
+        default_factory=list,
+        description="Target/reference set: what good data looks like. Same formats as inputs.",
+    )
+    text_field: str = Field("text", description="Field holding the document text.")
+    id_field: str | None = Field(
+        "id", description="Field holding the source's own id, carried to the output if present."
+    )
+    max_doc_chars: int = Field(
+        1_000_000, gt=0, description="Documents longer than this are quarantined as 'oversize'."
+    )
+    batch_rows: int = Field(50_000, gt=0, description="Rows parsed per batch before writing to the store.")
+
+
+class FeaturizeSettings(Section):
+    n_features: int = Field(
+        2**18, ge=1024, description="Hashed word 1-2-gram space for the TF-IDF vectors."
+    )
+    dsir_buckets: int = Field(
+        10_000, ge=16, le=65_535, description="Hashed 1-2-gram buckets for DSIR, the classifier and KL."
+    )
+    dim: int = Field(64, ge=2, le=1024, description="Dense vector size (TF-IDF -> truncated SVD).")
+    svd_sample: int = Field(
+        20_000, ge=100, description="Documents the TF-IDF weights and SVD are fitted on."
+    )
+    max_chars: int = Field(
+        20_000, ge=100, description="Only the first max_chars of a document are featurized."
+    )
+
+
+class ClusterSettings(Section):
+    k: int | None = Field(
+        None, ge=2, description="Number of clusters; auto: about sqrt(pool size), within [8, 10000]."
+    )
+    batch_size: int = Field(4096, ge=64, description="MiniBatchKMeans batch size.")
+    gamma: float | None = Field(
+        None,
+        gt=0,
+        le=2,
+        description="Neighbour radius (cosine distance between centroids) for reward sharing; "
+        "auto: median distance from a centroid to its 5th-nearest centroid.",
+    )
+
+
+class ScoreSettings(Section):
+    scorers: list[Literal["heuristic", "dsir", "classifier"]] | None = Field(
+        None,
+        description="Scorers to run. auto: heuristic+dsir with a target set, heuristic without. "
+        "Scores are combined as the weighted mean of each scorer's percentile rank in the pool.",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="Weight per scorer in the combined score (default 1 each)."
+    )
+    classifier_negatives: int = Field(
+        5, ge=1, description="Random pool documents per target document used as classifier negatives."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, w in v.items():
+            if name not in SCORERS:
+                raise ValueError(f"unknown scorer {name!r} in weights; known: {', '.join(SCORERS)}")
+            if w < 0:
+                raise ValueError(f"weight for {name!r} is {w}; weights must be >= 0")
+        return v
+
+    def resolved(self, has_targets: bool) -> list[str]:
+        """The scorers to run, with 'auto' resolved."""
+        if self.scorers is None:
+            return ["heuristic", "dsir"] if has_targets else ["heuristic"]
+        return list(dict.fromkeys(self.scorers))
+
+
+class SelectSettings(Section):
+    selector: Literal["quad", "random", "topk", "dsir"] = Field(
+        "quad", description="quad (cluster bandit) or a baseline: random, topk, dsir."
+    )
+    budget_tokens: int = Field(1_000_000, gt=0, description="Token budget of the selection.")
+    arms_per_round: int = Field(50, ge=1, description="B: clusters pulled per round.")
+    probes: int = Field(10, ge=1, description="m: documents probed per pulled cluster.")
+    block_docs: int | None = Field(
+        None, ge=1, description="b: documents per accepted block; auto: mean cluster size / 8, >= probes."
+    )
+    max_rounds: int = Field(200, ge=1, description="Bandit rounds before the fill phase.")
+    tau: float | None = Field(
+        None, description="Acceptance threshold on the mean probe score; auto: tau_quantile of "
+        "calibration probe means."
+    )
+    tau_quantile: float = Field(0.5, ge=0, le=1, description="Quantile used for auto tau.")
+    alpha: float | None = Field(
+        None, ge=0, description="UCB exploration weight; auto: std of calibration probe means."
+    )
+    calibration_blocks: int = Field(
+        64, ge=2, description="Random probe groups (of m documents) drawn to calibrate tau and alpha."
+    )
+
+
+class ExportSettings(Section):
+    output: str = Field("quadflow-output", description="Directory the selection, manifest and report go to.")
+    format: Literal["parquet", "jsonl"] = Field("parquet", description="Selection file format.")
+
+
+class Settings(BaseModel):
+    """Everything a curation run needs. Backs the CLI, the YAML config and the flow parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: str = Field("quadflow.duckdb", description="DuckDB file holding every intermediate result.")
+    seed: int = Field(0, description="Seed for every random step.")
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    featurize: FeaturizeSettings = Field(default_factory=FeaturizeSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    score: ScoreSettings = Field(default_factory=ScoreSettings)
+    select: SelectSettings = Field(default_factory=SelectSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if not self.ingest.inputs:
+            raise ValueError("ingest.inputs is empty: give at least one --input")
+        needs_target = [s for s in self.score.resolved(bool(self.ingest.targets)) if s in ("dsir", "classifier")]
+        if needs_target and not self.ingest.targets:
+            raise ValueError(
+                f"score.scorers = {needs_target} need a target set: give --target"
+            )
+        if self.select.selector == "dsir" and not self.ingest.targets:
+            raise ValueError("select.selector = 'dsir' needs a target set: give --target")
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "settings"
+        value = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("value_error",) and not e["loc"]:
+            lines.append(f"invalid settings: {msg}")
+        else:
+            lines.append(f"invalid setting {loc} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge nested dicts; values from `over` win, None in `over` means 'not given'."""
+    out = dict(base)
+    for key, value in over.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def build_settings(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from an optional YAML file with overrides on top; ConfigError names the bad setting."""
+    data = load_yaml(config) if config else {}
+    data = deep_merge(data, overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None

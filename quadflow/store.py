@@ -1,0 +1,146 @@
+"""The DuckDB store: one file per workspace, one table family per stage.
+
+Stages hand each other small, hashable references (`StageRef`), never connections or frames.
+Every stage table carries a `key` column: the hash of the stage's settings and upstream keys.
+A stage writes its partition with delete-then-insert on that key, so a rerun is idempotent,
+and a cached reference from an earlier configuration still points at rows that exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+_SQL_NAME = re.compile(r"^[a-z]+_[a-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """Where the store is and which incarnation of it: a new file gets a new store_id."""
+
+    path: str
+    store_id: str
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """A stage's output partition: what downstream tasks take as input (and cache on)."""
+
+    stage: str
+    key: str
+    store: StoreRef
+    rows: int
+    fingerprint: str
+
+
+def stage_key(stage: str, version: str, *parts: Any) -> str:
+    """Deterministic key of a stage's output from its code version, settings and upstream refs."""
+    payload = json.dumps([stage, version, *[_jsonable(p) for p in parts]], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, StageRef):
+        return {"stage": obj.stage, "key": obj.key, "fingerprint": obj.fingerprint}
+    if isinstance(obj, StoreRef):
+        return obj.store_id
+    return obj
+
+
+def load_sql(name: str) -> str:
+    """Text of sql/<name>.sql; names are `<stage>_<verb>` and never come from users."""
+    if not _SQL_NAME.match(name):
+        raise ValueError(f"bad SQL file name {name!r}")
+    path = SQL_DIR / f"{name}.sql"
+    if not path.exists():
+        raise FileNotFoundError(f"no SQL file {path}")
+    return path.read_text()
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any] | None = None) -> None:
+    """Run every statement of sql/<name>.sql with bound parameters ($name placeholders)."""
+    text = load_sql(name)
+    for stmt in _split_statements(text):
+        used = {k: v for k, v in (params or {}).items() if f"${k}" in stmt}
+        con.execute(stmt, used) if used else con.execute(stmt)
+
+
+def query_sql(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any] | None = None):
+    """Run a single-statement sql/<name>.sql and return the DuckDB relation result (call .pl())."""
+    stmts = _split_statements(load_sql(name))
+    if len(stmts) != 1:
+        raise ValueError(f"sql/{name}.sql must hold exactly one statement to be queried")
+    stmt = stmts[0]
+    used = {k: v for k, v in (params or {}).items() if f"${k}" in stmt}
+    return con.execute(stmt, used) if used else con.execute(stmt)
+
+
+def _split_statements(text: str) -> list[str]:
+    lines = [ln for ln in text.splitlines() if not ln.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def open_store(path: str | Path) -> StoreRef:
+    """Create the store (and its meta table) if needed; return its reference."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(p)) as con:
+        con.execute("create table if not exists store_meta (name varchar primary key, value varchar)")
+        row = con.execute("select value from store_meta where name = 'store_id'").fetchone()
+        if row is None:
+            store_id = uuid.uuid4().hex
+            con.execute("insert into store_meta values ('store_id', ?)", [store_id])
+        else:
+            store_id = row[0]
+    return StoreRef(path=str(p.resolve()), store_id=store_id)
+
+
+@contextmanager
+def connect(store: StoreRef, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to the store, checked to be the same incarnation the reference names."""
+    p = Path(store.path)
+    if not p.exists():
+        raise FileNotFoundError(f"store {p} does not exist (was it deleted during the run?)")
+    con = duckdb.connect(str(p), read_only=read_only)
+    try:
+        row = con.execute("select value from store_meta where name = 'store_id'").fetchone()
+        if row is None or row[0] != store.store_id:
+            raise RuntimeError(
+                f"store {p} was replaced during the run (store_id {row[0] if row else None!r}, "
+                f"expected {store.store_id!r}); rerun to recompute"
+            )
+        yield con
+    finally:
+        con.close()
+
+
+def fingerprint(con: duckdb.DuckDBPyConnection, table: str, key: str, columns: list[str]) -> str:
+    """Order-independent content hash of one key partition of a stage table.
+
+    `table` and `columns` are identifiers written in the code, never user input.
+    """
+    if not re.match(r"^[a-z_][a-z0-9_]*$", table) or not all(re.match(r"^[a-z_][a-z0-9_]*$", c) for c in columns):
+        raise ValueError(f"bad identifier in fingerprint({table!r}, {columns!r})")
+    cols = ", ".join(columns)
+    n, h = con.execute(
+        f"select count(*), coalesce(bit_xor(hash({cols})), 0) from {table} where key = ?", [key]
+    ).fetchone()
+    return f"{n}:{h:016x}"
+
+
+def make_ref(con: duckdb.DuckDBPyConnection, stage: str, key: str, store: StoreRef, table: str,
+             columns: list[str]) -> StageRef:
+    """Reference to a freshly written partition, with row count and content fingerprint."""
+    fp = fingerprint(con, table, key, columns)
+    return StageRef(stage=stage, key=key, store=store, rows=int(fp.split(":")[0]), fingerprint=fp)

@@ -1,0 +1,15 @@
+"""How stage tasks cache: on their inputs (settings section + small refs) and their source."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+# The default policy never hits across runs; INPUTS + TASK_SOURCE does. Inputs are small refs
+# that carry the store's identity, so a deleted or replaced store recomputes everything.
+CACHE_POLICY = INPUTS + TASK_SOURCE
+
+
+def stage_task(name: str, **kwargs):
+    """Decorator for a cached stage task whose result (a StageRef) is persisted across runs."""
+    return task(name=name, cache_policy=CACHE_POLICY, persist_result=True, **kwargs)
