@@ -1,0 +1,134 @@
+"""The `quadflow` command: run, demo, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from quadflow.settings import SCORERS, SELECTORS, ConfigError, Settings, build_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "examples" / "demo.yaml"
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="quadflow",
+        description="Select language-model training data within a token budget (Quad cluster bandit).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="curate a pool: ingest, featurize, cluster, score, select, export, report")
+    run.add_argument("--config", help="YAML file with settings (flags override it)")
+    run.add_argument("--input", action="append", dest="inputs", metavar="PATH",
+                     help="pool file, directory or glob (repeatable)")
+    run.add_argument("--target", action="append", dest="targets", metavar="PATH",
+                     help="target/reference file, directory or glob (repeatable)")
+    run.add_argument("--budget-tokens", type=int, help="token budget of the selection")
+    run.add_argument("--store", help="DuckDB file for intermediate results (default quadflow.duckdb)")
+    run.add_argument("--output", help="output directory (default quadflow-output)")
+    run.add_argument("--selector", choices=SELECTORS, help="quad (default), random, topk or dsir")
+    run.add_argument("--scorer", action="append", dest="scorers", choices=SCORERS,
+                     help="scorer (repeatable; combined by weighted mean percentile rank)")
+    run.add_argument("--clusters", type=int, help="number of clusters (default: about sqrt(pool size))")
+    run.add_argument("--seed", type=int, help="seed for every random step (default 0)")
+    run.add_argument("--text-field", help="field holding the document text (default 'text')")
+    run.add_argument("--format", choices=("parquet", "jsonl"), help="selection file format (default parquet)")
+    run.add_argument("--show-settings", action="store_true", help="print the resolved settings and exit")
+
+    demo = sub.add_parser("demo", help="run on the shipped sample (examples/data) into ./demo-output")
+    demo.add_argument("--output", default="demo-output", help="output directory (default demo-output)")
+
+    rep = sub.add_parser("report", help="rebuild the report of the latest run in a store")
+    rep.add_argument("--store", required=True, help="DuckDB store of the run")
+    rep.add_argument("--output", help="directory to write report/ into (default: the run's output)")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "store": args.store,
+        "seed": args.seed,
+        "ingest": {"inputs": args.inputs, "targets": args.targets, "text_field": args.text_field},
+        "cluster": {"k": args.clusters},
+        "score": {"scorers": args.scorers},
+        "select": {"selector": args.selector, "budget_tokens": args.budget_tokens},
+        "export": {"output": args.output, "format": args.format},
+    }
+
+
+def _prepare_environment() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _run(settings: Settings) -> int:
+    from tasks.ingest import expand_inputs
+
+    # Fail on a missing or unreadable input before paying for a Prefect server start.
+    expand_inputs(settings.ingest.inputs)
+    if settings.ingest.targets:
+        expand_inputs(settings.ingest.targets)
+    _prepare_environment()
+    from flows.curate import curate
+
+    result = curate(settings=settings)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: dict) -> None:
+    s = result.get("summary", {})
+    print()
+    print(f"selected {result['docs']:,} documents, {result['tokens']:,} tokens")
+    for name in ("fill_fraction", "kl_reduction", "cluster_coverage", "quarantined"):
+        if name in s:
+            print(f"  {name}: {s[name]}")
+    print(f"selection: {result['selection']}")
+    print(f"manifest:  {result['manifest']}")
+    print(f"report:    {result['report']}")
+    print(f"store:     {result['store']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            settings = build_settings(args.config, _overrides(args))
+            if args.show_settings:
+                print(json.dumps(settings.model_dump(mode="json"), indent=2))
+                return 0
+            return _run(settings)
+        if args.command == "demo":
+            out = Path(args.output)
+            settings = build_settings(DEMO_CONFIG, {"store": str(out / "quadflow.duckdb"), "export": {"output": str(out)}})
+            settings = _rebase_demo_inputs(settings)
+            return _run(settings)
+        if args.command == "report":
+            from tasks.report import report_from_store
+
+            result = report_from_store(args.store, args.output)
+            print(f"report: {result.report_path}")
+            return 0
+    except ConfigError as e:
+        print(f"quadflow: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 1
+
+
+def _rebase_demo_inputs(settings: Settings) -> Settings:
+    """The demo config names repo-relative paths; make them work from any directory."""
+    ingest = settings.ingest.model_copy(update={
+        "inputs": [str(REPO_ROOT / p) for p in settings.ingest.inputs],
+        "targets": [str(REPO_ROOT / p) for p in settings.ingest.targets],
+    })
+    return settings.model_copy(update={"ingest": ingest})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

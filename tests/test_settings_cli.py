@@ -1,0 +1,82 @@
+"""Settings model, YAML + flag merging, and the CLI's handling of bad settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from quadflow.cli import main
+from quadflow.settings import ConfigError, Settings, build_settings
+from tests.conftest import REPO, SAMPLE_POOL, SAMPLE_TARGET
+
+
+def test_flags_override_yaml(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("ingest:\n  inputs: [a.jsonl]\nselect:\n  budget_tokens: 500\n  selector: random\nseed: 3\n")
+    s = build_settings(cfg, {"select": {"budget_tokens": 900, "selector": None}, "seed": None})
+    assert s.select.budget_tokens == 900
+    assert s.select.selector == "random"
+    assert s.seed == 3
+
+
+def test_bad_value_names_setting_and_value():
+    with pytest.raises(ConfigError) as e:
+        build_settings(overrides={"ingest": {"inputs": ["x"]}, "select": {"budget_tokens": -5}})
+    assert "select.budget_tokens" in str(e.value) and "-5" in str(e.value)
+
+
+def test_unknown_setting_is_rejected(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("ingest:\n  inputs: [a.jsonl]\nselect:\n  budjet_tokens: 5\n")
+    with pytest.raises(ConfigError, match="select.budjet_tokens"):
+        build_settings(cfg)
+
+
+def test_dsir_scorer_without_target_is_a_config_error():
+    with pytest.raises(ConfigError, match="need a target set"):
+        build_settings(overrides={"ingest": {"inputs": ["x"]}, "score": {"scorers": ["dsir"]}})
+
+
+def test_auto_scorers_depend_on_target():
+    s = build_settings(overrides={"ingest": {"inputs": ["x"]}})
+    assert s.score.resolved(has_targets=False) == ["heuristic"]
+    assert s.score.resolved(has_targets=True) == ["heuristic", "dsir"]
+
+
+def test_settings_round_trip_through_json():
+    s = build_settings(overrides={"ingest": {"inputs": ["x"], "targets": ["t"]}, "select": {"budget_tokens": 7}})
+    assert Settings.model_validate_json(s.model_dump_json()) == s
+
+
+def test_cli_bad_setting_exits_2_with_message(capsys):
+    code = main(["run", "--input", str(SAMPLE_POOL), "--budget-tokens", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "select.budget_tokens" in err and "0" in err
+
+
+def test_cli_missing_input_exits_2_naming_path(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    code = main(["run", "--input", str(missing), "--store", str(tmp_path / "s.duckdb")])
+    assert code == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_cli_show_settings_merges_config_and_flags(tmp_path, capsys):
+    code = main(["run", "--config", str(REPO / "examples" / "demo.yaml"), "--budget-tokens", "1234",
+                 "--scorer", "heuristic", "--show-settings"])
+    assert code == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["select"]["budget_tokens"] == 1234
+    assert shown["score"]["scorers"] == ["heuristic"]
+    assert shown["ingest"]["targets"] == ["examples/data/target.jsonl.zst"]
+
+
+def test_console_script_usage_error_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "quadflow.cli", "run", "--selector", "best"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "invalid choice: 'best'" in proc.stderr
