@@ -1,0 +1,525 @@
+"""Select: fill the token budget with the Quad cluster bandit or a baseline (random, top-k, DSIR).
+
+Quad ("Harnessing Diversity for Important Data Selection in Pretraining LLMs", ICLR 2025,
+Algorithm 1): clusters are bandit arms; each round the top-B arms by UCB
+`CS_j = R_j / T_j + alpha * sqrt(2 ln N / (T_j + 1))` are pulled; m documents of the arm's next
+block are probed, reward `r = mean(probe scores) - tau`; the block is accepted when r > 0; the
+reward is shared with neighbouring clusters (centroid distance d < gamma) with weight 1 - d/gamma.
+
+Unlike the released code, the probes are drawn from the very block that is accepted or
+rejected (one seeded shuffle per cluster, walked block by block), an arm is exhausted exactly
+when its cursor reaches the end of its documents, and tau / alpha default to values calibrated
+on random probe groups, so they sit on the scorer's own scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from quadflow.log import get_logger
+from quadflow.settings import SelectSettings
+from quadflow.store import StageRef, connect, make_ref, query_sql, run_sql, stage_key
+from quadflow.tasking import stage_task
+from tasks.featurize import load_ngrams
+from tasks.scorers.dsir import DSIR, gumbel_keys
+
+VERSION = "select-1"
+
+# The bandit stops pulling once the selection is within 0.1% of the budget: further rounds would
+# spend probes (expensive for the influence scorer) on at most 0.1% more tokens.
+FULL_FRACTION = 0.999
+
+REASON_BLOCK = "quad_block"
+REASON_FILL = "quad_fill"
+FILL_ROUND = -1  # rounds_of_ entry of a document taken by the fill phase (no bandit round)
+
+ROUNDS_SCHEMA = {
+    "round": pl.Int32, "cluster": pl.Int64, "ucb": pl.Float64, "mean_probe": pl.Float64,
+    "reward": pl.Float64, "accepted": pl.Boolean, "block_start": pl.Int64, "block_docs": pl.Int64,
+    "tokens_accepted": pl.Int64,
+}
+PROBES_SCHEMA = {"round": pl.Int32, "cluster": pl.Int64, "doc_idx": pl.Int64, "score": pl.Float64}
+ARMS_SCHEMA = {
+    "cluster": pl.Int64, "reward_sum": pl.Float64, "pulls": pl.Float64, "direct_pulls": pl.Int64,
+    "cursor": pl.Int64, "size": pl.Int64, "exhausted": pl.Boolean,
+}
+
+ProbeFn = Callable[[np.ndarray], np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Core: budget filling and the baselines
+# --------------------------------------------------------------------------------------------
+
+
+def fill_budget(order: np.ndarray, tokens: np.ndarray, budget: int) -> np.ndarray:
+    """Walk `order`, take each document that still fits: never over budget, filled as far as the pool allows."""
+    order = np.asarray(order, dtype=np.int64).ravel()
+    tokens = np.asarray(tokens)
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget!r}")
+    tok = tokens[order].astype(np.int64, copy=False)  # (len(order),) tokens in walk order
+    if tok.size and tok.min() < 0:
+        bad = int(order[np.argmin(tok)])
+        raise ValueError(f"token counts must be >= 0, doc {bad} has {int(tokens[bad])}")
+    csum = np.cumsum(tok)
+    head = int(np.searchsorted(csum, budget, side="right"))  # order[:head] fits as a whole
+    if head == order.size:
+        return order.copy()
+    remaining = int(budget - (csum[head - 1] if head else 0))
+    # After the first misfit, walk the rest one by one, stopping once nothing left can fit.
+    rest_tok = tok[head + 1:]
+    if rest_tok.size == 0:
+        return order[:head].copy()
+    smallest_after = np.minimum.accumulate(rest_tok[::-1])[::-1].tolist()  # suffix minima
+    taken: list[int] = []
+    for i, t in enumerate(rest_tok.tolist()):
+        if remaining < smallest_after[i]:
+            break
+        if t <= remaining:
+            taken.append(i)
+            remaining -= t
+    return np.concatenate([order[:head], order[head + 1:][np.asarray(taken, dtype=np.int64)]])
+
+
+def select_random(tokens: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """Uniform random documents until the budget is full: the floor every selector must beat."""
+    n = np.asarray(tokens).shape[0]
+    return fill_budget(np.random.default_rng(seed).permutation(n), tokens, budget)
+
+
+def select_topk(scores: np.ndarray, tokens: np.ndarray, budget: int) -> np.ndarray:
+    """Highest scores first (ties by doc_idx, NaN last): pure quality, no diversity."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != np.asarray(tokens).shape:
+        raise ValueError(f"scores has shape {scores.shape}, tokens {np.asarray(tokens).shape}")
+    neg = np.where(np.isnan(scores), np.inf, -scores)
+    order = np.lexsort((np.arange(scores.size), neg))
+    return fill_budget(order, tokens, budget)
+
+
+def select_dsir(log_weights: np.ndarray, tokens: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """DSIR importance resampling without replacement (Gumbel top-k on log weights), to the budget."""
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    if log_weights.shape != np.asarray(tokens).shape:
+        raise ValueError(f"log_weights has shape {log_weights.shape}, tokens {np.asarray(tokens).shape}")
+    keys = gumbel_keys(log_weights, seed)
+    order = np.lexsort((np.arange(keys.size), -keys))
+    return fill_budget(order, tokens, budget)
+
+
+# --------------------------------------------------------------------------------------------
+# Core: the Quad bandit
+# --------------------------------------------------------------------------------------------
+
+
+def ucb_scores(reward_sum: np.ndarray, pulls: np.ndarray, total_pulls: int, alpha: float) -> np.ndarray:
+    """CS_j = R_j/T_j + alpha*sqrt(2 ln N / (T_j + 1)); R/T is 0 for an unpulled arm, N is at least 1."""
+    reward_sum = np.asarray(reward_sum, dtype=np.float64)
+    pulls = np.asarray(pulls, dtype=np.float64)
+    mean = np.divide(reward_sum, pulls, out=np.zeros_like(reward_sum), where=pulls > 0)
+    return mean + alpha * np.sqrt(2.0 * np.log(max(total_pulls, 1)) / (pulls + 1.0))
+
+
+class QuadBandit:
+    """Quad's cluster bandit as an estimator: parameters in, `fit`, fitted state ending in `_`.
+
+    Parameters follow the paper's names: arms_per_round = B, probes = m, block_docs = b
+    (None: mean non-empty cluster size / 8, at least m), tau (None: the tau_quantile of
+    calibration group means), alpha (None: the std of calibration group means, so exploration
+    is on the reward's scale; the paper's 1e-4 was for raw influence scores).
+    """
+
+    def __init__(self, arms_per_round: int = 50, probes: int = 10, block_docs: int | None = None,
+                 max_rounds: int = 200, tau: float | None = None, tau_quantile: float = 0.5,
+                 alpha: float | None = None, calibration_blocks: int = 64,
+                 random_state: int | None = 0):
+        self.arms_per_round = arms_per_round
+        self.probes = probes
+        self.block_docs = block_docs
+        self.max_rounds = max_rounds
+        self.tau = tau
+        self.tau_quantile = tau_quantile
+        self.alpha = alpha
+        self.calibration_blocks = calibration_blocks
+        self.random_state = random_state
+
+    @classmethod
+    def from_settings(cls, settings: SelectSettings, seed: int) -> "QuadBandit":
+        """The bandit a run's select settings describe, seeded with the run's seed."""
+        return cls(arms_per_round=settings.arms_per_round, probes=settings.probes,
+                   block_docs=settings.block_docs, max_rounds=settings.max_rounds, tau=settings.tau,
+                   tau_quantile=settings.tau_quantile, alpha=settings.alpha,
+                   calibration_blocks=settings.calibration_blocks, random_state=seed)
+
+    def _check_params(self) -> None:
+        for name in ("arms_per_round", "probes", "max_rounds", "calibration_blocks"):
+            value = getattr(self, name)
+            low = 2 if name == "calibration_blocks" else 1
+            if not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.block_docs is not None and (not isinstance(self.block_docs, (int, np.integer)) or self.block_docs < 1):
+            raise ValueError(f"block_docs must be None or an integer >= 1, got {self.block_docs!r}")
+        if not 0.0 <= self.tau_quantile <= 1.0:
+            raise ValueError(f"tau_quantile must be in [0, 1], got {self.tau_quantile!r}")
+        if self.alpha is not None and not self.alpha >= 0:
+            raise ValueError(f"alpha must be None or >= 0, got {self.alpha!r}")
+        if self.tau is not None and not np.isfinite(self.tau):
+            raise ValueError(f"tau must be None or finite, got {self.tau!r}")
+
+    def fit(self, clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int, probe_fn: ProbeFn,
+            neighbors: pl.DataFrame | None = None, gamma: float | None = None) -> "QuadBandit":
+        """Run the bandit to the budget; every round, probe and accepted block is kept as fitted state."""
+        self._check_params()
+        clusters = np.asarray(clusters).ravel()
+        tokens = np.asarray(tokens).ravel()
+        if clusters.shape != tokens.shape:
+            raise ValueError(f"clusters has {clusters.size} entries, tokens {tokens.size}")
+        if clusters.size == 0:
+            raise ValueError("clusters is empty: there is nothing to select from")
+        if not np.issubdtype(clusters.dtype, np.integer):
+            raise ValueError(f"cluster labels must be integers, got dtype {clusters.dtype}")
+        if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0:
+            raise ValueError(f"tokens must be integers >= 0, got dtype {tokens.dtype}, min {tokens.min()!r}")
+        if budget_tokens < 0:
+            raise ValueError(f"budget_tokens must be >= 0, got {budget_tokens!r}")
+        tokens = tokens.astype(np.int64, copy=False)
+        n = clusters.size
+        rng_shuffle, rng_calib, rng_ties, rng_probe = (
+            np.random.default_rng(s) for s in np.random.SeedSequence(self.random_state).spawn(4)
+        )
+        m = int(self.probes)
+
+        # Arms: one per non-empty cluster; each arm's documents shuffled once, walked block by block.
+        labels, arm_of_doc = np.unique(clusters, return_inverse=True)  # (k,), (n,)
+        k = labels.size
+        perm = rng_shuffle.permutation(n)
+        order = perm[np.argsort(arm_of_doc[perm], kind="stable")]  # (n,) docs grouped by arm
+        size = np.bincount(arm_of_doc, minlength=k).astype(np.int64)  # (k,)
+        start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)  # (k,) offsets into order
+        tok_order = tokens[order]
+        smallest_from = np.empty(n, dtype=np.int64)  # smallest doc from this position to its arm's end
+        for a in range(k):
+            s, e = start[a], start[a] + size[a]
+            smallest_from[s:e] = np.minimum.accumulate(tok_order[s:e][::-1])[::-1]
+        b = int(self.block_docs) if self.block_docs is not None else max(m, int(np.floor(n / k / 8 + 0.5)))
+        share = _neighbour_matrix(labels, neighbors, gamma)  # (k, k) sparse, [j, i] = weight of j's reward for i
+
+        # Calibration: random probe groups put tau and alpha on the scorer's scale.
+        probe_rounds: list[np.ndarray] = []
+        probe_docs: list[np.ndarray] = []
+        probe_scores: list[np.ndarray] = []
+        tau, alpha = self.tau, self.alpha
+        if tau is None or alpha is None:
+            groups = _calibration_groups(rng_calib, n, m, int(self.calibration_blocks))  # (G, m')
+            calib_scores = _probe(probe_fn, groups.ravel()).reshape(groups.shape)
+            group_means = calib_scores.mean(axis=1)  # (G,)
+            if tau is None:
+                tau = float(np.quantile(group_means, self.tau_quantile))
+            if alpha is None:
+                alpha = float(np.std(group_means))
+            probe_rounds.append(np.zeros(groups.size, dtype=np.int32))
+            probe_docs.append(groups.ravel())
+            probe_scores.append(calib_scores.ravel())
+        tau, alpha = float(tau), float(alpha)
+
+        reward_sum = np.zeros(k)  # R_j, direct plus shared rewards
+        pulls = np.zeros(k)  # T_j, direct pulls plus shared weights
+        direct = np.zeros(k, dtype=np.int64)
+        cursor = np.zeros(k, dtype=np.int64)  # position of the next block within the arm
+        total_pulls = 0  # N
+        remaining = int(budget_tokens)
+        sel_docs: list[np.ndarray] = []
+        sel_rounds: list[np.ndarray] = []
+        rows: dict[str, list[Any]] = {c: [] for c in ROUNDS_SCHEMA}
+
+        def budget_full() -> bool:
+            """No unseen document of a live arm fits any more, or the budget is FULL_FRACTION used."""
+            live = cursor < size
+            if not live.any():
+                return True
+            smallest = int(smallest_from[(start + cursor)[live]].min())
+            return remaining < smallest or budget_tokens - remaining >= FULL_FRACTION * budget_tokens
+
+        n_rounds = 0
+        stop = "max_rounds"
+        for rnd in range(1, int(self.max_rounds) + 1):
+            live_arms = np.flatnonzero(cursor < size)
+            if live_arms.size == 0:
+                stop = "no_live_arms"
+                break
+            if budget_full():
+                stop = "budget_full"
+                break
+            n_rounds = rnd
+            ucb = ucb_scores(reward_sum, pulls, total_pulls, alpha)  # (k,)
+            ties = rng_ties.permutation(k)  # a fresh random tie order each round
+            pick = np.lexsort((ties[live_arms], -ucb[live_arms]))[: int(self.arms_per_round)]
+            pulled = live_arms[pick]  # (B',) arms in UCB order
+
+            blocks, probe_idx = [], []
+            for a in pulled:
+                lo = start[a] + cursor[a]
+                block = order[lo: lo + min(b, size[a] - cursor[a])]
+                blocks.append(block)
+                probe_idx.append(block[rng_probe.choice(block.size, size=min(m, block.size), replace=False)])
+            counts = np.array([p.size for p in probe_idx])
+            flat = np.concatenate(probe_idx)
+            scores = _probe(probe_fn, flat)  # one batched call per round
+            means = np.add.reduceat(scores, np.concatenate([[0], np.cumsum(counts)[:-1]])) / counts
+            rewards = means - tau  # (B',)
+
+            for a, block, mean, r in zip(pulled, blocks, means, rewards):
+                tokens_in = 0
+                if r > 0:
+                    took = fill_budget(block, tokens, remaining)
+                    tokens_in = int(tokens[took].sum())
+                    remaining -= tokens_in
+                    sel_docs.append(took)
+                    sel_rounds.append(np.full(took.size, rnd, dtype=np.int64))
+                rows["round"].append(rnd)
+                rows["cluster"].append(int(labels[a]))
+                rows["ucb"].append(float(ucb[a]))
+                rows["mean_probe"].append(float(mean))
+                rows["reward"].append(float(r))
+                rows["accepted"].append(bool(r > 0))
+                rows["block_start"].append(int(cursor[a]))
+                rows["block_docs"].append(int(block.size))
+                rows["tokens_accepted"].append(tokens_in)
+            probe_rounds.append(np.full(flat.size, rnd, dtype=np.int32))
+            probe_docs.append(flat)
+            probe_scores.append(scores)
+
+            cursor[pulled] += [blk.size for blk in blocks]
+            reward_sum[pulled] += rewards
+            pulls[pulled] += 1.0
+            direct[pulled] += 1
+            total_pulls += pulled.size
+            r_vec = np.zeros(k)
+            r_vec[pulled] = rewards
+            hit = np.zeros(k)
+            hit[pulled] = 1.0
+            reward_sum += share.T @ r_vec  # R_i += sum_j (1 - d_ji/gamma) r_j
+            pulls += share.T @ hit  # T_i += sum_j (1 - d_ji/gamma)
+        else:
+            if (cursor >= size).all():
+                stop = "no_live_arms"
+            elif budget_full():
+                stop = "budget_full"
+
+        # Fill phase: rounds ran out before the budget was full. The unseen rest of every live arm,
+        # best estimated reward first, fills the budget; without it a short max_rounds would
+        # leave most of the budget empty (the required fill is >= 98% when the pool is large enough).
+        n_fill = 0
+        if not budget_full():
+            live_arms = np.flatnonzero(cursor < size)
+            est = np.divide(reward_sum, pulls, out=np.zeros(k), where=pulls > 0)
+            ranked = live_arms[np.lexsort((labels[live_arms], -est[live_arms]))]
+            rest = np.concatenate([order[start[a] + cursor[a]: start[a] + size[a]] for a in ranked])
+            took = fill_budget(rest, tokens, remaining)
+            remaining -= int(tokens[took].sum())
+            sel_docs.append(took)
+            sel_rounds.append(np.full(took.size, FILL_ROUND, dtype=np.int64))
+            n_fill = took.size
+
+        self.selected_ = np.concatenate(sel_docs) if sel_docs else np.zeros(0, dtype=np.int64)
+        self.rounds_of_ = np.concatenate(sel_rounds) if sel_rounds else np.zeros(0, dtype=np.int64)
+        self.reasons_ = np.where(self.rounds_of_ == FILL_ROUND, REASON_FILL, REASON_BLOCK).astype(object)
+        self.rounds_ = pl.DataFrame(rows, schema=ROUNDS_SCHEMA)
+        p_docs = np.concatenate(probe_docs) if probe_docs else np.zeros(0, dtype=np.int64)
+        self.probes_ = pl.DataFrame({
+            "round": np.concatenate(probe_rounds) if probe_rounds else np.zeros(0, dtype=np.int32),
+            "cluster": clusters[p_docs].astype(np.int64),
+            "doc_idx": p_docs.astype(np.int64),
+            "score": np.concatenate(probe_scores) if probe_scores else np.zeros(0),
+        }, schema=PROBES_SCHEMA)
+        self.arms_ = pl.DataFrame({
+            "cluster": labels.astype(np.int64), "reward_sum": reward_sum, "pulls": pulls,
+            "direct_pulls": direct, "cursor": cursor, "size": size, "exhausted": cursor >= size,
+        }, schema=ARMS_SCHEMA)
+        self.tau_, self.alpha_, self.block_docs_ = tau, alpha, b
+        self.n_rounds_ = n_rounds
+        self.n_probed_ = int(np.unique(p_docs).size)
+        self.n_fill_ = int(n_fill)
+        self.stop_reason_ = stop
+        self.tokens_selected_ = int(budget_tokens - remaining)
+        return self
+
+
+def _calibration_groups(rng: np.random.Generator, n: int, m: int, groups: int) -> np.ndarray:
+    """(groups, min(m, n)) random pool documents; distinct across groups when the pool allows."""
+    per = min(m, n)
+    if groups * per <= n:
+        return rng.choice(n, size=groups * per, replace=False).reshape(groups, per)
+    return np.stack([rng.choice(n, size=per, replace=False) for _ in range(groups)])
+
+
+def _probe(probe_fn: ProbeFn, idx: np.ndarray) -> np.ndarray:
+    """Scores for `idx` from the scorer, checked: one finite float per document."""
+    scores = np.asarray(probe_fn(idx), dtype=np.float64)
+    if scores.shape != idx.shape:
+        raise ValueError(f"probe_fn returned shape {scores.shape} for {idx.size} documents")
+    if not np.isfinite(scores).all():
+        bad = int(idx[~np.isfinite(scores)][0])
+        raise ValueError(f"probe_fn returned a non-finite score for doc {bad}: {scores[idx == bad][0]!r}")
+    return scores
+
+
+def _neighbour_matrix(labels: np.ndarray, neighbors: pl.DataFrame | None, gamma: float | None) -> sp.csr_matrix:
+    """(k, k) sharing weights 1 - d/gamma for neighbour pairs with d < gamma (row: puller, col: receiver)."""
+    k = labels.size
+    if neighbors is None or neighbors.height == 0:
+        return sp.csr_matrix((k, k))
+    if gamma is None or not gamma > 0:
+        raise ValueError(f"gamma must be > 0 when neighbours are given, got {gamma!r}")
+    nb = (
+        neighbors.select(pl.col("cluster").cast(pl.Int64), pl.col("neighbor").cast(pl.Int64),
+                         pl.col("distance").cast(pl.Float64))
+        .filter((pl.col("cluster") != pl.col("neighbor")) & (pl.col("distance") < gamma))
+        .group_by("cluster", "neighbor").agg(pl.col("distance").min())
+        .sort("cluster", "neighbor")
+    )
+    src, dst = nb["cluster"].to_numpy(), nb["neighbor"].to_numpy()
+    i, j = np.searchsorted(labels, src), np.searchsorted(labels, dst)
+    i, j = np.minimum(i, k - 1), np.minimum(j, k - 1)
+    known = (labels[i] == src) & (labels[j] == dst)  # pairs with an empty cluster share nothing
+    w = 1.0 - nb["distance"].to_numpy() / gamma
+    return sp.csr_matrix((w[known], (i[known], j[known])), shape=(k, k))
+
+
+# --------------------------------------------------------------------------------------------
+# Core: one entry point per selector, returning the rows the task writes
+# --------------------------------------------------------------------------------------------
+
+
+def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, clusters: np.ndarray,
+                 scores: np.ndarray | None = None, neighbors: pl.DataFrame | None = None,
+                 gamma: float | None = None, log_weights: np.ndarray | None = None) -> dict[str, pl.DataFrame]:
+    """Run the configured selector; frames for select_selection and select_info (+ rounds/probes/arms for quad)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    clusters = np.asarray(clusters, dtype=np.int64)
+    budget = settings.budget_tokens
+    info: dict[str, Any] = dict.fromkeys(("tau", "alpha", "block_docs", "rounds", "docs_probed", "stop"))
+    out: dict[str, pl.DataFrame] = {}
+    selector = settings.selector
+    if selector == "quad":
+        if scores is None:
+            raise ValueError("selector 'quad' needs scores")
+        bandit = QuadBandit.from_settings(settings, seed).fit(
+            clusters, tokens, budget, lambda idx: scores[idx], neighbors, gamma)
+        chosen, reasons = bandit.selected_, bandit.reasons_
+        rounds = np.where(bandit.rounds_of_ == FILL_ROUND, None, bandit.rounds_of_)  # fill: no round
+        out.update(rounds=bandit.rounds_, probes=bandit.probes_, arms=bandit.arms_)
+        info.update(tau=bandit.tau_, alpha=bandit.alpha_, block_docs=bandit.block_docs_,
+                    rounds=bandit.n_rounds_, docs_probed=bandit.n_probed_, stop=bandit.stop_reason_)
+    else:
+        if selector == "random":
+            chosen = select_random(tokens, budget, seed)
+        elif selector == "topk":
+            if scores is None:
+                raise ValueError("selector 'topk' needs scores")
+            chosen = select_topk(scores, tokens, budget)
+        elif selector == "dsir":
+            if log_weights is None:
+                raise ValueError("selector 'dsir' needs log_weights")
+            chosen = select_dsir(log_weights, tokens, budget, seed)
+        else:
+            raise ValueError(f"unknown selector {selector!r}")
+        reasons = np.full(chosen.size, selector, dtype=object)
+        rounds = np.full(chosen.size, None, dtype=object)
+    out["selection"] = pl.DataFrame({
+        "doc_idx": chosen.astype(np.int64),
+        "rank": np.arange(chosen.size, dtype=np.int64),
+        "cluster": clusters[chosen],
+        "round": pl.Series(rounds.tolist(), dtype=pl.Int32),
+        "reason": pl.Series(reasons.tolist(), dtype=pl.String),
+    })
+    selected_tokens = int(tokens[chosen].sum())
+    info.update(selector=selector, budget_tokens=budget, tokens_selected=selected_tokens,
+                docs_selected=int(chosen.size), fill_fraction=selected_tokens / budget)
+    out["info"] = pl.DataFrame({
+        "name": list(info), "value": [None if v is None else str(v) for v in info.values()],
+    }, schema={"name": pl.String, "value": pl.String})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Task
+# --------------------------------------------------------------------------------------------
+
+_TABLES = {"rounds": "select_insert_rounds", "probes": "select_insert_probes",
+           "selection": "select_insert_selection", "arms": "select_insert_arms", "info": "select_insert_info"}
+
+
+@stage_task("select")
+def select(settings: SelectSettings, docs: StageRef, features: StageRef, clusters: StageRef,
+           scores: StageRef, seed: int) -> StageRef:
+    """Select within the token budget and record every round, probe and accepted block."""
+    key = stage_key("select", VERSION, settings, docs, features, clusters, scores, seed)
+    log = get_logger()
+    with connect(docs.store) as con:
+        tokens = _by_doc(query_sql(con, "select_read_tokens", {"key": docs.key}), "n_tokens", "ingest_docs")
+        labels = _by_doc(query_sql(con, "select_read_clusters", {"key": clusters.key}), "cluster",
+                         "cluster_assignments", n=tokens.size)
+        kwargs: dict[str, Any] = {}
+        if settings.selector in ("quad", "topk"):
+            kwargs["scores"] = _by_doc(query_sql(con, "select_read_scores", {"key": scores.key}), "score",
+                                       "score_docs (scorer 'combined')", n=tokens.size).astype(np.float64)
+        if settings.selector == "quad":
+            kwargs["neighbors"] = query_sql(con, "select_read_neighbors", {"key": clusters.key}).pl()
+            row = query_sql(con, "select_read_gamma", {"key": clusters.key}).fetchone()
+            if row is None:
+                raise ValueError(f"cluster_info has no row for cluster partition {clusters.key!r}")
+            kwargs["gamma"] = row[0]
+        if settings.selector == "dsir":
+            kwargs["log_weights"] = _dsir_log_weights(con, features.key, n=tokens.size)
+        frames = run_selector(settings, seed, tokens, labels, **kwargs)
+
+        run_sql(con, "select_create")
+        con.begin()
+        try:
+            run_sql(con, "select_delete", {"key": key})
+            for name, frame in frames.items():
+                con.register("batch", frame.to_arrow())
+                try:
+                    run_sql(con, _TABLES[name], {"key": key})
+                finally:
+                    con.unregister("batch")
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        ref = make_ref(con, "select", key, docs.store, "select_selection", ["doc_idx", "rank"])
+    info = dict(zip(frames["info"]["name"], frames["info"]["value"]))
+    log.info(f"select ({settings.selector}): {info['docs_selected']} docs, {info['tokens_selected']} of "
+             f"{settings.budget_tokens} tokens ({float(info['fill_fraction']):.1%}), rounds={info['rounds']}, "
+             f"probed={info['docs_probed']}")
+    return ref
+
+
+def _by_doc(result, column: str, table: str, n: int | None = None) -> np.ndarray:
+    """One value per pool document, checked to cover doc_idx 0..n-1 exactly once, in order."""
+    cols = result.fetchnumpy()
+    doc_idx, values = np.asarray(cols["doc_idx"]), np.asarray(cols[column])
+    expected = doc_idx.size if n is None else n
+    if doc_idx.size != expected or not np.array_equal(doc_idx, np.arange(expected)):
+        raise ValueError(f"{table} holds {doc_idx.size} rows for the pool, expected one per doc_idx "
+                         f"0..{expected - 1}")
+    if doc_idx.size == 0:
+        raise ValueError(f"{table} holds no rows for this partition")
+    return values
+
+
+def _dsir_log_weights(con, features_key: str, n: int) -> np.ndarray:
+    """DSIR log importance weights of the pool: fitted on the target's and the pool's hashed n-grams."""
+    target = load_ngrams(con, features_key, "target")
+    pool = load_ngrams(con, features_key, "pool")
+    if pool.shape[0] != n:
+        raise ValueError(f"featurize_ngrams holds {pool.shape[0]} pool rows for partition {features_key!r}, "
+                         f"expected {n}")
+    return np.asarray(DSIR().fit(target, pool).log_weights(pool), dtype=np.float64)
