@@ -326,6 +326,21 @@ class QuadBandit:
             sel_docs.append(took)
             sel_rounds.append(np.full(took.size, FILL_ROUND, dtype=np.int64))
             n_fill = took.size
+        if remaining > 0 and budget_tokens - remaining < FULL_FRACTION * budget_tokens:
+            # Still short (the budget is near the pool's size): documents of rejected blocks come
+            # last, best estimated cluster reward first, so the budget is filled if the pool can.
+            est = np.divide(reward_sum, pulls, out=np.zeros(k), where=pulls > 0)
+            taken = np.zeros(n, dtype=bool)
+            for docs_ in sel_docs:
+                taken[docs_] = True
+            ranked = np.lexsort((labels, -est))
+            rest = np.concatenate([order[start[a]: start[a] + size[a]] for a in ranked])
+            rest = rest[~taken[rest]]
+            took = fill_budget(rest, tokens, remaining)
+            remaining -= int(tokens[took].sum())
+            sel_docs.append(took)
+            sel_rounds.append(np.full(took.size, FILL_ROUND, dtype=np.int64))
+            n_fill += took.size
 
         self.selected_ = np.concatenate(sel_docs) if sel_docs else np.zeros(0, dtype=np.int64)
         self.rounds_of_ = np.concatenate(sel_rounds) if sel_rounds else np.zeros(0, dtype=np.int64)

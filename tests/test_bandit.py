@@ -184,9 +184,12 @@ def test_three_arm_rounds_by_hand():
     assert arms["pulls"].to_list() == pytest.approx([3.0, 3.0, 2.0])
     assert arms["direct_pulls"].to_list() == [2, 2, 2]
     assert arms["cursor"].to_list() == [4, 4, 4] and arms["exhausted"].all()
-    # Arms 0 and 1 accepted both blocks; arm 2 none. No fill: every arm is exhausted.
-    assert sorted(bandit.selected_.tolist()) == list(range(8))
-    assert set(bandit.reasons_) == {"quad_block"}
+    # Arms 0 and 1 accepted both blocks; arm 2 none. Every arm is exhausted and the budget
+    # (1000) exceeds the pool (120 tokens), so the rejected arm 2 fills last, marked quad_fill.
+    block = bandit.reasons_ == "quad_block"
+    assert sorted(bandit.selected_[block].tolist()) == list(range(8))
+    assert sorted(bandit.selected_[~block].tolist()) == [8, 9, 10, 11]
+    assert set(bandit.reasons_[~block]) == {"quad_fill"} and block[:8].all()
     assert bandit.stop_reason_ == "no_live_arms"
     assert bandit.n_rounds_ == 2 and bandit.n_probed_ == 12
     # Given tau and alpha: no calibration; one batched probe call per round.
@@ -298,6 +301,17 @@ def test_fill_takes_unseen_docs_of_the_best_estimated_arms_first():
     # Documents of blocks the bandit walked past (accepted or rejected) are never filled.
     walked = set(bandit.probes_.filter(pl.col("round") >= 1)["doc_idx"].to_list())
     assert walked.isdisjoint(fill.tolist())
+
+
+def test_budget_near_the_pool_size_is_still_filled_from_rejected_blocks_last():
+    clusters, tokens, scores = _pool(n=4000, k=10, seed=3)
+    budget = int(tokens.sum() * 0.95)
+    # tau above every score: every block is rejected, so only the fill phase selects anything.
+    bandit = QuadBandit(arms_per_round=10, probes=5, block_docs=50, max_rounds=100, tau=2.0, alpha=0.1,
+                        random_state=0).fit(clusters, tokens, budget, _lookup(scores))
+    assert 0.98 * budget <= bandit.tokens_selected_ <= budget
+    assert set(bandit.reasons_) == {"quad_fill"}
+    assert np.unique(bandit.selected_).size == bandit.selected_.size
 
 
 def test_high_scoring_cluster_gets_more_accepted_blocks():
