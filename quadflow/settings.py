@@ -112,14 +112,17 @@ class SelectSettings(Section):
     arms_per_round: int = Field(50, ge=1, description="B: clusters pulled per round.")
     probes: int = Field(10, ge=1, description="m: documents probed per pulled cluster.")
     block_docs: int | None = Field(
-        None, ge=1, description="b: documents per accepted block; auto: mean cluster size / 8, >= probes."
+        None, ge=1, description="b: documents per accepted block; auto: mean cluster size / 8, at most "
+        "budget / (10 * B * mean doc tokens), at least probes."
     )
     max_rounds: int = Field(200, ge=1, description="Bandit rounds before the fill phase.")
     tau: float | None = Field(
         None, description="Acceptance threshold on the mean probe score; auto: tau_quantile of "
         "calibration probe means."
     )
-    tau_quantile: float = Field(0.5, ge=0, le=1, description="Quantile used for auto tau.")
+    tau_quantile: float | None = Field(
+        None, ge=0, le=1, description="Quantile of calibration probe means used for auto tau; "
+        "auto: 1 - budget / pool tokens, within [0.5, 0.9].")
     alpha: float | None = Field(
         None, ge=0, description="UCB exploration weight; auto: std of calibration probe means."
     )

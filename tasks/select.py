@@ -130,13 +130,15 @@ class QuadBandit:
     """Quad's cluster bandit as an estimator: parameters in, `fit`, fitted state ending in `_`.
 
     Parameters follow the paper's names: arms_per_round = B, probes = m, block_docs = b
-    (None: mean non-empty cluster size / 8, at least m), tau (None: the tau_quantile of
-    calibration group means), alpha (None: the std of calibration group means, so exploration
-    is on the reward's scale; the paper's 1e-4 was for raw influence scores).
+    (None: an eighth of the mean non-empty cluster, and no more than lets the budget take about
+    ten rounds of fully accepted blocks; at least m), tau (None: the tau_quantile of calibration
+    group means; tau_quantile None: 1 - budget / pool tokens, within [0.5, 0.9], so the bar is
+    as selective as the budget), alpha (None: the std of calibration group means, so
+    exploration is on the reward's scale; the paper's 1e-4 was for raw influence scores).
     """
 
     def __init__(self, arms_per_round: int = 50, probes: int = 10, block_docs: int | None = None,
-                 max_rounds: int = 200, tau: float | None = None, tau_quantile: float = 0.5,
+                 max_rounds: int = 200, tau: float | None = None, tau_quantile: float | None = None,
                  alpha: float | None = None, calibration_blocks: int = 64,
                  random_state: int | None = 0):
         self.arms_per_round = arms_per_round
@@ -165,7 +167,7 @@ class QuadBandit:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.block_docs is not None and (not isinstance(self.block_docs, (int, np.integer)) or self.block_docs < 1):
             raise ValueError(f"block_docs must be None or an integer >= 1, got {self.block_docs!r}")
-        if not 0.0 <= self.tau_quantile <= 1.0:
+        if self.tau_quantile is not None and not 0.0 <= self.tau_quantile <= 1.0:
             raise ValueError(f"tau_quantile must be in [0, 1], got {self.tau_quantile!r}")
         if self.alpha is not None and not self.alpha >= 0:
             raise ValueError(f"alpha must be None or >= 0, got {self.alpha!r}")
@@ -207,7 +209,11 @@ class QuadBandit:
         for a in range(k):
             s, e = start[a], start[a] + size[a]
             smallest_from[s:e] = np.minimum.accumulate(tok_order[s:e][::-1])[::-1]
-        b = int(self.block_docs) if self.block_docs is not None else max(m, int(np.floor(n / k / 8 + 0.5)))
+        if self.block_docs is not None:
+            b = int(self.block_docs)
+        else:  # an eighth of a mean cluster, small enough for ~10 rounds of B accepted blocks
+            per_round = 10 * int(self.arms_per_round) * max(float(tokens.mean()), 1.0)
+            b = max(m, int(np.floor(min(n / k / 8, budget_tokens / per_round) + 0.5)))
         share = _neighbour_matrix(labels, neighbors, gamma)  # (k, k) sparse, [j, i] = weight of j's reward for i
 
         # Calibration: random probe groups put tau and alpha on the scorer's scale.
@@ -215,12 +221,17 @@ class QuadBandit:
         probe_docs: list[np.ndarray] = []
         probe_scores: list[np.ndarray] = []
         tau, alpha = self.tau, self.alpha
+        self.tau_quantile_ = None
         if tau is None or alpha is None:
             groups = _calibration_groups(rng_calib, n, m, int(self.calibration_blocks))  # (G, m')
             calib_scores = _probe(probe_fn, groups.ravel()).reshape(groups.shape)
             group_means = calib_scores.mean(axis=1)  # (G,)
             if tau is None:
-                tau = float(np.quantile(group_means, self.tau_quantile))
+                q = self.tau_quantile
+                if q is None:  # as selective as the budget: 10% of the pool -> the 0.9 quantile
+                    q = float(np.clip(1.0 - budget_tokens / max(int(tokens.sum()), 1), 0.5, 0.9))
+                self.tau_quantile_ = q
+                tau = float(np.quantile(group_means, q))
             if alpha is None:
                 alpha = float(np.std(group_means))
             probe_rounds.append(np.zeros(groups.size, dtype=np.int32))
@@ -419,7 +430,8 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
     tokens = np.asarray(tokens, dtype=np.int64)
     clusters = np.asarray(clusters, dtype=np.int64)
     budget = settings.budget_tokens
-    info: dict[str, Any] = dict.fromkeys(("tau", "alpha", "block_docs", "rounds", "docs_probed", "stop"))
+    info: dict[str, Any] = dict.fromkeys(("tau", "tau_quantile", "alpha", "block_docs", "rounds", "docs_probed",
+                                          "stop"))
     out: dict[str, pl.DataFrame] = {}
     selector = settings.selector
     if selector == "quad":
@@ -430,7 +442,7 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
         chosen, reasons = bandit.selected_, bandit.reasons_
         rounds = np.where(bandit.rounds_of_ == FILL_ROUND, None, bandit.rounds_of_)  # fill: no round
         out.update(rounds=bandit.rounds_, probes=bandit.probes_, arms=bandit.arms_)
-        info.update(tau=bandit.tau_, alpha=bandit.alpha_, block_docs=bandit.block_docs_,
+        info.update(tau=bandit.tau_, tau_quantile=bandit.tau_quantile_, alpha=bandit.alpha_, block_docs=bandit.block_docs_,
                     rounds=bandit.n_rounds_, docs_probed=bandit.n_probed_, stop=bandit.stop_reason_)
     else:
         if selector == "random":

@@ -339,13 +339,25 @@ def test_auto_tau_alpha_and_block_docs_come_from_calibration():
     means = calib["score"].to_numpy().reshape(16, 4).mean(axis=1)
     assert bandit.tau_ == pytest.approx(np.quantile(means, 0.75))
     assert bandit.alpha_ == pytest.approx(np.std(means))
-    assert bandit.block_docs_ == 20  # round(4000 / 25 / 8) = 20 >= probes
+    # A tight budget caps b at budget / (10 rounds * B * mean doc tokens), but never below m.
+    assert 5000 / (10 * 50 * tokens.mean()) < 1 and bandit.block_docs_ == 4
     assert probe.calls[0].tolist() == calib["doc_idx"].to_list()  # calibration is one batched call
     assert len(probe.calls) == 1 + bandit.n_rounds_
-    small = QuadBandit(probes=10, max_rounds=1, random_state=0).fit(clusters, tokens, 10, probe)
-    assert small.block_docs_ == 20
-    tiny_blocks = QuadBandit(probes=30, max_rounds=1, random_state=0).fit(clusters, tokens, 10, probe)
+    # A roomy budget leaves b at an eighth of the mean cluster: round(4000 / 25 / 8) = 20.
+    roomy = QuadBandit(probes=10, max_rounds=1, random_state=0).fit(clusters, tokens, 10**9, probe)
+    assert roomy.block_docs_ == 20
+    tiny_blocks = QuadBandit(probes=30, max_rounds=1, random_state=0).fit(clusters, tokens, 10**9, probe)
     assert tiny_blocks.block_docs_ == 30
+
+
+def test_auto_tau_quantile_is_as_selective_as_the_budget():
+    clusters, tokens, scores = _pool(n=4000, k=25, seed=5)
+    total = int(tokens.sum())
+    for budget, q in ((total // 10, 0.9), (total // 4, 0.75), (total * 3 // 4, 0.5), (total // 100, 0.9)):
+        bandit = QuadBandit(max_rounds=1, random_state=0).fit(clusters, tokens, budget, _lookup(scores))
+        expected = min(max(1 - budget / total, 0.5), 0.9)
+        assert bandit.tau_quantile_ == pytest.approx(expected)
+        assert bandit.tau_quantile_ == pytest.approx(q, abs=0.01)
 
 
 def test_same_seed_same_selection_and_different_seed_differs():
