@@ -1,0 +1,128 @@
+"""Pluggable document scorers: each maps a pool document to a number, higher is better.
+
+A scorer is one small class in one module of this package: a `name`, a `VERSION` (bumped when
+its scores change), the inputs it `needs`, and `score(data) -> Scores`. Decorate it with
+`@register` and it is found by name; every module here is imported on first use, so adding a
+scorer touches one file (plus the name in `quadflow.settings.SCORERS` to make it configurable).
+
+Inputs a scorer may need (`ScoreInput`, loaded by the score task only when some scorer asks):
+- "texts": the pool texts, ordered by doc_idx;
+- "ngrams": the pool's hashed word 1+2-gram counts, a (n_docs, n_buckets) CSR matrix;
+- "target_ngrams": the same for the target set (a scorer needing it cannot run without targets).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import polars as pl
+from scipy import sparse
+
+INPUTS = ("texts", "ngrams", "target_ngrams")
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """What scorers read: pool texts and hashed n-gram counts (pool and target), all by doc_idx."""
+
+    n_docs: int
+    texts: pl.Series | None = None  # (n_docs,) str
+    ngrams: sparse.csr_matrix | None = None  # (n_docs, n_buckets) counts
+    target_ngrams: sparse.csr_matrix | None = None  # (n_target, n_buckets) counts
+
+    def require(self, name: str, scorer: str) -> Any:
+        """The input `name`, or a clear error naming the scorer that needed it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"scorer {scorer!r} needs input {name!r}, which was not loaded")
+        return value
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A scorer's output: one score per pool document, an optional reason, and what to record."""
+
+    score: np.ndarray  # (n_docs,) float64, higher is better
+    detail: pl.Series | None = None  # (n_docs,) str, e.g. the failed heuristic rules
+    params: dict[str, Any] = field(default_factory=dict)  # settings and fitted statistics -> score_info
+
+
+class Scorer:
+    """Base class: subclasses set name/VERSION/needs and implement score()."""
+
+    name: ClassVar[str]
+    VERSION: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, random_state: int = 0):
+        self.random_state = random_state
+
+    @classmethod
+    def from_settings(cls, settings: Any, random_state: int) -> "Scorer":
+        """Build from the score settings section; override to read scorer-specific settings."""
+        return cls(random_state=random_state)
+
+    @classmethod
+    def needs_target(cls) -> bool:
+        return "target_ngrams" in cls.needs
+
+    def score(self, data: ScoreInput) -> Scores:  # pragma: no cover - abstract
+        raise NotImplementedError(f"scorer {self.name!r} does not implement score()")
+
+    def _checked(self, data: ScoreInput, result: Scores) -> Scores:
+        """Guard the contract every caller relies on: one finite float per document."""
+        s = np.asarray(result.score, dtype=np.float64)
+        if s.shape != (data.n_docs,):
+            raise ValueError(f"scorer {self.name!r} returned shape {s.shape} for {data.n_docs} documents")
+        bad = np.flatnonzero(~np.isfinite(s))
+        if bad.size:
+            first = int(bad[0])
+            raise ValueError(f"scorer {self.name!r} gave a non-finite score {float(s[first])!r} to doc {first}")
+        if result.detail is not None and result.detail.len() != data.n_docs:
+            raise ValueError(f"scorer {self.name!r} returned {result.detail.len()} details for {data.n_docs} docs")
+        return Scores(score=s, detail=result.detail, params=result.params)
+
+    def run(self, data: ScoreInput) -> Scores:
+        """score() with its inputs and output checked."""
+        for name in self.needs:
+            data.require(name, self.name)
+        return self._checked(data, self.score(data))
+
+
+REGISTRY: dict[str, type[Scorer]] = {}
+
+
+def register(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: make a scorer available by its name."""
+    unknown = set(cls.needs) - set(INPUTS)
+    if unknown:
+        raise ValueError(f"scorer {cls.name!r} needs unknown inputs {sorted(unknown)}; known: {INPUTS}")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two scorers are named {cls.name!r}: {REGISTRY[cls.name]} and {cls}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+_discovered = False
+
+
+def _discover() -> None:
+    """Import every module of this package once, so each registers its scorers."""
+    global _discovered
+    if not _discovered:
+        for mod in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{mod.name}")
+        _discovered = True
+
+
+def get_scorer(name: str) -> type[Scorer]:
+    """The scorer class registered under `name`."""
+    _discover()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown scorer {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
