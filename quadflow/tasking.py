@@ -10,6 +10,6 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 CACHE_POLICY = INPUTS + TASK_SOURCE
 
 
-def stage_task(name: str, **kwargs):
+def stage_task(name: str, cache_policy=CACHE_POLICY, **kwargs):
     """Decorator for a cached stage task whose result (a StageRef) is persisted across runs."""
-    return task(name=name, cache_policy=CACHE_POLICY, persist_result=True, **kwargs)
+    return task(name=name, cache_policy=cache_policy, persist_result=True, **kwargs)

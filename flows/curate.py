@@ -1,0 +1,64 @@
+"""The `curate` flow: ingest -> featurize -> cluster -> score -> select -> export -> report."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from quadflow.settings import IngestSettings, Settings
+from quadflow.store import StoreRef, open_store
+from tasks.cluster import cluster
+from tasks.export import export
+from tasks.featurize import featurize
+from tasks.ingest import expand_inputs, fingerprint_files, ingest
+from tasks.report import report
+from tasks.score import score
+from tasks.select import select
+
+
+@task(name="open-store", cache_policy=NO_CACHE)
+def open_store_task(path: str) -> StoreRef:
+    """Never cached: the store's identity is what every stage's cache key hangs on."""
+    return open_store(path)
+
+
+@task(name="resolve-inputs", cache_policy=NO_CACHE)
+def resolve_inputs(settings: IngestSettings) -> tuple[tuple, tuple]:
+    """Never cached: file checksums must be taken fresh so changed inputs recompute."""
+    files = fingerprint_files(expand_inputs(settings.inputs))
+    targets = fingerprint_files(expand_inputs(settings.targets)) if settings.targets else ()
+    return files, targets
+
+
+def _run_name() -> str:
+    s = flow_run.parameters.get("settings")
+    select = s.get("select", {}) if isinstance(s, dict) else getattr(s, "select", None)
+    if select is None:
+        return "curate"
+    selector = select.get("selector", "quad") if isinstance(select, dict) else select.selector
+    budget = select.get("budget_tokens", "?") if isinstance(select, dict) else select.budget_tokens
+    return f"curate-{selector}-{budget}tok"
+
+
+@flow(name="curate", flow_run_name=_run_name, validate_parameters=True)
+def curate(settings: Settings) -> dict:
+    """Select a token-budgeted, high-quality, diverse subset of the pool; return where it went."""
+    store = open_store_task(settings.store)
+    files, targets = resolve_inputs(settings.ingest)
+    docs = ingest(settings.ingest, files, targets, store)
+    features = featurize(settings.featurize, docs, settings.seed)
+    clusters = cluster(settings.cluster, features, settings.seed)
+    scores = score(settings.score, docs, features, settings.seed)
+    selection = select(settings.select, docs, features, clusters, scores, settings.seed)
+    exported = export(settings, files, targets, docs, clusters, scores, selection, features=features)
+    reported = report(settings, docs, features, clusters, scores, selection, exported)
+    return {
+        "store": store.path,
+        "selection": exported.selection_path,
+        "manifest": exported.manifest_path,
+        "report": reported.report_path,
+        "docs": exported.docs,
+        "tokens": exported.tokens,
+        "summary": reported.summary,
+    }
