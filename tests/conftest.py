@@ -27,3 +27,4 @@ def prefect_server(tmp_path_factory):
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(storage)}):
         with prefect_test_harness(server_startup_timeout=120):
             yield
+from tests.s3util import *  # noqa
