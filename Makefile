@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 # torch==2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,influence]'
+	$(PY) -m pip install -q -e '.[test,influence,bench]'
 	touch $@
 
 setup: $(VENV)/.installed
