@@ -75,6 +75,7 @@ class ReportData:
     output: str = ""
     export_key: str = ""
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    reasons: pl.DataFrame | None = None  # reason, docs, tokens: why the selected documents were taken
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ def headline(data: ReportData) -> dict[str, Any]:
         "rounds": int(data.rounds.height),
         "acceptance_rate": round(accepted / pulls, 4) if pulls else None,
         "docs_probed": int(data.probes.get("docs_probed", 0)),
+        "selected_by_reason": {} if data.reasons is None else
+        {r["reason"]: int(r["docs"]) for r in data.reasons.iter_rows(named=True)},
     }
 
 
@@ -211,6 +214,11 @@ def build_report(data: ReportData) -> str:
         ["selected tokens", f"{data.selected_tokens:,} of {data.pool_tokens:,} in the pool"],
         ["budget filled", _pct(h["fill_fraction"])],
     ])
+    if data.reasons is not None and data.reasons.height:
+        lines += ["Why the selected documents were taken (`quad_block`: accepted bandit block; "
+                  "`quad_fill`: filled after the bandit stopped short of the budget):", ""]
+        lines += _table(["reason", "documents", "tokens"],
+                        [[r["reason"], int(r["docs"]), int(r["tokens"])] for r in data.reasons.iter_rows(named=True)])
 
     lines += ["## Closeness to the target (KL reduction)", ""]
     if kl is None:
@@ -479,7 +487,7 @@ def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, e
         rounds=query_sql(con, "report_rounds", p).pl(),
         probes={k_: int(v or 0) for k_, v in probes.items()}, info=info,
         sources=query_sql(con, "report_sources", p).pl(), ngrams=ngrams, kl_note=note,
-        output=output, export_key=export_key,
+        output=output, export_key=export_key, reasons=query_sql(con, "report_reasons", p).pl(),
     )
 
 

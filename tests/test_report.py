@@ -64,8 +64,10 @@ def test_report_writes_markdown_pngs_and_summary(published):
     assert summary["cluster_coverage"] == pytest.approx(len({i % K for i in SELECTED}) / K)
     assert summary["selected_docs"] == len(SELECTED) and summary["pool_docs"] == N_POOL
     assert summary["rounds"] == 2 and summary["acceptance_rate"] == pytest.approx(2 / 3, abs=1e-4)
+    assert summary["selected_by_reason"] == {"quad_block": 5, "quad_fill": len(SELECTED) - 5}
 
     assert "**KL reduction**" in md
+    assert "| quad_fill | " + str(len(SELECTED) - 5) + " |" in md  # how much came from the fill phase
     assert "| malformed_json | 2 |" in md and "| empty_text | 1 |" in md
     assert "Exact duplicates dropped from the pool: 1." in md
     assert "| short_doc |" in md and "| no_punct |" in md  # failed heuristic rules are counted
