@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
+import polars as pl
 
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 _SQL_NAME = re.compile(r"^[a-z]+_[a-z0-9_]+$")
@@ -144,3 +145,24 @@ def make_ref(con: duckdb.DuckDBPyConnection, stage: str, key: str, store: StoreR
     """Reference to a freshly written partition, with row count and content fingerprint."""
     fp = fingerprint(con, table, key, columns)
     return StageRef(stage=stage, key=key, store=store, rows=int(fp.split(":")[0]), fingerprint=fp)
+
+
+def insert_frame(con: duckdb.DuckDBPyConnection, name: str, frame: Any, params: dict[str, Any]) -> None:
+    """Run sql/<name>.sql with `frame` (a polars DataFrame or arrow Table) visible as `batch`."""
+    con.register("batch", frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame)
+    try:
+        run_sql(con, name, params)
+    finally:
+        con.unregister("batch")
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """All of a stage's writes in one transaction: a failure leaves the previous partition intact."""
+    con.begin()
+    try:
+        yield con
+    except BaseException:
+        con.rollback()
+        raise
+    con.commit()

@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from quadflow.log import get_logger
 from quadflow.settings import ClusterSettings
-from quadflow.store import StageRef, connect, make_ref, query_sql, run_sql, stage_key
+from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
 
 from tasks.featurize import load_vectors
@@ -208,14 +208,6 @@ def load_neighbors(con: Any, key: str) -> pl.DataFrame:
     return pairs.cast(PAIRS_SCHEMA)  # type: ignore[arg-type]
 
 
-def _insert(con: Any, sql_name: str, batch: pa.Table | pl.DataFrame, params: dict[str, Any]) -> None:
-    con.register("batch", batch.to_arrow() if isinstance(batch, pl.DataFrame) else batch)
-    try:
-        run_sql(con, sql_name, params)
-    finally:
-        con.unregister("batch")
-
-
 @stage_task("cluster")
 def cluster(settings: ClusterSettings, features: StageRef, seed: int) -> StageRef:
     """Cluster the pool's vectors and write assignments, centroids, the neighbour graph and info."""
@@ -252,15 +244,10 @@ def cluster(settings: ClusterSettings, features: StageRef, seed: int) -> StageRe
                 "vec": pa.FixedSizeListArray.from_arrays(pa.array(model.centroids_.reshape(-1)), X.shape[1]),
             }
         )
-        con.begin()
-        try:
+        with transaction(con):
             run_sql(con, "cluster_delete", {"key": key})
-            _insert(con, "cluster_assignments_insert", assignments, {"key": key})
-            _insert(con, "cluster_centroids_insert", centroids, {"key": key})
-            _insert(con, "cluster_neighbors_insert", pairs, {"key": key})
+            insert_frame(con, "cluster_assignments_insert", assignments, {"key": key})
+            insert_frame(con, "cluster_centroids_insert", centroids, {"key": key})
+            insert_frame(con, "cluster_neighbors_insert", pairs, {"key": key})
             run_sql(con, "cluster_info_insert", {"key": key, "k": k, "gamma": gamma, "inertia": model.inertia_})
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
         return make_ref(con, "cluster", key, features.store, "cluster_assignments", ["doc_idx", "cluster"])

@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from quadflow.log import Progress, get_logger
 from quadflow.settings import FeaturizeSettings
-from quadflow.store import StageRef, connect, make_ref, query_sql, run_sql, stage_key
+from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
 
 VERSION = f"featurize-1/polars-{pl.__version__}/sklearn-{sklearn.__version__}"
@@ -344,14 +344,6 @@ def _read_texts(con: Any, key: str, role: str) -> pl.Series:
     return pl.from_arrow(table.column("text")).alias("text")
 
 
-def _insert(con: Any, sql_name: str, batch: pa.Table, params: dict[str, Any]) -> None:
-    con.register("batch", batch)
-    try:
-        run_sql(con, sql_name, params)
-    finally:
-        con.unregister("batch")
-
-
 # ---------------------------------------------------------------------------------------------
 # Task
 # ---------------------------------------------------------------------------------------------
@@ -380,16 +372,15 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int) -> StageRe
         )
 
         progress = Progress("featurize", pool.len() + texts["target"].len())
-        con.begin()
-        try:
+        with transaction(con):
             run_sql(con, "featurize_delete", {"key": key})
             for role, series in texts.items():
                 for start, end in batch_bounds(series, settings.max_chars):
                     big, small = hashed_ngram_spaces(series.slice(start, end - start), spaces, settings.max_chars)
                     doc_idx = np.arange(start, end, dtype=np.int64)
                     params = {"key": key, "role": role}
-                    _insert(con, "featurize_vectors_insert", vectors_batch(doc_idx, lsa.transform(big)), params)
-                    _insert(con, "featurize_ngrams_insert", ngrams_batch(doc_idx, small), params)
+                    insert_frame(con, "featurize_vectors_insert", vectors_batch(doc_idx, lsa.transform(big)), params)
+                    insert_frame(con, "featurize_ngrams_insert", ngrams_batch(doc_idx, small), params)
                     progress.update(end - start)
             run_sql(
                 con,
@@ -407,9 +398,5 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int) -> StageRe
                     "target_docs": texts["target"].len(),
                 },
             )
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
         progress.close()
         return make_ref(con, "featurize", key, docs.store, "featurize_vectors", ["role", "doc_idx", "vec"])

@@ -22,7 +22,7 @@ import polars as pl
 
 from quadflow.log import get_logger
 from quadflow.settings import ConfigError, ScoreSettings
-from quadflow.store import StageRef, connect, make_ref, query_sql, run_sql, stage_key
+from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
 from tasks.featurize import load_ngrams
 from tasks.scorers import ScoreInput, Scorer, get_scorer
@@ -195,17 +195,8 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
         del data
 
         run_sql(con, "score_create")
-        con.begin()
-        try:
+        with transaction(con):
             run_sql(con, "score_delete", {"key": key})
-            for sql_name, batch in (("score_insert_docs", frame), ("score_insert_info", info)):
-                con.register("batch", batch.to_arrow())
-                try:
-                    run_sql(con, sql_name, {"key": key})
-                finally:
-                    con.unregister("batch")
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
+            insert_frame(con, "score_insert_docs", frame, {"key": key})
+            insert_frame(con, "score_insert_info", info, {"key": key})
         return make_ref(con, "score", key, docs.store, "score_docs", ["doc_idx", "scorer", "score"])

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from quadflow.log import get_logger
 from quadflow.settings import SelectSettings
-from quadflow.store import StageRef, connect, make_ref, query_sql, run_sql, stage_key
+from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
 from tasks.featurize import load_ngrams
 from tasks.scorers.dsir import DSIR, gumbel_keys
@@ -508,19 +508,10 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
         frames = run_selector(settings, seed, tokens, labels, **kwargs)
 
         run_sql(con, "select_create")
-        con.begin()
-        try:
+        with transaction(con):
             run_sql(con, "select_delete", {"key": key})
             for name, frame in frames.items():
-                con.register("batch", frame.to_arrow())
-                try:
-                    run_sql(con, _TABLES[name], {"key": key})
-                finally:
-                    con.unregister("batch")
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
+                insert_frame(con, _TABLES[name], frame, {"key": key})
         ref = make_ref(con, "select", key, docs.store, "select_selection", ["doc_idx", "rank"])
     info = dict(zip(frames["info"]["name"], frames["info"]["value"]))
     log.info(f"select ({settings.selector}): {info['docs_selected']} docs, {info['tokens_selected']} of "
