@@ -28,6 +28,7 @@ class Progress:
         self.done = 0
         self._start = self._last = time.monotonic()
         self._log = get_logger()
+        self._artifact = _progress_artifact(stage, total)
 
     def update(self, n: int) -> None:
         self.done += n
@@ -50,3 +51,30 @@ class Progress:
         if final:
             msg += f", done in {elapsed:.1f}s"
         self._log.info(msg)
+        if self._artifact is not None and self.total:
+            _update_progress(self._artifact, 100.0 if final else min(100.0, 100.0 * self.done / self.total))
+
+
+def _progress_artifact(stage: str, total: int | None):
+    """A progress bar in the Prefect UI for a long stage, when running inside a task run."""
+    if not total:
+        return None
+    try:
+        from prefect.artifacts import create_progress_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is None:
+            return None
+        return create_progress_artifact(progress=0.0, description=f"{stage}: {total:,} to do")
+    except Exception as e:  # the UI's progress bar must never fail the data work
+        logging.getLogger("quadflow").debug(f"no progress artifact for {stage}: {e}")
+        return None
+
+
+def _update_progress(artifact_id, progress: float) -> None:
+    try:
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(artifact_id=artifact_id, progress=progress)
+    except Exception as e:  # as above: display only
+        logging.getLogger("quadflow").debug(f"progress artifact update failed: {e}")

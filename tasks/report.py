@@ -30,6 +30,7 @@ ARTIFACT_KEY = "quadflow-report"
 REPORT_DIR = "report"
 TOP_SOURCES = 10
 TOP_RULES = 10
+TOP_CLUSTERS = 50
 QUAD = "quad"
 PLOT_CLUSTERS = "cluster_sizes.png"
 PLOT_SCORES = "score_distributions.png"
@@ -491,15 +492,34 @@ def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, e
     )
 
 
-def publish_artifact(markdown: str) -> bool:
-    """The report as a Prefect markdown artifact when inside a run; outside one there is nowhere to put it."""
-    from prefect.artifacts import create_markdown_artifact
+def publish_artifacts(data: ReportData, markdown: str, output: str) -> bool:
+    """The report, its tables and a link to the output as Prefect artifacts when inside a run."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
     from prefect.context import FlowRunContext, TaskRunContext
 
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return False
+        return False  # outside a run there is nowhere to put them; the files are the report
     create_markdown_artifact(key=ARTIFACT_KEY, markdown=markdown, description="quadflow selection report")
+    link = output if "://" in output else Path(output).resolve().as_uri()
+    create_link_artifact(key="quadflow-output", link=link, link_text=output,
+                         description="the published selection, manifest.json and report/")
+    if data.rounds.height:
+        create_table_artifact(key="quadflow-bandit-rounds", table=_records(data.rounds),
+                              description="Quad bandit: pulls, acceptance and reward per round")
+    if data.sources.height:
+        create_table_artifact(key="quadflow-selection-by-source", table=_records(data.sources),
+                              description="tokens per source, pool vs selection")
+    if data.clusters.height:
+        top = data.clusters.sort("selected_tokens", "pool_docs", descending=True).head(TOP_CLUSTERS)
+        create_table_artifact(key="quadflow-selection-by-cluster", table=_records(top),
+                              description=f"the {TOP_CLUSTERS} clusters contributing most selected tokens")
     return True
+
+
+def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-safe dicts (floats rounded for display)."""
+    return [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+            for row in frame.iter_rows(named=True)]
 
 
 @stage_task("report")
@@ -511,7 +531,7 @@ def report(settings: Settings, docs: StageRef, features: StageRef, clusters: Sta
     with connect(docs.store) as con:
         data = gather_report_data(con, settings, keys, exported.output, exported.key)
     result, markdown = write_report(data, Path(exported.output) / REPORT_DIR)
-    publish_artifact(markdown)
+    publish_artifacts(data, markdown, exported.output)
     get_logger().info(f"report: {result.report_path}")
     return result
 

@@ -9,7 +9,7 @@ import pytest
 
 from quadflow.metrics import kl_divergence
 from quadflow.settings import ConfigError
-from tasks.report import ReportData, build_report, headline, publish_artifact, report, report_from_store
+from tasks.report import ReportData, build_report, headline, publish_artifacts, report, report_from_store
 from tests.test_export import K, N_POOL, SELECTED, build_store, run_export
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -130,7 +130,7 @@ def test_build_report_pure_core():
     assert "| a | 75.0% | 100.0% |" in md
     assert "Quarantined records: none." in md
     assert "not applicable (no bandit rounds were run)" in md
-    assert publish_artifact(md) is False  # outside a Prefect run there is nowhere to publish to
+    assert publish_artifacts(data, md, "out") is False  # outside a Prefect run there is nowhere to publish to
     t, raw, sel = np.array([8.0, 2, 0]), np.array([5.0, 5, 5]), np.array([7.0, 3, 0])
     kl = headline(_tiny_data(ngrams={"target": t, "raw": raw, "selected": sel, "random": sel}))
     assert kl["kl_reduction"] == pytest.approx(kl_divergence(t, raw) - kl_divergence(t, sel), abs=1e-6)
