@@ -13,3 +13,24 @@ CACHE_POLICY = INPUTS + TASK_SOURCE
 def stage_task(name: str, cache_policy=CACHE_POLICY, **kwargs):
     """Decorator for a cached stage task whose result (a StageRef) is persisted across runs."""
     return task(name=name, cache_policy=cache_policy, persist_result=True, **kwargs)
+
+
+def transient_failure(task, task_run, state) -> bool:
+    """Retry only what can succeed on a second try: I/O hiccups, not bad settings or bad data."""
+    from quadflow.settings import ConfigError
+
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        return False
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# For stages that read inputs or write outputs: two retries, 5 s then 30 s apart, transient errors only.
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_failure}
