@@ -6,12 +6,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from quadflow.objectstore import ObjectStoreSettings
 from quadflow.settings import IngestSettings, Settings
 from quadflow.store import StoreRef, open_store
+from quadflow.tasking import IO_RETRIES
 from tasks.cluster import cluster
 from tasks.export import export
 from tasks.featurize import featurize
-from tasks.ingest import expand_inputs, fingerprint_files, ingest
+from tasks.ingest import ingest, resolve_files
 from tasks.report import report
 from tasks.score import score
 from tasks.select import select
@@ -23,11 +25,11 @@ def open_store_task(path: str) -> StoreRef:
     return open_store(path)
 
 
-@task(name="resolve-inputs", cache_policy=NO_CACHE)
-def resolve_inputs(settings: IngestSettings) -> tuple[tuple, tuple]:
-    """Never cached: file checksums must be taken fresh so changed inputs recompute."""
-    files = fingerprint_files(expand_inputs(settings.inputs))
-    targets = fingerprint_files(expand_inputs(settings.targets)) if settings.targets else ()
+@task(name="resolve-inputs", cache_policy=NO_CACHE, **IO_RETRIES)
+def resolve_inputs(settings: IngestSettings, objectstore: ObjectStoreSettings) -> tuple[tuple, tuple]:
+    """Never cached: checksums and object listings (size, ETag) must be fresh so changed inputs recompute."""
+    files = resolve_files(settings.inputs, objectstore, since=settings.since, dates=settings.partitions)
+    targets = resolve_files(settings.targets, objectstore, role="target") if settings.targets else ()
     return files, targets
 
 
@@ -45,8 +47,8 @@ def _run_name() -> str:
 def curate(settings: Settings) -> dict:
     """Select a token-budgeted, high-quality, diverse subset of the pool; return where it went."""
     store = open_store_task(settings.store)
-    files, targets = resolve_inputs(settings.ingest)
-    docs = ingest(settings.ingest, files, targets, store)
+    files, targets = resolve_inputs(settings.ingest, settings.objectstore)
+    docs = ingest(settings.ingest, files, targets, store, settings.objectstore)
     features = featurize(settings.featurize, docs, settings.seed)
     clusters = cluster(settings.cluster, features, settings.seed)
     scores = score(settings.score, docs, features, settings.seed)

@@ -1,4 +1,4 @@
-"""The `quadflow` command: run, demo, report."""
+"""The `quadflow` command: run, demo, report, verify."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "examples" / "demo.yaml"
 
 EXIT_CONFIG = 2
+EXIT_FAILED = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,12 +28,21 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="curate a pool: ingest, featurize, cluster, score, select, export, report")
     run.add_argument("--config", help="YAML file with settings (flags override it)")
     run.add_argument("--input", action="append", dest="inputs", metavar="PATH",
-                     help="pool file, directory or glob (repeatable)")
+                     help="pool file, directory, glob or s3://bucket/prefix (repeatable)")
     run.add_argument("--target", action="append", dest="targets", metavar="PATH",
-                     help="target/reference file, directory or glob (repeatable)")
+                     help="target/reference file, directory, glob or s3:// URL (repeatable)")
     run.add_argument("--budget-tokens", type=int, help="token budget of the selection")
     run.add_argument("--store", help="DuckDB file for intermediate results (default quadflow.duckdb)")
-    run.add_argument("--output", help="output directory (default quadflow-output)")
+    run.add_argument("--output", help="output directory or s3://bucket/prefix (default quadflow-output)")
+    run.add_argument("--endpoint-url", metavar="URL",
+                     help="S3-compatible endpoint for s3:// paths, e.g. http://127.0.0.1:9000 (default: AWS, "
+                          "or AWS_ENDPOINT_URL); credentials come from the AWS chain")
+    run.add_argument("--since", metavar="YYYY-MM-DD",
+                     help="only pool inputs under date=YYYY-MM-DD/ partitions on or after this date")
+    run.add_argument("--partition", action="append", dest="partitions", metavar="YYYY-MM-DD",
+                     help="only pool inputs under this date=YYYY-MM-DD/ partition (repeatable)")
+    run.add_argument("--full-ingest", action="store_true",
+                     help="read every input again instead of reusing unchanged ones already in the store")
     run.add_argument("--selector", choices=SELECTORS, help="quad (default), random, topk or dsir")
     run.add_argument("--scorer", action="append", dest="scorers", choices=SCORERS,
                      help="scorer (repeatable; combined by weighted mean percentile rank)")
@@ -48,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild the report of the latest run in a store")
     rep.add_argument("--store", required=True, help="DuckDB store of the run")
     rep.add_argument("--output", help="directory to write report/ into (default: the run's output)")
+
+    ver = sub.add_parser("verify", help="check a published output (directory or s3:// prefix) against its manifest")
+    ver.add_argument("output", help="output directory or s3://bucket/prefix")
+    ver.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// output")
     return p
 
 
@@ -55,11 +69,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "store": args.store,
         "seed": args.seed,
-        "ingest": {"inputs": args.inputs, "targets": args.targets, "text_field": args.text_field},
+        "ingest": {"inputs": args.inputs, "targets": args.targets, "text_field": args.text_field,
+                   "since": args.since, "partitions": args.partitions,
+                   "incremental": False if args.full_ingest else None},
         "cluster": {"k": args.clusters},
         "score": {"scorers": args.scorers},
         "select": {"selector": args.selector, "budget_tokens": args.budget_tokens},
         "export": {"output": args.output, "format": args.format},
+        "objectstore": {"endpoint_url": args.endpoint_url},
     }
 
 
@@ -67,13 +84,23 @@ def _prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _run(settings: Settings) -> int:
-    from tasks.ingest import expand_inputs
+def _check_paths(settings: Settings) -> None:
+    """Fail on a missing or unreadable input, or an unreachable bucket, before a Prefect server start."""
+    from quadflow import objectstore as ob
+    from tasks.ingest import list_inputs
 
-    # Fail on a missing or unreadable input before paying for a Prefect server start.
-    expand_inputs(settings.ingest.inputs)
-    if settings.ingest.targets:
-        expand_inputs(settings.ingest.targets)
+    s = settings.ingest
+    c = ob.client(settings.objectstore) if any(
+        ob.is_s3(p) for p in (*s.inputs, *s.targets, settings.export.output)) else None
+    list_inputs(s.inputs, settings.objectstore, since=s.since, dates=s.partitions, client=c)
+    if s.targets:
+        list_inputs(s.targets, settings.objectstore, role="target", client=c)
+    if ob.is_s3(settings.export.output):
+        ob.check_access(c, ob.prefix_url(settings.export.output))
+
+
+def _run(settings: Settings) -> int:
+    _check_paths(settings)
     _prepare_environment()
     from flows.curate import curate
 
@@ -115,10 +142,37 @@ def main(argv: list[str] | None = None) -> int:
             result = report_from_store(args.store, args.output)
             print(f"report: {result.report_path}")
             return 0
-    except ConfigError as e:
+        if args.command == "verify":
+            return _verify(args.output, args.endpoint_url)
+    except ConfigError as e:  # includes ObjectStoreError: missing bucket/key, denied, bad credentials
         print(f"quadflow: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return 1
+    except OSError as e:
+        from quadflow.objectstore import ObjectStoreIOError
+
+        if not isinstance(e, ObjectStoreIOError):
+            raise
+        print(f"quadflow: error: {e}", file=sys.stderr)  # transient failures that outlived every retry
+        return EXIT_FAILED
+    return EXIT_FAILED
+
+
+def _verify(output: str, endpoint_url: str | None) -> int:
+    from quadflow.objectstore import ObjectStoreSettings
+    from tasks.export import OutputError, verify_output
+
+    try:
+        settings = ObjectStoreSettings(endpoint_url=endpoint_url)
+    except ValueError as e:
+        raise ConfigError(f"invalid --endpoint-url {endpoint_url!r}: {e}") from None
+    try:
+        manifest = verify_output(output, settings)
+    except OutputError as e:
+        print(f"quadflow: not verified: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    files = ", ".join(f"{o['path']} ({o['rows']:,} rows)" for o in manifest["outputs"])
+    print(f"verified {output}: {files}; export key {manifest.get('export_key')}")
+    return 0
 
 
 def _rebase_demo_inputs(settings: Settings) -> Settings:

@@ -26,7 +26,7 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 from urllib.parse import quote
 
 import boto3
@@ -35,10 +35,8 @@ import urllib3.exceptions
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from s3transfer.utils import ChunksizeAdjuster
-
-from quadflow.settings import ConfigError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -109,12 +107,30 @@ class ObjectStoreSettings(BaseModel):
         "S3-compatible stores reject; uploads are verified against their ETag either way.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_userinfo(cls, data: Any) -> Any:
+        """Blank a user:password@ in the endpoint before validation, so no error message quotes it."""
+        url = data.get("endpoint_url") if isinstance(data, dict) else None
+        if isinstance(url, str) and (m := re.match(r"^(https?://)([^/\s]*)@", url)):
+            data = {**data, "endpoint_url": f"{m.group(1)}[redacted]@{url[m.end():]}"}
+        return data
+
     @field_validator("endpoint_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"endpoint_url {v!r} must look like http(s)://host[:port]")
+        if v is not None and "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            # the URL is recorded in manifests and logs; never quote it back, it may hold a password
+            raise ValueError("endpoint_url must not carry user:password@; credentials come from the "
+                             "AWS chain (environment, ~/.aws files, profiles)")
         return v
+
+
+# Imported here, after ObjectStoreSettings: quadflow.settings imports ObjectStoreSettings for its
+# `objectstore` section, so either module may be imported first.
+from quadflow.settings import ConfigError  # noqa: E402
 
 
 class ObjectStoreError(ConfigError):
@@ -514,17 +530,20 @@ class S3ObjectReader(io.RawIOBase):
 
     The first GET happens at construction (so a missing object fails at open, like a local
     file); later GETs are pinned to that ETag (If-Match), so a resumed read never stitches two
-    versions together. Memory is bounded by the caller's read size.
+    versions together. Given `etag` (from a listing), the first GET is pinned too: an object
+    replaced since it was listed fails with PreconditionFailed instead of being read as if it
+    were the listed one. Memory is bounded by the caller's read size.
     """
 
-    def __init__(self, c: ObjectStoreClient, url: str):
+    def __init__(self, c: ObjectStoreClient, url: str, etag: str | None = None, version_id: str | None = None):
         super().__init__()
         self._c = c
         self.url = url
         self.bucket, self.key = parse(url)
         self.size = 0  # bytes, from the first response
         self.etag: str | None = None  # quoted, as S3 returns it
-        self.version_id: str | None = None
+        self.version_id: str | None = version_id
+        self._expect = None if etag is None else f'"{etag.strip(chr(34))}"'
         self.resumes = 0  # broken bodies resumed on this stream
         self._pos = 0
         self._body: Any = None  # botocore StreamingBody positioned at self._pos, or None
@@ -532,8 +551,8 @@ class S3ObjectReader(io.RawIOBase):
 
     def _open_at(self, start: int) -> None:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
-        if self.etag is not None:
-            params["IfMatch"] = self.etag
+        if self.etag is not None or self._expect is not None:
+            params["IfMatch"] = self.etag or self._expect
         if self.version_id is not None:
             params["VersionId"] = self.version_id
         if start > 0:
@@ -541,7 +560,8 @@ class S3ObjectReader(io.RawIOBase):
         resp = _call(self._c, "get_object", "read", self.bucket, self.key, **params)
         length = int(resp["ContentLength"])
         if self.etag is None:
-            self.size, self.etag, self.version_id = length, resp.get("ETag"), resp.get("VersionId")
+            self.size, self.etag = length, resp.get("ETag")
+            self.version_id = resp.get("VersionId") or self.version_id
         elif start > 0 and (length != self.size - start
                             or not str(resp.get("ContentRange", "")).endswith(f"/{self.size}")):
             resp["Body"].close()
@@ -613,9 +633,15 @@ class S3ObjectReader(io.RawIOBase):
         super().close()
 
 
-def open_read(c: ObjectStoreClient, url: str) -> io.BufferedReader:
-    """A buffered binary reader over an object: wrap it in gzip/zstandard/TextIOWrapper like a file."""
-    return io.BufferedReader(S3ObjectReader(c, url), buffer_size=c.settings.read_buffer)
+def open_read(c: ObjectStoreClient, url: str, *, etag: str | None = None,
+              version_id: str | None = None) -> io.BufferedReader:
+    """A buffered binary reader over an object: wrap it in gzip/zstandard/TextIOWrapper like a file.
+
+    `etag` (quoted or not) pins the read to the content that was listed; `version_id` reads that
+    version of a versioned bucket.
+    """
+    return io.BufferedReader(S3ObjectReader(c, url, etag=etag, version_id=version_id),
+                             buffer_size=c.settings.read_buffer)
 
 
 def read_bytes(c: ObjectStoreClient, url: str, max_bytes: int = 64 * MiB) -> bytes:
@@ -736,26 +762,33 @@ def _prefix_key(url_prefix: str) -> tuple[str, str]:
     return bucket, (key if key == "" or key.endswith("/") else key + "/")
 
 
-def publish_prefix(c: ObjectStoreClient, local_dir: str | Path, url_prefix: str,
-                   manifest_name: str = "manifest.json", *, delete_stale: bool = False) -> PublishResult:
-    """Publish a local output directory under an s3:// prefix so readers never see half of it.
-
-    Readers trust a prefix only through its manifest. So: the old manifest is deleted first,
-    every other file is uploaded and verified (size, ETag), and the manifest (the local file,
-    byte for byte) goes last. A failure at any point leaves no manifest. Objects under the
-    prefix that this publish did not write are reported in `stale`, and deleted after the
-    manifest only when `delete_stale` (they may belong to someone else).
-    """
-    root = Path(local_dir)
-    manifest_path = root / manifest_name
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} does not exist: write the manifest before publishing {root}")
+def _load_manifest(manifest_path: Path) -> None:
     try:
         manifest = json.loads(manifest_path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{manifest_path} is not valid JSON ({e}); refusing to publish it") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{manifest_path} holds a {type(manifest).__name__}, not a JSON object")
+
+
+def publish_prefix(c: ObjectStoreClient, local_dir: str | Path, url_prefix: str,
+                   manifest_name: str = "manifest.json", *, delete_stale: bool = False,
+                   before_manifest: Callable[[tuple[ObjectInfo, ...]], None] | None = None) -> PublishResult:
+    """Publish a local output directory under an s3:// prefix so readers never see half of it.
+
+    Readers trust a prefix only through its manifest. So: the old manifest is deleted first,
+    every other file is uploaded and verified (size, ETag), and the manifest (the local file,
+    byte for byte) goes last. A failure at any point leaves no manifest. Objects under the
+    prefix that this publish did not write are reported in `stale`, and deleted after the
+    manifest only when `delete_stale` (they may belong to someone else). `before_manifest`
+    is called with the uploaded data objects just before the manifest goes up, and may rewrite
+    the local manifest (e.g. to record what the upload cost).
+    """
+    root = Path(local_dir)
+    manifest_path = root / manifest_name
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} does not exist: write the manifest before publishing {root}")
+    _load_manifest(manifest_path)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p != manifest_path)
     bucket, prefix = _prefix_key(url_prefix)
     manifest_url = join(bucket, prefix + manifest_name)
@@ -764,6 +797,9 @@ def publish_prefix(c: ObjectStoreClient, local_dir: str | Path, url_prefix: str,
     if replaced:
         delete(c, manifest_url)
     objects = tuple(upload_file(c, p, join(bucket, prefix + p.relative_to(root).as_posix())) for p in files)
+    if before_manifest is not None:
+        before_manifest(objects)
+        _load_manifest(manifest_path)
     manifest_info = upload_file(c, manifest_path, manifest_url)
 
     written = {o.key for o in objects} | {manifest_info.key}
@@ -794,3 +830,35 @@ def read_manifest(c: ObjectStoreClient, url_prefix: str, manifest_name: str = "m
         raise ObjectStoreError(f"{url} holds a {type(manifest).__name__}, not a JSON object",
                                code="BadManifest", bucket=bucket, key=prefix + manifest_name)
     return manifest
+
+
+def prefix_url(url: str) -> str:
+    """An s3:// output prefix in one spelling: `s3://bucket/some/prefix/` (trailing slash)."""
+    bucket, prefix = _prefix_key(url)
+    return join(bucket, prefix)
+
+
+def check_access(c: ObjectStoreClient, url: str) -> None:
+    """Fail fast, before a long run, when the bucket of `url` is missing or may not be listed.
+
+    One LIST of at most one key under the URL's prefix: it needs only s3:ListBucket, which
+    reading prefixes and publishing outputs need anyway.
+    """
+    bucket, key = parse(url)
+    _call(c, "list_objects_v2", "list", bucket, key, Bucket=bucket, Prefix=key, MaxKeys=1)
+
+
+def abort_incomplete_uploads(c: ObjectStoreClient, url_prefix: str) -> int:
+    """Abort multipart uploads left under a prefix by a killed publish; returns how many.
+
+    Their parts are invisible to readers but are stored (and billed) until aborted. Only our own
+    output prefix is ever passed here.
+    """
+    bucket, prefix = _prefix_key(url_prefix)
+    page = _call(c, "list_multipart_uploads", "list", bucket, prefix, Bucket=bucket, Prefix=prefix)
+    uploads = page.get("Uploads", []) or []
+    for up in uploads:
+        _call(c, "abort_multipart_upload", "write", bucket, up["Key"], Bucket=bucket, Key=up["Key"],
+              UploadId=up["UploadId"])
+    return len(uploads)
+

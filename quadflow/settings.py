@@ -7,18 +7,23 @@ resolved value is written to the run's manifest.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SCORERS = ("heuristic", "dsir", "classifier")
+SCORERS = ("heuristic", "dsir", "classifier", "influence")
 SELECTORS = ("quad", "random", "topk", "dsir")
 
 
 class ConfigError(ValueError):
     """Bad configuration: the message names the setting and the offending value."""
+
+
+# After ConfigError: quadflow.objectstore imports it back (either module may be imported first).
+from quadflow.objectstore import ObjectStoreSettings  # noqa: E402
 
 
 class Section(BaseModel):
@@ -28,7 +33,8 @@ class Section(BaseModel):
 class IngestSettings(Section):
     inputs: list[str] = Field(
         default_factory=list,
-        description="Pool files, directories or globs (JSONL, .jsonl.gz, .jsonl.zst, Parquet, .txt).",
+        description="Pool files, directories, globs or s3:// prefixes/globs (JSONL, .jsonl.gz, .jsonl.zst, "
+        "Parquet, .txt).",
     )
     targets: list[str] = Field(
         default_factory=list,
@@ -42,6 +48,17 @@ class IngestSettings(Section):
         1_000_000, gt=0, description="Documents longer than this are quarantined as 'oversize'."
     )
     batch_rows: int = Field(50_000, gt=0, description="Rows parsed per batch before writing to the store.")
+    since: date | None = Field(
+        None, description="Only pool inputs under a date=YYYY-MM-DD/ path segment with that date >= since "
+        "(e.g. the newest partition of a bucket); targets are not filtered.",
+    )
+    partitions: list[date] | None = Field(
+        None, description="Only pool inputs under date=YYYY-MM-DD/ path segments with one of these dates.",
+    )
+    incremental: bool = Field(
+        True, description="Reuse the documents of inputs (files or objects) already ingested into this store "
+        "unchanged, and read only new or changed ones; False: read every input again.",
+    )
 
 
 class FeaturizeSettings(Section):
@@ -74,12 +91,76 @@ class ClusterSettings(Section):
     )
 
 
+def influence_available() -> bool:
+    """Whether torch is importable, checked without importing it (the influence scorer needs it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _require_influence(what: str) -> None:
+    if not influence_available():
+        from tasks.scorers.influence.errors import TORCH_HINT
+
+        raise ValueError(f"{what}: {TORCH_HINT}")
+
+
+class InfluenceSettings(Section):
+    """The influence scorer (Quad): a proxy LM's gradients against the target set's, K-FAC/EK-FAC preconditioned."""
+
+    method: Literal["ekfac", "kfac", "cosine"] = Field(
+        "ekfac", description="ekfac / kfac: Kronecker-factored inverse Gauss-Newton (Quad); cosine: projected-"
+        "gradient cosine (LESS/TracIn, no Hessian).",
+    )
+    layers: Literal["attention", "attention+mlp"] = Field(
+        "attention", description="Proxy layers whose gradients count: attention projections (Quad) or also the MLP.",
+    )
+    damping: float = Field(
+        0.1, ge=0, description="Damping as a multiple of each layer's mean eigenvalue (Grosse et al. 2023).",
+    )
+    proj_dim: int | None = Field(
+        None, ge=1, description="Score through a seeded CountSketch of this size; None: exact inner products.",
+    )
+    max_chunks: int = Field(1, ge=1, description="A document counts by its first max_chunks * seq_len tokens.")
+    batch_tokens: int = Field(8192, ge=1, description="Padded tokens per forward/backward batch (raise on a GPU).")
+    proxy_path: str | None = Field(
+        None, description="Local proxy checkpoint directory (quadflow proxy or Hugging Face causal LM, never "
+        "downloaded); None: train the proxy below on a seeded pool sample.",
+    )
+    n_layers: int = Field(1, ge=1, description="Proxy transformer blocks (trained proxy).")
+    d_model: int = Field(64, ge=2, description="Proxy width (trained proxy).")
+    n_heads: int = Field(2, ge=1, description="Proxy attention heads; must divide d_model.")
+    seq_len: int = Field(128, ge=8, description="Proxy context in tokens (bytes for the trained proxy).")
+    steps: int = Field(300, ge=1, description="Proxy training steps (batches of 16 windows).")
+    train_docs: int = Field(5000, ge=1, description="Pool documents sampled (seeded) to train the proxy on.")
+    fit_docs: int = Field(1000, ge=1, description="Pool documents sampled (seeded) to fit the curvature factors on.")
+    reference_docs: int = Field(
+        5000, ge=1, description="Target documents (seeded sample when there are more) whose mean gradient is the query.",
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", description="auto: cuda when available, else cpu.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads torch uses for the proxy (None: torch's default, one per core). On a "
+        "machine other work shares, 1 avoids thread oversubscription (see BENCHMARKS.md).",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "InfluenceSettings":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}")
+        return self
+
+
 class ScoreSettings(Section):
-    scorers: list[Literal["heuristic", "dsir", "classifier"]] | None = Field(
+    scorers: list[Literal["heuristic", "dsir", "classifier", "influence"]] | None = Field(
         None,
         description="Scorers to run. auto: heuristic+dsir with a target set, heuristic without. "
-        "Scores are combined as the weighted mean of each scorer's percentile rank in the pool.",
+        "Scores are combined as the weighted mean of each scorer's percentile rank in the pool. 'influence' "
+        "is fitted here but scores only the documents the bandit probes (select.probe_scorer = 'influence'), "
+        "so it is not part of the combined score.",
     )
+    influence: InfluenceSettings = Field(default_factory=InfluenceSettings)
     weights: dict[str, float] = Field(
         default_factory=dict, description="Weight per scorer in the combined score (default 1 each)."
     )
@@ -95,6 +176,13 @@ class ScoreSettings(Section):
                 raise ValueError(f"unknown scorer {name!r} in weights; known: {', '.join(SCORERS)}")
             if w < 0:
                 raise ValueError(f"weight for {name!r} is {w}; weights must be >= 0")
+        return v
+
+    @field_validator("scorers")
+    @classmethod
+    def _influence_needs_torch(cls, v: list[str] | None) -> list[str] | None:
+        if v and "influence" in v:
+            _require_influence("scorer 'influence'")
         return v
 
     def resolved(self, has_targets: bool) -> list[str]:
@@ -129,10 +217,25 @@ class SelectSettings(Section):
     calibration_blocks: int = Field(
         64, ge=2, description="Random probe groups (of m documents) drawn to calibrate tau and alpha."
     )
+    probe_scorer: Literal["combined", "heuristic", "dsir", "classifier", "influence"] = Field(
+        "combined", description="Score the bandit's probes by: a pool-wide score of the score stage (combined or "
+        "one scorer), or 'influence', computed on demand for the probed documents only (needs 'influence' "
+        "in score.scorers). random/topk/dsir ignore it.",
+    )
+
+    @field_validator("probe_scorer")
+    @classmethod
+    def _influence_needs_torch(cls, v: str) -> str:
+        if v == "influence":
+            _require_influence("probe scorer 'influence'")
+        return v
 
 
 class ExportSettings(Section):
-    output: str = Field("quadflow-output", description="Directory the selection, manifest and report go to.")
+    output: str = Field(
+        "quadflow-output", description="Directory or s3:// prefix the selection and manifest go to (the report "
+        "goes to report/ in the directory, or in the local copy of an s3:// output next to the store).",
+    )
     format: Literal["parquet", "jsonl"] = Field("parquet", description="Selection file format.")
 
 
@@ -149,6 +252,7 @@ class Settings(BaseModel):
     score: ScoreSettings = Field(default_factory=ScoreSettings)
     select: SelectSettings = Field(default_factory=SelectSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    objectstore: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -4,3 +4,5 @@ delete from ingest_docs where key = $key;
 delete from ingest_quarantine where key = $key;
 delete from ingest_duplicates where key = $key;
 delete from ingest_files where key = $key;
+delete from ingest_objects where key = $key;
+delete from ingest_runs where key = $key;

@@ -4,6 +4,14 @@ Readers trust only a directory whose manifest.json exists and whose checksums ma
 publish removes the old manifest first, moves each file into place with os.replace after an
 fsync, and writes the new manifest last. A crash at any point leaves either no manifest or a
 complete, verifiable output, never a manifest that describes files that are not there.
+
+An s3:// output is written the same way into a temporary directory and published with
+`objectstore.publish_prefix`: old manifest deleted first, every file uploaded and verified
+(size, ETag), manifest last. The published files are then kept as a local copy next to the
+store (`<store>.exports/<bucket>/<prefix>/`), where the report is written. A rerun compares the
+published manifest's export key and each object's size and ETag (falling back to SHA-256)
+and rewrites nothing when they match. The manifest records the endpoint URL and the retries
+the run needed, never a credential.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,10 +38,12 @@ import pyarrow.parquet as pq
 from prefect.cache_policies import CacheKeyFnPolicy
 
 import quadflow
+from quadflow import objectstore as ob
 from quadflow.log import get_logger
+from quadflow.objectstore import ObjectStoreError, ObjectStoreSettings
 from quadflow.settings import ConfigError, ExportSettings, Settings
 from quadflow.store import StageRef, StoreRef, connect, query_sql, run_sql, stage_key
-from quadflow.tasking import CACHE_POLICY, stage_task
+from quadflow.tasking import CACHE_POLICY, IO_RETRIES, stage_task
 
 VERSION = "export-1"
 MANIFEST = "manifest.json"
@@ -68,6 +79,7 @@ class ExportResult:
     tokens: int
     manifest_sha256: str
     key: str
+    url: str | None = None  # the s3:// prefix published to; `output` is then its local copy
 
 
 @dataclass(frozen=True)
@@ -235,15 +247,25 @@ def package_versions() -> dict[str, str]:
 
 
 def file_record(f: Any) -> dict[str, Any]:
-    """A FileFingerprint (path, size, mtime_ns, sha256) as the manifest lists it."""
-    return {"path": str(f.path), "size": int(f.size), "mtime_ns": int(f.mtime_ns), "sha256": f.sha256}
+    """A FileFingerprint as the manifest lists it: local files with SHA-256, objects with ETag (and version)."""
+    rec = {"path": str(f.path), "size": int(f.size), "mtime_ns": int(f.mtime_ns), "sha256": f.sha256}
+    if getattr(f, "etag", None):
+        rec.update(etag=f.etag, version_id=getattr(f, "version_id", None))
+    return rec
 
 
 def build_manifest(*, settings: Settings, files: tuple, targets: tuple, store: StoreRef,
                    stage_keys: dict[str, str], counts: dict[str, Any], quarantined: dict[str, int],
-                   outputs: list[OutputFile], export_key: str, created_at: datetime) -> dict[str, Any]:
-    """Everything needed to trust and reproduce an output: settings, versions, inputs, counts, checksums."""
+                   outputs: list[OutputFile | dict[str, Any]], export_key: str, created_at: datetime,
+                   ingest: dict[str, Any] | None = None,
+                   objectstore: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to trust and reproduce an output: settings, versions, inputs, counts, checksums.
+
+    `ingest`: how the ingest partition was built (incremental counts); `objectstore`: endpoint and
+    the requests and retries of this run's object-store reads and writes.
+    """
     budget = settings.select.budget_tokens
+    extra = {k: v for k, v in (("ingest", ingest), ("objectstore", objectstore)) if v is not None}
     return {
         "quadflow_version": quadflow.__version__,
         "created_at": created_at.isoformat(),
@@ -261,7 +283,8 @@ def build_manifest(*, settings: Settings, files: tuple, targets: tuple, store: S
             "budget_tokens": budget,
             "fill_fraction": round(counts["selected_tokens"] / budget, 6),
         },
-        "outputs": [vars(o) for o in outputs],
+        "outputs": [dict(o) if isinstance(o, dict) else vars(o) for o in outputs],
+        **extra,
     }
 
 
@@ -276,8 +299,21 @@ def write_manifest(path: str | Path, manifest: dict[str, Any]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def verify_output(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a published output after checking every file against it; OutputError if not."""
+def verify_output(directory: str | Path, objectstore: ObjectStoreSettings | None = None) -> dict[str, Any]:
+    """The manifest of a published output after checking every file against it; OutputError if not.
+
+    `directory` may be an s3:// prefix: every object listed is then read back and its SHA-256
+    checked (`objectstore` says where the store is; default: the standard AWS chain).
+    """
+    if ob.is_s3(str(directory)):
+        c = ob.client(objectstore)
+        url = ob.prefix_url(str(directory))
+        manifest = _read_s3_manifest(c, url)
+        if manifest is None:
+            raise OutputError(f"{url}{MANIFEST} does not exist: the output at {url} is incomplete or was never "
+                              f"published")
+        _verify_s3_outputs(c, url, manifest[0], deep=True)
+        return manifest[0]
     d = Path(directory)
     mpath = d / MANIFEST
     if not mpath.exists():
@@ -318,17 +354,89 @@ def published_manifest(directory: Path, export_key: str) -> dict[str, Any] | Non
         return None
 
 
+def _read_s3_manifest(c: ob.ObjectStoreClient, url: str) -> tuple[dict[str, Any], str] | None:
+    """(manifest, its sha256) published under an s3:// prefix, or None when there is none."""
+    murl = url + MANIFEST
+    try:
+        data = ob.read_bytes(c, murl)
+    except ObjectStoreError as e:
+        if e.code in ("NoSuchKey", "404"):
+            return None
+        raise
+    try:
+        manifest = json.loads(data)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs"), list):
+            raise ValueError("not a manifest object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise OutputError(f"{murl} is not a valid manifest: {e}") from None
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def _object_sha256(c: ob.ObjectStoreClient, url: str, etag: str | None) -> str:
+    h = hashlib.sha256()
+    with ob.open_read(c, url, etag=etag) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify_s3_outputs(c: ob.ObjectStoreClient, url: str, manifest: dict[str, Any], *, deep: bool) -> None:
+    """Check every object a manifest lists: size, then ETag (deep: always SHA-256); OutputError if not."""
+    try:
+        outputs = [(o["path"], int(o["bytes"]), o["sha256"], o.get("etag")) for o in manifest["outputs"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise OutputError(f"{url}{MANIFEST} is not a valid manifest: {e}") from None
+    for path, size, sha, etag in outputs:
+        ourl = url + path
+        try:
+            info = ob.head(c, ourl)
+        except ObjectStoreError as e:
+            if e.code == "NoSuchKey":
+                raise OutputError(f"{ourl} is listed in {url}{MANIFEST} but does not exist") from None
+            raise
+        if info.size != size:
+            raise OutputError(f"{ourl} has {info.size} bytes but {url}{MANIFEST} says {size}")
+        if not deep and etag and info.etag == etag:
+            continue  # the ETag the store computed for exactly the bytes we uploaded
+        digest = _object_sha256(c, ourl, info.etag)
+        if digest != sha:
+            raise OutputError(f"{ourl} has sha256 {digest} but {url}{MANIFEST} says {sha}")
+
+
+def published_manifest_s3(c: ob.ObjectStoreClient, url: str, export_key: str) -> tuple[dict[str, Any], str] | None:
+    """(manifest, sha256) already published under `url` for this export key with intact objects, or None."""
+    found = _read_s3_manifest(c, url)
+    if found is None or found[0].get("export_key") != export_key:
+        return None
+    try:
+        _verify_s3_outputs(c, url, found[0], deep=False)
+    except OutputError as e:
+        get_logger().warning(f"export: republishing {url}: {e}")
+        return None
+    return found
+
+
 def output_dir(section: ExportSettings) -> Path:
+    """The local output directory (s3:// outputs have a local copy instead: see local_copy_dir)."""
+    if ob.is_s3(section.output):
+        raise ConfigError(f"export.output = {section.output!r} is an s3:// prefix, not a directory")
     if "://" in section.output:
         raise ConfigError(
-            f"export.output = {section.output!r}: only local directories are supported for publishing"
+            f"export.output = {section.output!r}: only local directories and s3:// prefixes are supported"
         )
     return Path(section.output).absolute()
 
 
+def local_copy_dir(store: StoreRef, url: str) -> Path:
+    """Where the files published to an s3:// prefix are kept locally: `<store>.exports/<bucket>/<prefix>/`."""
+    bucket, prefix = ob.parse(ob.prefix_url(url))
+    root = Path(store.path)
+    return root.parent / f"{root.stem}.exports" / bucket / prefix
+
+
 def _fingerprints(files: tuple) -> list[list[Any]]:
-    # mtime is left out: touching an unchanged file must not change the key.
-    return [[str(f.path), int(f.size), f.sha256] for f in files]
+    # mtime is left out: touching an unchanged file must not change the key; objects add their ETag.
+    return [[str(f.path), int(f.size), f.sha256, *([f.etag] if getattr(f, "etag", None) else [])] for f in files]
 
 
 def export_key(settings: Settings, files: tuple, targets: tuple, docs: StageRef, clusters: StageRef,
@@ -345,6 +453,7 @@ def export_key(settings: Settings, files: tuple, targets: tuple, docs: StageRef,
 
 
 def _recorded_manifest_sha(store: StoreRef, key: str, output: str) -> str | None:
+    """The manifest checksum export_runs recorded for (key, output), or None."""
     try:
         with connect(store) as con:
             row = query_sql(con, "export_published", {"key": key, "output": output}).fetchone()
@@ -362,10 +471,12 @@ def _output_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     the task runs and republishes.
     """
     settings: Settings = parameters["settings"]
-    out = output_dir(settings.export)
     key = export_key(settings, parameters["files"], parameters["targets"], parameters["docs"],
                      parameters["clusters"], parameters["scores"], parameters["selection"],
                      parameters.get("features"))
+    if ob.is_s3(settings.export.output):
+        return _s3_output_cache_key(settings, parameters["docs"].store, key)
+    out = output_dir(settings.export)
     recorded = _recorded_manifest_sha(parameters["docs"].store, key, str(out))
     if recorded is None:
         return "published"
@@ -382,6 +493,26 @@ def _output_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"changed:{recorded}:{on_disk}"
 
 
+def _s3_output_cache_key(settings: Settings, store: StoreRef, key: str) -> str:
+    """As for a directory: "published" while the recorded manifest and its objects are intact in the bucket."""
+    url = ob.prefix_url(settings.export.output)
+    recorded = _recorded_manifest_sha(store, key, url)
+    if recorded is None:
+        return "published"
+    try:
+        c = ob.client(settings.objectstore)
+        found = _read_s3_manifest(c, url)
+        if found is None:
+            return f"changed:{recorded}:missing"
+        if found[1] == recorded:
+            _verify_s3_outputs(c, url, found[0], deep=False)
+            return "published"
+        return f"changed:{recorded}:{found[1]}"
+    except (ObjectStoreError, OSError, OutputError):
+        # unreadable or changed: run the task, which republishes or fails with the store's message
+        return f"changed:{recorded}:unverified:{uuid.uuid4().hex}"
+
+
 EXPORT_CACHE_POLICY = CACHE_POLICY + CacheKeyFnPolicy(cache_key_fn=_output_cache_key)
 
 
@@ -391,15 +522,37 @@ def _stream(reader: pa.RecordBatchReader, scores: pl.DataFrame, score_cols: list
             yield shape_batch(pl.from_arrow(rb), scores, score_cols)
 
 
-def _publish(con, settings: Settings, files: tuple, targets: tuple, store: StoreRef, out: Path,
-             stage_keys: dict[str, str]) -> tuple[dict[str, Any], str]:
-    """Remove the manifest, write the selection aside and move it in, write the manifest last."""
+def _ingest_info(con, docs_key: str) -> dict[str, Any] | None:
+    """How the ingest partition was built (base, inputs reused/read, object reads), when recorded."""
+    try:
+        frame = query_sql(con, "export_ingest", {"docs_key": docs_key}).pl()
+    except duckdb.CatalogException:  # a store written before ingest recorded its runs
+        return None
+    if frame.is_empty():
+        return None
+    row = frame.row(0, named=True)
+    return {k: (v if v is None or isinstance(v, str) else int(v)) for k, v in row.items()}
+
+
+def _objectstore_info(settings: Settings, files: tuple, targets: tuple, ingest: dict[str, Any] | None,
+                      s3_output: bool) -> dict[str, Any] | None:
+    """Endpoint and read counts when the run touched an object store (writes are added while publishing)."""
+    if not s3_output and not any(getattr(f, "etag", None) for f in (*files, *targets)):
+        return None
+    ingest = ingest or {}
+    return {
+        "endpoint_url": settings.objectstore.endpoint_url,
+        "region": settings.objectstore.region,
+        "read": {"objects": ingest.get("objects_read", 0), "bytes": ingest.get("bytes_read", 0),
+                 "retries": ingest.get("retries", 0)},
+    }
+
+
+def _write_selection_file(con, settings: Settings, out: Path, stage_keys: dict[str, str]
+                          ) -> tuple[dict[str, int], dict[str, int], OutputFile]:
+    """Counts, quarantine counts and the selection file written into `out` (aside, then moved in)."""
     params = {"docs_key": stage_keys["ingest"], "clusters_key": stage_keys["cluster"],
               "scores_key": stage_keys["score"], "selection_key": stage_keys["select"]}
-    mpath = out / MANIFEST
-    out.mkdir(parents=True, exist_ok=True)
-    mpath.unlink(missing_ok=True)  # first: from here on, readers see an unpublished directory
-    _fsync_dir(out)
     counts = {c: int(v) for c, v in query_sql(con, "export_counts", params).pl().row(0, named=True).items()}
     quarantined = {r: int(n) for r, n in query_sql(con, "export_quarantine", params).fetchall()}
     wide, score_cols = pivot_scores(query_sql(con, "export_scores", params).pl())
@@ -412,10 +565,24 @@ def _publish(con, settings: Settings, files: tuple, targets: tuple, store: Store
             f"export wrote {written.rows} rows but select_selection holds {counts['selected_docs']} for key "
             f"{stage_keys['select']}: selected doc_idx missing from ingest_docs key {stage_keys['ingest']}"
         )
+    return counts, quarantined, written
+
+
+def _publish(con, settings: Settings, files: tuple, targets: tuple, store: StoreRef, out: Path,
+             stage_keys: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """Remove the manifest, write the selection aside and move it in, write the manifest last."""
+    mpath = out / MANIFEST
+    out.mkdir(parents=True, exist_ok=True)
+    mpath.unlink(missing_ok=True)  # first: from here on, readers see an unpublished directory
+    _fsync_dir(out)
+    counts, quarantined, written = _write_selection_file(con, settings, out, stage_keys)
+    name = written.path
+    ingest = _ingest_info(con, stage_keys["ingest"])
     manifest = build_manifest(
         settings=settings, files=files, targets=targets, store=store, stage_keys=stage_keys, counts=counts,
         quarantined=quarantined, outputs=[written], export_key=stage_keys["export"],
-        created_at=datetime.now(timezone.utc),
+        created_at=datetime.now(timezone.utc), ingest=ingest,
+        objectstore=_objectstore_info(settings, files, targets, ingest, s3_output=False),
     )
     manifest_sha = write_manifest(mpath, manifest)  # last: the output is now published
     for other in SELECTION_FILES.values():  # a file of the other format is no longer described
@@ -424,19 +591,104 @@ def _publish(con, settings: Settings, files: tuple, targets: tuple, store: Store
     return manifest, manifest_sha
 
 
-@stage_task("export", cache_policy=EXPORT_CACHE_POLICY)
+def _publish_s3(con, c: ob.ObjectStoreClient, settings: Settings, files: tuple, targets: tuple, store: StoreRef,
+                url: str, local: Path, stage_keys: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """Write the selection and manifest into a temporary directory, publish them under `url` manifest
+    last, then keep them as the local copy in `local`."""
+    log = get_logger()
+    local.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=local, prefix=".publish-") as tmp:
+        staged = Path(tmp)
+        counts, quarantined, written = _write_selection_file(con, settings, staged, stage_keys)
+        s = c.settings
+        etag = ob.expected_etag(staged / written.path, s.multipart_threshold, s.multipart_chunksize)
+        ingest = _ingest_info(con, stage_keys["ingest"])
+        store_info = _objectstore_info(settings, files, targets, ingest, s3_output=True)
+        manifest = build_manifest(
+            settings=settings, files=files, targets=targets, store=store, stage_keys=stage_keys, counts=counts,
+            quarantined=quarantined, outputs=[{**vars(written), "etag": etag}], export_key=stage_keys["export"],
+            created_at=datetime.now(timezone.utc), ingest=ingest, objectstore=store_info,
+        )
+        mpath = staged / MANIFEST
+        write_manifest(mpath, manifest)
+        aborted = ob.abort_incomplete_uploads(c, url)  # parts left by a publish that was killed
+        if aborted:
+            log.info(f"export: aborted {aborted} incomplete multipart upload(s) under {url}")
+        before = c.counters.snapshot()
+
+        def record_writes(objects: tuple[ob.ObjectInfo, ...]) -> None:
+            after = c.counters.snapshot()
+            store_info["write"] = {"objects": len(objects) + 1, "bytes": sum(o.size for o in objects),
+                                   "retries": after["retries"] - before["retries"]}
+            write_manifest(mpath, manifest)  # the manifest's own upload is the one request not counted
+
+        result = ob.publish_prefix(c, staged, url, before_manifest=record_writes)
+        data = mpath.read_bytes()
+        manifest_sha = hashlib.sha256(data).hexdigest()
+        for other in SELECTION_FILES.values():  # a file of the other format is no longer described
+            if other != written.path and url + other in result.stale:
+                ob.delete(c, url + other)
+        for name in (written.path, MANIFEST):
+            os.replace(staged / name, local / name)
+    for other in SELECTION_FILES.values():
+        if other != written.path:
+            (local / other).unlink(missing_ok=True)
+    w = store_info["write"]
+    log.info(f"export: published {w['objects']} objects ({w['bytes']:,} bytes) to {url} with {w['retries']} "
+             f"retries; {store_info['read']['retries']} retries reading {store_info['read']['objects']} objects")
+    return manifest, manifest_sha
+
+
+def _record(con, key: str, output: str, manifest: dict[str, Any], manifest_sha: str) -> None:
+    c = manifest["counts"]
+    published_at = datetime.fromisoformat(manifest["created_at"]).astimezone(timezone.utc).replace(tzinfo=None)
+    run_sql(con, "export_delete", {"key": key})
+    run_sql(con, "export_insert", {
+        "key": key, "output": output, "manifest_sha256": manifest_sha, "published_at": published_at,
+        "docs": c["selected_docs"], "tokens": c["selected_tokens"],
+    })
+
+
+def _export_s3(settings: Settings, files: tuple, targets: tuple, store: StoreRef, key: str,
+               stage_keys: dict[str, str]) -> ExportResult:
+    log = get_logger()
+    url = ob.prefix_url(settings.export.output)
+    c = ob.client(settings.objectstore)
+    local = local_copy_dir(store, url)
+    found = published_manifest_s3(c, url, key)
+    with connect(store) as con:
+        run_sql(con, "export_create")
+        if found is not None:
+            manifest, manifest_sha = found
+            log.info(f"export: {url} already published for key {key}; nothing rewritten")
+        else:
+            manifest, manifest_sha = _publish_s3(con, c, settings, files, targets, store, url, local, stage_keys)
+        _record(con, key, url, manifest, manifest_sha)
+    n = manifest["counts"]
+    log.info(f"export: {n['selected_docs']:,} documents, {n['selected_tokens']:,} tokens in {url}")
+    return ExportResult(
+        output=str(local), selection_path=url + manifest["outputs"][0]["path"], manifest_path=url + MANIFEST,
+        docs=int(n["selected_docs"]), tokens=int(n["selected_tokens"]), manifest_sha256=manifest_sha, key=key,
+        url=url,
+    )
+
+
+@stage_task("export", cache_policy=EXPORT_CACHE_POLICY, **IO_RETRIES)
 def export(settings: Settings, files: tuple, targets: tuple, docs: StageRef, clusters: StageRef,
            scores: StageRef, selection: StageRef, features: StageRef | None = None) -> ExportResult:
     """Publish the selection with its manifest; a no-op when this exact selection is already published.
 
     `features` is optional: when given, its key goes into the manifest so `quadflow report` can
-    recompute the KL reduction from the store later.
+    recompute the KL reduction from the store later. An s3:// output returns its local copy as
+    `output` (the report is written there) and the published prefix as `url`.
     """
     log = get_logger()
-    out = output_dir(settings.export)
     key = export_key(settings, files, targets, docs, clusters, scores, selection, features)
     stage_keys = {"ingest": docs.key, "cluster": clusters.key, "score": scores.key, "select": selection.key,
                   **({"featurize": features.key} if features is not None else {}), "export": key}
+    if ob.is_s3(settings.export.output):
+        return _export_s3(settings, files, targets, docs.store, key, stage_keys)
+    out = output_dir(settings.export)
     mpath = out / MANIFEST
     manifest = published_manifest(out, key)
     with connect(docs.store) as con:
@@ -446,14 +698,9 @@ def export(settings: Settings, files: tuple, targets: tuple, docs: StageRef, clu
             manifest_sha = hashlib.sha256(mpath.read_bytes()).hexdigest()
         else:
             manifest, manifest_sha = _publish(con, settings, files, targets, docs.store, out, stage_keys)
-        c = manifest["counts"]
-        log.info(f"export: {c['selected_docs']:,} documents, {c['selected_tokens']:,} tokens in {out}")
-        published_at = datetime.fromisoformat(manifest["created_at"]).astimezone(timezone.utc).replace(tzinfo=None)
-        run_sql(con, "export_delete", {"key": key})
-        run_sql(con, "export_insert", {
-            "key": key, "output": str(out), "manifest_sha256": manifest_sha, "published_at": published_at,
-            "docs": c["selected_docs"], "tokens": c["selected_tokens"],
-        })
+        _record(con, key, str(out), manifest, manifest_sha)
+    c = manifest["counts"]
+    log.info(f"export: {c['selected_docs']:,} documents, {c['selected_tokens']:,} tokens in {out}")
     return ExportResult(
         output=str(out), selection_path=str(out / manifest["outputs"][0]["path"]), manifest_path=str(mpath),
         docs=int(c["selected_docs"]), tokens=int(c["selected_tokens"]), manifest_sha256=manifest_sha, key=key,

@@ -1,12 +1,29 @@
-"""Ingest: read raw files into the store with stable ids and token counts, exact-dedup them,
-and quarantine every record that cannot be a document, with its location and a reason.
+"""Ingest: read raw files and s3:// objects into the store with stable ids and token counts,
+exact-dedup them, and quarantine every record that cannot be a document, with its location
+and a reason.
 
-Core (no Prefect, no DuckDB): `expand_inputs`, `fingerprint_files`, `read_file`, `doc_id`,
-`Deduplicator`. Task: `ingest`, which writes ingest_docs, ingest_quarantine,
-ingest_duplicates and ingest_files for one key.
+Core (no Prefect, no DuckDB): `expand_inputs`, `list_inputs`, `resolve_files`,
+`fingerprint_files`, `read_file`, `read_object`, `doc_id`, `Deduplicator`, `choose_base`,
+`plan_increment`. Task: `ingest`, which writes ingest_docs, ingest_quarantine,
+ingest_duplicates, ingest_files, ingest_objects and ingest_runs for one key.
 
 A broken container (missing file, corrupt gzip/zstd stream, Parquet without the text column)
 is an input error and stops the run; a broken record is a data error and is quarantined.
+
+Incremental ingestion. Every partition records its inputs (path or URL, size, content
+identity) in ingest_objects. A run whose inputs differ from an earlier partition's (same
+ingest settings) builds on the one that shares the most bytes of unchanged inputs, its base:
+
+- the rows of unchanged inputs are copied from the base, in the base's order, with doc_idx
+  renumbered densely (0..n-1 per role);
+- new and changed inputs are read and appended after them (doc_idx continues), deduplicated
+  against everything already kept; the rows of changed and removed inputs are dropped;
+- an unchanged input is read again too when one of its duplicates pointed at a copy in a
+  changed or removed input (so a document never disappears with the copy it duplicated).
+
+The partition's key hashes the ingest settings, every input's identity and the base's key,
+so it changes whenever the set of inputs does, and everything downstream recomputes. A run
+whose inputs equal an existing partition's reuses that partition as is.
 """
 
 from __future__ import annotations
@@ -17,21 +34,28 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import tempfile
 import unicodedata
 import zlib
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import polars as pl
 import zstandard
 
+from quadflow import objectstore as ob
 from quadflow.log import Progress, get_logger
+from quadflow.objectstore import ObjectStoreError, ObjectStoreIOError, ObjectStoreSettings
 from quadflow.settings import ConfigError, IngestSettings
-from quadflow.store import StageRef, StoreRef, connect, make_ref, run_sql, stage_key
-from quadflow.tasking import stage_task
+from quadflow.store import (
+    StageRef, StoreRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction,
+)
+from quadflow.tasking import IO_RETRIES, stage_task
 from quadflow.text import count_tokens_expr
 
 VERSION = "ingest-1"
@@ -56,6 +80,8 @@ BAD_SCHEMA = {
     "role": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String, "detail": pl.String,
     "excerpt": pl.String,
 }
+# A date partition is a path segment `date=YYYY-MM-DD` (Hive-style, as Spark/Athena/Glue write them).
+_DATE_SEGMENT = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?=/)")
 
 
 class InputError(ConfigError):
@@ -106,7 +132,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     out: set[Path] = set()
     for pattern in patterns:
         if "://" in pattern:
-            raise InputError(f"input {pattern!r}: only local files, directories and globs are read here")
+            raise InputError(f"input {pattern!r}: expand_inputs lists local paths only (see list_inputs)")
         expanded = os.path.expanduser(pattern)
         if any(c in expanded for c in "*?["):
             hits = sorted(glob.glob(expanded, recursive=True))
@@ -142,12 +168,35 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 @dataclass(frozen=True)
 class FileFingerprint:
-    """Identity of an input file's content, so the ingest key moves when the content does."""
+    """Identity of an input's content, so the ingest key moves when the content does.
 
-    path: str
-    size: int
-    mtime_ns: int
-    sha256: str
+    Local files are identified by the SHA-256 of their bytes. Objects (s3:// URLs) by size and
+    ETag: the store's own content identity, which changes whenever the object is rewritten with
+    other content; hashing every object before reading it would read the pool twice. The SHA-256
+    of an object's bytes is still computed while it is read and recorded in ingest_files.
+    """
+
+    path: str  # absolute local path, or s3:// URL
+    size: int  # bytes
+    mtime_ns: int  # local mtime; an object's LastModified (0 when unknown); never part of a key
+    sha256: str  # local files; "" for objects
+    etag: str | None = None  # objects: ETag without quotes
+    version_id: str | None = None  # objects in versioned buckets, when the store reports it
+
+    @property
+    def is_object(self) -> bool:
+        return ob.is_s3(self.path)
+
+    @property
+    def identity(self) -> str:
+        """What incremental ingestion compares to tell an unchanged input from a changed one."""
+        return f"etag:{self.etag}:{self.size}" if self.is_object else f"sha256:{self.sha256}"
+
+
+def object_fingerprint(info: ob.ObjectInfo) -> FileFingerprint:
+    """The fingerprint of a listed object: URL, size, ETag (and version when known)."""
+    mtime = int(info.last_modified.timestamp() * 1e9) if info.last_modified is not None else 0
+    return FileFingerprint(info.url, info.size, mtime, "", info.etag, info.version_id)
 
 
 def fingerprint_files(paths: Iterable[str | Path]) -> tuple[FileFingerprint, ...]:
@@ -165,6 +214,102 @@ def fingerprint_files(paths: Iterable[str | Path]) -> tuple[FileFingerprint, ...
             raise InputError(f"input {str(path)!r} cannot be read: {e.strerror or e}") from None
         out.append(FileFingerprint(str(path), st.st_size, st.st_mtime_ns, digest.hexdigest()))
     return tuple(out)
+
+
+def partition_date(path: str) -> date | None:
+    """The date of the innermost `date=YYYY-MM-DD/` segment of a path or URL, or None."""
+    found = _DATE_SEGMENT.findall(str(path).replace(os.sep, "/"))
+    if not found:
+        return None
+    try:
+        return date.fromisoformat(found[-1])
+    except ValueError:
+        raise InputError(f"input {str(path)!r} has a date= segment that is not a valid date") from None
+
+
+def date_filter(paths: list[str], since: date | None, dates: Iterable[date] | None) -> list[str]:
+    """Paths whose partition date is >= since and (when `dates` is given) one of `dates`.
+
+    With neither filter everything is kept; with one, paths outside any date= partition are left out.
+    """
+    if since is None and dates is None:
+        return list(paths)
+    wanted = set(dates) if dates is not None else None
+    out = []
+    for p in paths:
+        d = partition_date(p)
+        if d is None or (since is not None and d < since) or (wanted is not None and d not in wanted):
+            continue
+        out.append(p)
+    return out
+
+
+def _expand_objects(c: ob.ObjectStoreClient, pattern: str) -> list[ob.ObjectInfo]:
+    """Supported objects an s3:// input names; errors name the pattern, like local inputs."""
+    found = ob.expand(c, pattern)
+    if not found:
+        raise InputError(f"input {pattern!r} matches no object")
+    bucket, key = ob.parse(pattern)
+    literal = len(found) == 1 and found[0].key == key
+    if literal:
+        file_format(found[0].key)  # raises on an unsupported extension, as for a named local file
+        return found
+    # as for local directories: hidden names below the pattern's prefix are skipped
+    base = ob.literal_prefix(key).rsplit("/", 1)[0] if "/" in ob.literal_prefix(key) else ""
+    kept = [o for o in found if _supported(o.key)
+            and not any(seg.startswith(".") for seg in o.key[len(base):].split("/"))]
+    if not kept:
+        raise InputError(
+            f"input {pattern!r} matches {len(found)} object(s) but none with a supported extension"
+        )
+    return kept
+
+
+def list_inputs(patterns: list[str], objectstore: ObjectStoreSettings | None = None, *, role: str = "pool",
+                since: date | None = None, dates: Iterable[date] | None = None,
+                client: ob.ObjectStoreClient | None = None) -> list[str]:
+    """Local paths and s3:// URLs the patterns name (after the date filter), without reading them.
+
+    Local files come first (sorted), then objects (sorted by URL). Fails like `expand_inputs`
+    on a pattern that matches nothing, and with ObjectStoreError on a missing or denied bucket.
+    """
+    return [path for path, _ in _listed(patterns, objectstore, role, since, dates, client)]
+
+
+def _listed(patterns: list[str], objectstore: ObjectStoreSettings | None, role: str, since: date | None,
+            dates: Iterable[date] | None, client: ob.ObjectStoreClient | None
+            ) -> list[tuple[str, ob.ObjectInfo | None]]:
+    """(path or URL, ObjectInfo for objects) of every input, date-filtered for the pool."""
+    other = [p for p in patterns if "://" in p and not ob.is_s3(p)]
+    if other:
+        raise InputError(f"input {other[0]!r}: only local paths and s3:// URLs are supported")
+    local_patterns = [p for p in patterns if not ob.is_s3(p)]
+    remote_patterns = [p for p in patterns if ob.is_s3(p)]
+    items: list[tuple[str, ob.ObjectInfo | None]] = [
+        (str(p), None) for p in (expand_inputs(local_patterns) if local_patterns else [])]
+    if remote_patterns:
+        c = client or ob.client(objectstore)
+        objects = {info.url: info for pattern in remote_patterns for info in _expand_objects(c, pattern)}
+        items += [(url, objects[url]) for url in sorted(objects)]
+    if role != "pool" or (since is None and dates is None):
+        return items
+    dates = list(dates) if dates is not None else None
+    keep = set(date_filter([path for path, _ in items], since, dates))
+    if not keep:
+        wanted = " and ".join(x for x in (f"since {since}" if since else "",
+                                           f"in {sorted(d.isoformat() for d in dates)}" if dates else "") if x)
+        raise InputError(f"inputs {patterns!r}: none of {len(items)} file(s) lies under a date=YYYY-MM-DD/ "
+                         f"partition {wanted}")
+    return [item for item in items if item[0] in keep]
+
+
+def resolve_files(patterns: list[str], objectstore: ObjectStoreSettings | None = None, *, role: str = "pool",
+                  since: date | None = None, dates: Iterable[date] | None = None,
+                  client: ob.ObjectStoreClient | None = None) -> tuple[FileFingerprint, ...]:
+    """Fingerprints of every input the patterns name: SHA-256 for local files, size + ETag for objects."""
+    listed = _listed(patterns, objectstore, role, since, dates, client)
+    local = fingerprint_files([p for p, info in listed if info is None])
+    return tuple(local) + tuple(object_fingerprint(info) for _, info in listed if info is not None)
 
 
 # --------------------------------------------------------------------------- reading bytes
@@ -188,26 +333,59 @@ def _zstd_chunks(fh) -> Iterator[bytes]:
         raise EOFError("zstd stream ends in the middle of a frame (truncated file)")
 
 
-def _byte_chunks(path: Path, compression: str | None) -> Iterator[bytes]:
-    """Decompressed content of a file, streamed in chunks of about 1 MiB."""
-    if compression == "gzip":
-        with gzip.open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
+Opener = Callable[[], BinaryIO]  # opens an input's raw (compressed) bytes; used as a context manager
+
+
+def _byte_chunks(opener: Opener, compression: str | None) -> Iterator[bytes]:
+    """Decompressed content of an input, streamed in chunks of about 1 MiB."""
+    with opener() as raw:
+        if compression == "gzip":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    yield chunk
+        elif compression == "zstd":
+            yield from _zstd_chunks(raw)
+        else:
+            while chunk := raw.read(_CHUNK):
                 yield chunk
-    elif compression == "zstd":
-        with open(path, "rb") as fh:
-            yield from _zstd_chunks(fh)
-    else:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                yield chunk
+
+
+class _HashingReader:
+    """Reads through to an object stream, hashing every byte, so its SHA-256 costs no second read.
+
+    It does not own the stream: leaving a `with` block on it closes nothing.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read what a reader left (a .txt cut at max_doc_chars) so the hash covers the whole object."""
+        while self.read(_CHUNK):
+            pass
+
+    def __enter__(self) -> "_HashingReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 @contextmanager
-def _container_errors(path: Path):
+def _container_errors(path: str | Path):
     """Turn a file that cannot be opened or decompressed into an InputError naming it."""
     try:
         yield
+    except (ObjectStoreError, ObjectStoreIOError):
+        raise  # already names the object and what to check; transient ones stay retryable
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         raise InputError(f"input {str(path)!r} cannot be read: {reason}") from None
@@ -283,7 +461,7 @@ class _Collector:
     """Validates records of one file and accumulates them into column lists until flushed."""
 
     def __init__(self, role: str, file: str, text_field: str, id_field: str | None, max_doc_chars: int):
-        self.role, self.file, self.source = role, file, Path(file).name
+        self.role, self.file, self.source = role, file, file.replace(os.sep, "/").rsplit("/", 1)[-1]
         self.text_field, self.id_field, self.max_doc_chars = text_field, id_field, max_doc_chars
         self._reset()
 
@@ -353,9 +531,9 @@ class _Collector:
         return batch
 
 
-def _read_jsonl(path: Path, compression: str | None, col: _Collector, batch_rows: int) -> Iterator[Batch]:
-    with _container_errors(path):
-        for line_no, raw in _lines(_byte_chunks(path, compression)):
+def _read_jsonl(opener: Opener, compression: str | None, col: _Collector, batch_rows: int) -> Iterator[Batch]:
+    with _container_errors(col.file):
+        for line_no, raw in _lines(_byte_chunks(opener, compression)):
             if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             if not raw or raw.isspace():  # blank lines separate nothing and hold no record
@@ -381,14 +559,14 @@ def _read_jsonl(path: Path, compression: str | None, col: _Collector, batch_rows
         yield col.flush()
 
 
-def _read_txt(path: Path, compression: str | None, col: _Collector) -> Iterator[Batch]:
+def _read_txt(opener: Opener, compression: str | None, col: _Collector) -> Iterator[Batch]:
     """One document per file; reading stops once the text is known to be oversize."""
     limit = col.max_doc_chars
     decoder = codecs.getincrementaldecoder("utf-8")()
     parts, n, offset, head = [], 0, 0, b""  # offset: bytes of the file decoded before this chunk
-    with _container_errors(path):
+    with _container_errors(col.file):
         try:
-            for chunk in _byte_chunks(path, compression):
+            for chunk in _byte_chunks(opener, compression):
                 if len(head) < 4 * _EXCERPT_CHARS:
                     head += chunk[: 4 * _EXCERPT_CHARS]
                 buffered = len(decoder.getstate()[0])
@@ -417,18 +595,20 @@ def _read_txt(path: Path, compression: str | None, col: _Collector) -> Iterator[
 
 
 def _read_parquet(path: Path, col: _Collector, batch_rows: int) -> Iterator[Batch]:
+    """Parquet needs random access: `path` is a local file (objects are downloaded first)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with _container_errors(path):
+    name = col.file
+    with _container_errors(name):
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, ValueError) as e:
-            raise InputError(f"input {str(path)!r} is not a readable Parquet file: {e}") from None
+            raise InputError(f"input {name!r} is not a readable Parquet file: {e}") from None
         names = pf.schema_arrow.names
         if col.text_field not in names:
             raise InputError(
-                f"input {str(path)!r} has no text column {col.text_field!r} (columns: {', '.join(names)}); "
+                f"input {name!r} has no text column {col.text_field!r} (columns: {', '.join(names)}); "
                 f"set ingest.text_field"
             )
         row = 0
@@ -443,7 +623,7 @@ def _read_parquet(path: Path, col: _Collector, batch_rows: int) -> Iterator[Batc
                         col.add(row, obj, obj, False)
                 yield col.flush()
         except pa.ArrowException as e:
-            raise InputError(f"input {str(path)!r} cannot be read as Parquet: {e}") from None
+            raise InputError(f"input {name!r} cannot be read as Parquet: {e}") from None
 
 
 def _parquet_rows(rb) -> list[dict | UnicodeDecodeError]:
@@ -467,18 +647,75 @@ def read_file(
     id_field: str | None = "id",
     max_doc_chars: int = 1_000_000,
     batch_rows: int = 50_000,
+    *,
+    name: str | None = None,
+    opener: Opener | None = None,
 ) -> Iterator[Batch]:
-    """Stream one input file as batches of documents and quarantined records (never the whole file)."""
+    """Stream one input file as batches of documents and quarantined records (never the whole file).
+
+    `name` is what rows record as their file (default: the path) and decides the format;
+    `opener` supplies the raw bytes of a JSONL/txt input from elsewhere (an object stream).
+    """
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {ROLES}")
-    path = Path(path)
-    kind, compression = file_format(path)
-    col = _Collector(role, str(path), text_field, id_field, max_doc_chars)
+    name = str(Path(path)) if name is None else name
+    kind, compression = file_format(name)
+    col = _Collector(role, name, text_field, id_field, max_doc_chars)
+    if kind == "parquet":
+        if opener is not None:
+            raise ValueError(f"{name!r}: Parquet needs random access; pass a local path, not an opener")
+        return _read_parquet(Path(path), col, batch_rows)
+    opener = opener or (lambda: open(path, "rb"))
     if kind == "jsonl":
-        return _read_jsonl(path, compression, col, batch_rows)
-    if kind == "txt":
-        return _read_txt(path, compression, col)
-    return _read_parquet(path, col, batch_rows)
+        return _read_jsonl(opener, compression, col, batch_rows)
+    return _read_txt(opener, compression, col)
+
+
+@dataclass
+class ObjectRead:
+    """What reading one object found out: SHA-256 and size of its bytes, its version, the retries it took."""
+
+    sha256: str = ""
+    bytes: int = 0
+    version_id: str | None = None
+    retries: int = 0
+
+
+def read_object(
+    c: ob.ObjectStoreClient,
+    fp: FileFingerprint,
+    role: str,
+    text_field: str = "text",
+    id_field: str | None = "id",
+    max_doc_chars: int = 1_000_000,
+    batch_rows: int = 50_000,
+    stats: ObjectRead | None = None,
+) -> Iterator[Batch]:
+    """Stream one s3:// object like read_file: pinned to its listed ETag, hashed on the way.
+
+    JSONL and text stream (memory bounded by the read buffer); Parquet is first copied to a
+    temporary file, since its reader needs random access. Rows name the object's URL.
+    `stats` is filled in once the object has been read to the end.
+    """
+    kind, _ = file_format(fp.path)
+    stats = stats if stats is not None else ObjectRead()
+    before = c.counters.snapshot()["retries"]
+    with ob.open_read(c, fp.path, etag=fp.etag, version_id=fp.version_id) as raw:
+        hashed = _HashingReader(raw)
+        if kind == "parquet":
+            with tempfile.TemporaryDirectory(prefix="quadflow-ingest-") as tmp:
+                local = Path(tmp) / "object.parquet"
+                with open(local, "wb") as out:
+                    while chunk := hashed.read(_CHUNK):
+                        out.write(chunk)
+                yield from read_file(local, role, text_field, id_field, max_doc_chars, batch_rows, name=fp.path)
+        else:
+            yield from read_file(fp.path, role, text_field, id_field, max_doc_chars, batch_rows, name=fp.path,
+                                 opener=lambda: hashed)
+        hashed.drain()
+        stats.sha256, stats.bytes = hashed.sha256.hexdigest(), hashed.bytes
+        stats.version_id = raw.raw.version_id
+    stats.retries = c.counters.snapshot()["retries"] - before
 
 
 class Deduplicator:
@@ -487,6 +724,12 @@ class Deduplicator:
     def __init__(self) -> None:
         self.seen_: dict[str, tuple[str, int]] = {}  # doc_id -> (file, line) of the kept copy
         self.n_kept_ = 0
+
+    def preload(self, kept: pl.DataFrame) -> "Deduplicator":
+        """Documents already in the partition (doc_id, file, line; doc_idx 0..n-1): later copies are duplicates."""
+        self.seen_.update(zip(kept["doc_id"].to_list(), zip(kept["file"].to_list(), kept["line"].to_list())))
+        self.n_kept_ += kept.height
+        return self
 
     def update(self, good: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Kept documents with a dense doc_idx continuing from the last batch, and the dropped copies."""
@@ -513,14 +756,96 @@ class Deduplicator:
         return kept, dups
 
 
+# --------------------------------------------------------------------------- incremental plan
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """How a partition is built from a base partition: whose rows are copied, what is read."""
+
+    base_key: str | None  # partition whose rows are reused; None: every input is read
+    kept: tuple[tuple[str, str], ...]  # (role, file): rows copied from the base, in its order
+    read: tuple[tuple[str, FileFingerprint], ...]  # (role, input): read and appended, in this order
+    added: int = 0  # inputs the base does not have
+    changed: int = 0  # inputs the base has with another identity
+    removed: int = 0  # base inputs no longer among the inputs (their rows are dropped)
+    reread: int = 0  # unchanged inputs read again: one of their duplicates was kept in a dropped input
+
+
+def _wanted_rows(wanted: dict[str, tuple[FileFingerprint, ...]]) -> dict[tuple[str, str], tuple[str, int]]:
+    return {(role, fp.path): (fp.identity, fp.size) for role, fps in wanted.items() for fp in fps}
+
+
+def choose_base(wanted: dict[str, tuple[FileFingerprint, ...]], history: pl.DataFrame) -> tuple[str | None, bool]:
+    """The partition to build on: (key, exact) where exact means it holds exactly these inputs.
+
+    `history` (key, created_at, role, file, identity): one row per input of every earlier
+    partition with the same ingest settings. An exact match wins (the newest, if several); else
+    the partition sharing the most bytes of unchanged inputs (the newest on ties); (None, False)
+    when none shares any.
+    """
+    want = _wanted_rows(wanted)
+    identities = {k: v[0] for k, v in want.items()}
+    exact: tuple[datetime, str] | None = None
+    partial: tuple[int, datetime, str] | None = None
+    for (key, created), rows in history.group_by(["key", "created_at"]):
+        have = dict(zip(zip(rows["role"], rows["file"]), rows["identity"]))
+        if have == identities:
+            exact = max(exact, (created, key)) if exact else (created, key)
+            continue
+        shared = sum(want[k][1] for k, i in have.items() if identities.get(k) == i)
+        if shared > 0:
+            partial = max(partial, (shared, created, key)) if partial else (shared, created, key)
+    if exact is not None:
+        return exact[1], True
+    return (partial[2], False) if partial is not None else (None, False)
+
+
+def plan_increment(wanted: dict[str, tuple[FileFingerprint, ...]], base_key: str | None,
+                   base_inputs: pl.DataFrame, duplicate_links: pl.DataFrame) -> IngestPlan:
+    """Which base inputs keep their rows and which inputs are read, from the base's inputs and links.
+
+    `base_inputs`: (role, file, identity) of the base; `duplicate_links`: distinct (role, file,
+    kept_file) of the base's duplicates across inputs. An unchanged input stays only while every
+    duplicate in it points at an input that stays (a fixpoint: dropping one may drop others).
+    """
+    order = [(role, fp) for role in ROLES for fp in wanted.get(role, ())]
+    if base_key is None:
+        return IngestPlan(None, (), tuple(order), added=len(order))
+    want = _wanted_rows(wanted)
+    base = {(r, f): i for r, f, i in zip(base_inputs["role"], base_inputs["file"], base_inputs["identity"])}
+    unchanged = {k for k, i in base.items() if k in want and want[k][0] == i}
+    stays = set(unchanged)
+    links = list(zip(duplicate_links["role"], duplicate_links["file"], duplicate_links["kept_file"]))
+    moved = True
+    while moved:
+        moved = False
+        for role, f, kept_f in links:
+            if (role, f) in stays and (role, kept_f) not in stays:
+                stays.discard((role, f))
+                moved = True
+    if not stays:
+        return IngestPlan(None, (), tuple(order), added=sum(k not in base for k in want),
+                          changed=sum(k in base and k not in unchanged for k in want),
+                          removed=sum(k not in want for k in base), reread=len(unchanged))
+    kept = tuple(k for k in base if k in stays)  # base order is restored by the copy (doc_idx)
+    read = tuple((role, fp) for role, fp in order if (role, fp.path) not in stays)
+    return IngestPlan(
+        base_key, kept, read,
+        added=sum(k not in base for k in want), changed=sum(k in base and k not in unchanged for k in want),
+        removed=sum(k not in want for k in base), reread=len(unchanged) - len(stays),
+    )
+
+
 # --------------------------------------------------------------------------- task
 
 
 def _key_file(fp: FileFingerprint) -> dict[str, Any]:
-    """What of a file the output depends on (not its mtime: touching a file changes nothing)."""
+    """What of an input the output depends on: path, size and content identity (not mtime or version)."""
     d = asdict(fp)
-    d.pop("mtime_ns")
-    return d
+    for name in ("mtime_ns", "version_id"):
+        d.pop(name)
+    return {k: v for k, v in d.items() if v not in (None, "")}
 
 
 def _check_unchanged(fp: FileFingerprint) -> None:
@@ -532,67 +857,147 @@ def _check_unchanged(fp: FileFingerprint) -> None:
         raise InputError(f"input {fp.path!r} changed after it was fingerprinted; rerun to pick up the new content")
 
 
-def _insert(con, name: str, frame: pl.DataFrame, key: str) -> None:
-    if frame.height == 0:
-        return
-    con.register("batch", frame.to_arrow())
-    try:
-        run_sql(con, name, {"key": key})
-    finally:
-        con.unregister("batch")
+def _insert(con, name: str, frame: pl.DataFrame, key: str, **params: Any) -> None:
+    if frame.height:
+        insert_frame(con, name, frame, {"key": key, **params})
 
 
-@stage_task("ingest")
+def _section(settings: IngestSettings) -> dict[str, Any]:
+    # inputs/targets/since/partitions act through the resolved inputs; batch_rows and incremental
+    # do not change what a partition holds (an incremental partition's key names its base)
+    return settings.model_dump(
+        mode="json", exclude={"inputs", "targets", "batch_rows", "since", "partitions", "incremental"})
+
+
+DOC_REF_COLUMNS = ["role", "doc_idx", "doc_id", "n_tokens"]
+
+
+@dataclass
+class _Totals:
+    reasons: Counter = field(default_factory=Counter)
+    objects_read: int = 0
+    bytes_read: int = 0
+    retries: int = 0
+
+
+def _read_input(con, key: str, role: str, fp: FileFingerprint, settings: IngestSettings, dedup: Deduplicator,
+                c: ob.ObjectStoreClient | None, totals: _Totals, progress: Progress) -> None:
+    """Read one input into partition `key`: its documents, quarantined records, duplicates and file rows."""
+    counts: Counter[str] = Counter()
+    stats = ObjectRead()
+    args = (role, settings.text_field, settings.id_field, settings.max_doc_chars, settings.batch_rows)
+    if fp.is_object:
+        batches = read_object(c, fp, *args, stats=stats)
+    else:
+        _check_unchanged(fp)
+        batches = read_file(fp.path, *args)
+    for batch in batches:
+        kept, dups = dedup.update(batch.good)
+        _insert(con, "ingest_insert_docs", kept, key)
+        _insert(con, "ingest_insert_quarantine", batch.bad, key)
+        _insert(con, "ingest_insert_duplicates", dups, key)
+        counts.update(records=batch.records, ingested=kept.height, quarantined=batch.bad.height,
+                      duplicates=dups.height)
+        totals.reasons.update(batch.bad["reason"].to_list())
+        progress.update(batch.records)
+    sha = stats.sha256 if fp.is_object else fp.sha256
+    file_row = pl.DataFrame([{
+        "role": role, "file": fp.path, "size_bytes": fp.size, "sha256": sha, "records": counts["records"],
+        "ingested": counts["ingested"], "quarantined": counts["quarantined"], "duplicates": counts["duplicates"],
+    }])
+    _insert(con, "ingest_insert_files", file_row, key)
+    object_row = pl.DataFrame([{
+        "role": role, "file": fp.path, "size_bytes": fp.size, "identity": fp.identity, "etag": fp.etag,
+        "version_id": stats.version_id or fp.version_id, "retries": stats.retries,
+    }], schema={"role": pl.String, "file": pl.String, "size_bytes": pl.Int64, "identity": pl.String,
+                "etag": pl.String, "version_id": pl.String, "retries": pl.Int64})
+    _insert(con, "ingest_insert_objects", object_row, key)
+    if fp.is_object:
+        totals.objects_read += 1
+        totals.bytes_read += stats.bytes
+        totals.retries += stats.retries
+
+
+def _run_row(plan: IngestPlan, section_json: str, reused_docs: int, totals: _Totals) -> pl.DataFrame:
+    """The ingest_runs row of a partition: its base and what was reused and read."""
+    counts = {
+        "inputs": len(plan.kept) + len(plan.read), "reused": len(plan.kept), "read": len(plan.read),
+        "added": plan.added, "changed": plan.changed, "removed": plan.removed, "reread": plan.reread,
+        "docs_reused": reused_docs, "objects_read": totals.objects_read, "bytes_read": totals.bytes_read,
+        "retries": totals.retries,
+    }
+    row = {"base_key": plan.base_key, "section": section_json,
+           "created_at": datetime.now(timezone.utc).replace(tzinfo=None), **counts}
+    schema = {"base_key": pl.String, "section": pl.String, "created_at": pl.Datetime("us"),
+              **{c: pl.Int64 for c in counts}}
+    return pl.DataFrame([row], schema=schema)
+
+
+@stage_task("ingest", **IO_RETRIES)
 def ingest(
     settings: IngestSettings,
     files: tuple[FileFingerprint, ...],
     targets: tuple[FileFingerprint, ...],
     store: StoreRef,
+    objectstore: ObjectStoreSettings | None = None,
 ) -> StageRef:
-    """Load pool and target files into one ingest partition; bad records are quarantined, not dropped."""
+    """Load pool and target inputs into one ingest partition; bad records are quarantined, not dropped.
+
+    Inputs already ingested unchanged into this store are copied, not read (see the module doc).
+    """
     if not files:
         raise InputError("no pool input files: give at least one input")
-    # inputs/targets are represented by the resolved files; batch_rows does not change the output
-    section = settings.model_dump(mode="json", exclude={"inputs", "targets", "batch_rows"})
-    key = stage_key("ingest", VERSION, section, [_key_file(f) for f in files], [_key_file(f) for f in targets])
+    section = _section(settings)
+    section_json = json.dumps(section, sort_keys=True)
+    wanted = {"pool": tuple(files), "target": tuple(targets)}
+    full_key = stage_key("ingest", VERSION, section, [_key_file(f) for f in files], [_key_file(f) for f in targets])
     log = get_logger()
-    progress = Progress("ingest", total=None, unit="docs")
-    reasons: Counter[str] = Counter()
     with connect(store) as con:
         run_sql(con, "ingest_schema")
-        con.execute("begin transaction")
-        try:
+        history = query_sql(con, "ingest_history", {"section": section_json}).pl()
+        if not settings.incremental:
+            history = history.filter(pl.col("key") == full_key)
+        base_key, exact = choose_base(wanted, history)
+        if exact:
+            log.info(f"ingest: the {sum(map(len, wanted.values()))} inputs are unchanged since partition {base_key}; "
+                     f"nothing read")
+            return make_ref(con, "ingest", base_key, store, "ingest_docs", DOC_REF_COLUMNS)
+        params = {"base": base_key}
+        plan = plan_increment(
+            wanted, base_key,
+            query_sql(con, "ingest_base_inputs", params).pl() if base_key else pl.DataFrame(),
+            query_sql(con, "ingest_base_links", params).pl() if base_key else pl.DataFrame(),
+        )
+        key = full_key if plan.base_key is None else stage_key(
+            "ingest", VERSION, section, [_key_file(f) for f in files], [_key_file(f) for f in targets],
+            {"base": plan.base_key})
+        if plan.base_key is not None:
+            log.info(f"ingest: building on partition {plan.base_key}: {len(plan.kept)} inputs reused, "
+                     f"{plan.added} added, {plan.changed} changed, {plan.removed} removed, {plan.reread} re-read")
+        client = ob.client(objectstore) if any(fp.is_object for _, fp in plan.read) else None
+        progress = Progress("ingest", total=None, unit="docs")
+        totals = _Totals()
+        with transaction(con):
             run_sql(con, "ingest_delete", {"key": key})
-            for role, fps in (("pool", files), ("target", targets)):
+            reused_docs = 0
+            if plan.base_key is not None:
+                kept = pl.DataFrame(list(plan.kept), schema={"role": pl.String, "file": pl.String}, orient="row")
+                _insert(con, "ingest_copy", kept, key, base=plan.base_key)
+            for role in ROLES:
                 dedup = Deduplicator()
-                for fp in fps:
-                    _check_unchanged(fp)
-                    counts = Counter()
-                    batches = read_file(
-                        fp.path, role, settings.text_field, settings.id_field, settings.max_doc_chars,
-                        settings.batch_rows,
-                    )
-                    for batch in batches:
-                        kept, dups = dedup.update(batch.good)
-                        _insert(con, "ingest_insert_docs", kept, key)
-                        _insert(con, "ingest_insert_quarantine", batch.bad, key)
-                        _insert(con, "ingest_insert_duplicates", dups, key)
-                        counts.update(records=batch.records, ingested=kept.height, quarantined=batch.bad.height,
-                                      duplicates=dups.height)
-                        reasons.update(batch.bad["reason"].to_list())
-                        progress.update(batch.records)
-                    file_row = pl.DataFrame(
-                        [{"role": role, "file": fp.path, "size_bytes": fp.size, "sha256": fp.sha256,
-                          "records": counts["records"], "ingested": counts["ingested"],
-                          "quarantined": counts["quarantined"], "duplicates": counts["duplicates"]}]
-                    )
-                    _insert(con, "ingest_insert_files", file_row, key)
-            con.execute("commit")
-        except BaseException:
-            con.execute("rollback")
-            raise
+                if plan.base_key is not None:
+                    dedup.preload(query_sql(con, "ingest_kept_ids", {"key": key, "role": role}).pl())
+                    reused_docs += dedup.n_kept_
+                for r, fp in plan.read:
+                    if r == role:
+                        _read_input(con, key, role, fp, settings, dedup, client, totals, progress)
+            _insert(con, "ingest_insert_run", _run_row(plan, section_json, reused_docs, totals), key)
         progress.close()
-        if reasons:
-            summary = ", ".join(f"{r}={n:,}" for r, n in sorted(reasons.items()))
-            log.warning(f"ingest: quarantined {sum(reasons.values()):,} records ({summary}); see ingest_quarantine")
-        return make_ref(con, "ingest", key, store, "ingest_docs", ["role", "doc_idx", "doc_id", "n_tokens"])
+        if totals.objects_read:
+            log.info(f"ingest: read {totals.objects_read} objects ({totals.bytes_read:,} bytes) with "
+                     f"{totals.retries} retries")
+        if totals.reasons:
+            summary = ", ".join(f"{r}={n:,}" for r, n in sorted(totals.reasons.items()))
+            log.warning(f"ingest: quarantined {sum(totals.reasons.values()):,} records ({summary}); "
+                        f"see ingest_quarantine")
+        return make_ref(con, "ingest", key, store, "ingest_docs", DOC_REF_COLUMNS)

@@ -25,7 +25,7 @@ import pytest
 
 __all__ = [
     "FaultProxy", "ProxiedRequest", "s3_env", "s3_server", "s3_settings", "s3_bucket", "s3_proxy",
-    "s3_admin", "moto_auth", "TEST_ACCESS_KEY", "TEST_SECRET_KEY", "loopback_settings",
+    "s3_admin", "moto_auth", "TEST_ACCESS_KEY", "TEST_SECRET_KEY", "loopback_settings", "apply_test_env",
 ]
 
 TEST_ACCESS_KEY = "AKIAQFTESTKEY0000001"
@@ -254,16 +254,14 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-def s3_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Test credentials in the environment, and nothing from the machine's own AWS setup."""
-    empty = tmp_path_factory.mktemp("aws-config")
+def apply_test_env(monkeypatch: pytest.MonkeyPatch, config_dir) -> dict[str, str]:
+    """Put the test credentials in the environment (and hide the machine's own AWS setup); returns them."""
     env = {
         "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
         "AWS_DEFAULT_REGION": TEST_REGION,
-        "AWS_CONFIG_FILE": str(empty / "config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(empty / "credentials"),
+        "AWS_CONFIG_FILE": str(config_dir / "config"),  # files that do not exist
+        "AWS_SHARED_CREDENTIALS_FILE": str(config_dir / "credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
@@ -272,6 +270,12 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFac
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Test credentials in the environment, and nothing from the machine's own AWS setup."""
+    return apply_test_env(monkeypatch, tmp_path_factory.mktemp("aws-config"))
 
 
 @pytest.fixture
