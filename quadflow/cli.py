@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for every random step (default 0)")
     run.add_argument("--text-field", help="field holding the document text (default 'text')")
     run.add_argument("--format", choices=("parquet", "jsonl"), help="selection file format (default parquet)")
+    run.add_argument("--lock-timeout", type=float, default=3600.0, metavar="SECONDS",
+                     help="how long to wait while another run holds the store (default 3600)")
     run.add_argument("--show-settings", action="store_true", help="print the resolved settings and exit")
 
     demo = sub.add_parser("demo", help="run on the shipped sample (examples/data) into ./demo-output")
@@ -99,12 +101,17 @@ def _check_paths(settings: Settings) -> None:
         ob.check_access(c, ob.prefix_url(settings.export.output))
 
 
-def _run(settings: Settings) -> int:
+def _run(settings: Settings, lock_timeout: float = 3600.0) -> int:
     _check_paths(settings)
     _prepare_environment()
     from flows.curate import curate
+    from quadflow.locking import default_owner, store_lock
+    from quadflow.partitions import lock_path
 
-    result = curate(settings=settings)
+    # One run at a time per store: a second `quadflow run` over it waits (and says so) instead
+    # of failing on DuckDB's single-writer lock.
+    with store_lock(lock_path(settings), timeout=lock_timeout, owner=f"quadflow run, {default_owner()}"):
+        result = curate(settings=settings)
     _print_result(result)
     return 0
 
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.show_settings:
                 print(json.dumps(settings.model_dump(mode="json"), indent=2))
                 return 0
-            return _run(settings)
+            return _run(settings, args.lock_timeout)
         if args.command == "demo":
             out = Path(args.output)
             settings = build_settings(DEMO_CONFIG, {"store": str(out / "quadflow.duckdb"), "export": {"output": str(out)}})
@@ -148,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quadflow: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as e:
+        from quadflow.locking import StoreLockTimeout
         from quadflow.objectstore import ObjectStoreIOError
 
-        if not isinstance(e, ObjectStoreIOError):
+        if not isinstance(e, (ObjectStoreIOError, StoreLockTimeout)):
             raise
-        print(f"quadflow: error: {e}", file=sys.stderr)  # transient failures that outlived every retry
+        # transient failures that outlived every retry, or a store another run held too long
+        print(f"quadflow: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED
 

@@ -80,3 +80,15 @@ def test_console_script_usage_error_exits_2():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid choice: 'best'" in proc.stderr
+
+
+def test_cli_run_waits_for_a_held_store_lock_and_names_the_holder(tmp_path, capsys):
+    from quadflow import locking
+
+    store = tmp_path / "s.duckdb"
+    with locking.store_lock(f"{store}.lock", owner="the nightly run"):
+        code = main(["run", "--input", str(SAMPLE_POOL), "--target", str(SAMPLE_TARGET),
+                     "--store", str(store), "--output", str(tmp_path / "out"), "--lock-timeout", "0.5"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "store lock" in err and "the nightly run" in err
