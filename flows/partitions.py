@@ -85,7 +85,7 @@ def _partition_run_name() -> str:
 def _nightly_run_name() -> str:
     settings = _as_settings(flow_run.parameters.get("settings"))
     try:
-        newest = newest_partition(settings.ingest.inputs).isoformat() if settings else "none"
+        newest = newest_partition(settings.ingest.inputs, settings.objectstore).isoformat() if settings else "none"
     except ConfigError:
         newest = "none"
     return f"nightly-{newest}-{settings_label(settings)}"
@@ -160,7 +160,7 @@ def curate_partition(settings: Settings, partition: date, force: bool = False,
 @flow(name="nightly", flow_run_name=_nightly_run_name, validate_parameters=True, persist_result=True)
 def nightly(settings: Settings, lock_timeout: LockTimeout = DEFAULT_TIMEOUT) -> dict:
     """Curate the newest partition of the roots (the scheduled run)."""
-    newest = newest_partition(settings.ingest.inputs)
+    newest = newest_partition(settings.ingest.inputs, settings.objectstore)
     get_run_logger().info(f"nightly: newest partition is {newest}")
     return curate_partition(settings=settings, partition=newest, lock_timeout=lock_timeout)
 
@@ -204,7 +204,7 @@ def backfill(settings: Settings, start: date, end: date, force: bool = False, ma
     partition failed.
     """
     log = get_run_logger()
-    dates = partitions_between(settings.ingest.inputs, start, end)
+    dates = partitions_between(settings.ingest.inputs, start, end, settings.objectstore)
     if not dates:
         raise ConfigError(f"no partition between {start} and {end} in {settings.ingest.inputs!r}")
     outcomes: dict[date, dict[str, Any]] = {}

@@ -86,8 +86,8 @@ def test_list_partitions_rejects_impossible_dates_and_bad_roots(tmp_path):
         list_partitions(root)
     with pytest.raises(ConfigError, match="not a directory"):
         list_partitions(tmp_path / "missing")
-    with pytest.raises(ConfigError, match="s3://bucket/pool"):
-        list_partitions("s3://bucket/pool")
+    with pytest.raises(ConfigError, match="ftp://host/pool"):
+        list_partitions("ftp://host/pool")
 
 
 def test_newest_and_range_span_every_root(tmp_path):
@@ -171,3 +171,25 @@ def test_is_done_needs_a_verified_manifest_with_the_same_settings_and_inputs(tmp
     assert "no verified output" in not_done_reason(ps)
     (out / "manifest.json").unlink()
     assert not is_done(ps)
+
+
+def test_s3_roots_list_date_prefixes_and_map_to_partition_urls(tmp_path, s3_settings, s3_admin, s3_bucket):
+    for key in ("pool/date=2026-11-19/a.jsonl", "pool/date=2026-11-21/b.jsonl", "pool/date=2026-11-20/x/y.jsonl",
+                "pool/readme.txt", "pool/undated/c.jsonl", "other/date=2026-11-22/d.jsonl"):
+        s3_admin.put_object(Bucket=s3_bucket, Key=key, Body=b'{"text": "a document"}\n')
+    root = f"s3://{s3_bucket}/pool"
+    assert list_partitions(root, s3_settings) == [D19, D20, D21]
+    assert list_partitions(root + "/", s3_settings) == [D19, D20, D21]
+
+    settings = build_settings(overrides={
+        "store": str(tmp_path / "work" / "quadflow.duckdb"),
+        "ingest": {"inputs": [root]}, "export": {"output": f"s3://{s3_bucket}/curated"},
+        "objectstore": s3_settings.model_dump(),
+    })
+    ps = partition_settings(settings, D20)
+    assert ps.ingest.inputs == [f"s3://{s3_bucket}/pool/date=2026-11-20/"]
+    assert ps.export.output == f"s3://{s3_bucket}/curated/date=2026-11-20/"
+    assert ps.store == str(tmp_path / "work" / "partitions" / "date=2026-11-20.duckdb")  # stores stay local
+    assert not is_done(ps)  # nothing published under the output prefix yet
+    with pytest.raises(ConfigError, match="date=2026-11-22"):
+        partition_settings(settings, date(2026, 11, 22))  # only the other root has it
