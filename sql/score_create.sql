@@ -3,7 +3,7 @@
 create table if not exists score_docs (
     key varchar not null,
     doc_idx bigint not null,      -- pool document (dense 0..n-1 within the ingest partition)
-    scorer varchar not null,      -- heuristic | dsir | classifier | combined
+    scorer varchar not null,      -- heuristic | dsir | classifier | combined (influence: score_info only)
     version varchar not null,     -- the scorer's VERSION (combined: its own plus its components')
     score double not null,        -- higher is better, combined is in [0, 1]
     detail varchar                -- heuristic: comma-joined failed rules ('' = all passed), else null
@@ -12,5 +12,5 @@ create table if not exists score_info (
     key varchar not null,
     scorer varchar not null,
     version varchar not null,
-    params json not null          -- settings and fitted statistics (e.g. classifier held-out accuracy)
+    params json not null          -- settings and fitted statistics (classifier held-out accuracy, influence state path + sha256)
 );

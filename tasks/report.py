@@ -290,6 +290,7 @@ def build_report(data: ReportData) -> str:
                                  f"({_pct(h['docs_probed'] / data.pool_docs if data.pool_docs else None)})"],
             ["probes (of which calibration)",
              f"{data.probes.get('probes', 0):,} ({data.probes.get('calibration_probes', 0):,})"],
+            *_probe_scorer_rows(data),
             ["tau", _info_value(data.info.get("tau"))],
             ["alpha", _info_value(data.info.get("alpha"))],
             ["block size (docs)", _info_value(data.info.get("block_docs"))],
@@ -308,6 +309,20 @@ def build_report(data: ReportData) -> str:
     else:
         lines += ["No documents.", ""]
     return "\n".join(lines)
+
+
+def _probe_scorer_rows(data: ReportData) -> list[list[Any]]:
+    """What the probe scorer cost: documents it scored (influence: the probed ones only) and the time."""
+    name, scored = data.info.get("probe_scorer"), _info_value(data.info.get("docs_scored"))
+    if name is None or not isinstance(scored, int):  # partitions written before probe scorers were recorded
+        return []
+    pool = data.pool_docs
+    seconds = _info_value(data.info.get("probe_seconds"))
+    value = (f"{scored:,} of {pool:,} ({_pct(scored / pool if pool else None)}), "
+             f"{seconds if isinstance(seconds, (int, float)) else 0:.1f} s")
+    if name != "influence":
+        value += " (scored pool-wide by the score stage; the time is the lookups')"
+    return [["probe scorer", name], ["documents scored by the probe scorer", value]]
 
 
 def _png(fig: Figure) -> bytes:

@@ -2,26 +2,36 @@
 
 Each scorer (tasks/scorers/) maps a pool document to a number, higher is better; its rows in
 score_docs carry its name and VERSION, and score_info records its settings and fitted
-statistics. The `combined` score is the weighted mean of the scorers' percentile ranks in the
-pool (tasks/scorers/combine.py); it is what the select stage probes.
+statistics. The `combined` score is the weighted mean of the pool-wide scorers' percentile ranks
+in the pool (tasks/scorers/combine.py); it is what the select stage probes by default.
 
-Core (no Prefect, no DuckDB): `build_scorers`, `check_targets`, `score_pool`.
+The influence scorer is not pool-wide: it costs a proxy LM's backward pass per document, so this
+stage only trains (or loads) the proxy and fits the scorer on the target set, saves the fitted
+state beside the store (`<store>.artifacts/influence-<key>.pt`, path and sha256 in score_info)
+and scores nothing; the select stage scores the documents the bandit probes with it
+(select.probe_scorer = 'influence').
+
+Core (no Prefect, no DuckDB): `build_scorers`, `check_targets`, `score_pool`, `influence_sample`.
 Task: `score` reads pool texts (ingest_docs) and hashed n-gram counts (featurize_ngrams) only
 when a chosen scorer needs them, calls the core and writes its partition of score_docs and
-score_info with delete-then-insert on its key. `load_scores` reads one scorer's scores back.
+score_info with delete-then-insert on its key. `load_scores` reads one scorer's scores back;
+`ensure_influence_state` fits the influence scorer's state (or reuses a valid one).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import polars as pl
 
+from quadflow import settings as qsettings
 from quadflow.log import get_logger
-from quadflow.settings import ConfigError, ScoreSettings
+from quadflow.settings import ConfigError, InfluenceSettings, ScoreSettings
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
 from tasks.featurize import load_ngrams
@@ -31,6 +41,7 @@ from tasks.scorers.combine import VERSION as COMBINE_VERSION
 
 VERSION = "score-1"
 COMBINED = "combined"
+INFLUENCE = "influence"
 
 DOCS_SCHEMA = {"doc_idx": pl.Int64, "scorer": pl.String, "version": pl.String, "score": pl.Float64,
                "detail": pl.String}
@@ -51,11 +62,42 @@ def check_targets(names: list[str], has_targets: bool) -> None:
         )
 
 
+def check_influence(names: list[str]) -> None:
+    """Asking for the influence scorer without torch is a configuration error, found before any work."""
+    if INFLUENCE in names and not qsettings.influence_available():
+        from tasks.scorers.influence.errors import TORCH_HINT
+
+        raise ConfigError(TORCH_HINT)
+
+
+def pool_wide(names: list[str]) -> list[str]:
+    """The scorers that score every pool document (and make up the combined score), in order."""
+    return [n for n in names if get_scorer(n).pool_wide]
+
+
 def build_scorers(settings: ScoreSettings, names: list[str], random_state: int) -> list[Scorer]:
     """One configured scorer per name, in order, all seeded with random_state."""
     if not names:
         raise ConfigError("score.scorers is empty: choose at least one scorer")
     return [get_scorer(name).from_settings(settings, random_state) for name in names]
+
+
+def influence_sample(settings: InfluenceSettings, n_pool: int, n_target: int,
+                     random_state: int) -> dict[str, np.ndarray]:
+    """Seeded doc_idx samples the influence scorer is fitted on: 'reference' (target docs, at most
+    reference_docs), 'fit' (pool docs for the curvature factors) and 'train' (pool docs for the proxy,
+    disjoint from 'fit' when the pool allows; none with a checkpoint), each sorted."""
+    ref_rng, pool_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(random_state).spawn(2))
+    ref = np.arange(n_target) if n_target <= settings.reference_docs else ref_rng.choice(
+        n_target, size=settings.reference_docs, replace=False)
+    n_train = 0 if settings.proxy_path is not None else settings.train_docs
+    pick = pool_rng.choice(n_pool, size=min(n_pool, settings.fit_docs + n_train), replace=False)
+    fit = pick[: settings.fit_docs]
+    train = pick[settings.fit_docs:] if pick.size > settings.fit_docs else pick
+    if n_train == 0:
+        train = pick[:0]
+    return {"reference": np.sort(ref).astype(np.int64), "fit": np.sort(fit).astype(np.int64),
+            "train": np.sort(train).astype(np.int64)}
 
 
 def score_pool(scorers: list[Scorer], data: ScoreInput,
@@ -87,15 +129,19 @@ def score_pool(scorers: list[Scorer], data: ScoreInput,
         "weights": w,
         "components": {s.name: s.VERSION for s in scorers},
     }))
-    info_frame = pl.DataFrame(
+    return pl.concat(frames), info_frame(info)
+
+
+def info_frame(rows: list[tuple[str, str, dict[str, Any]]]) -> pl.DataFrame:
+    """score_info rows (scorer, version, params as JSON text)."""
+    return pl.DataFrame(
         {
-            "scorer": [name for name, _, _ in info],
-            "version": [v for _, v, _ in info],
-            "params": [json.dumps(p, sort_keys=True, default=_json_default) for _, _, p in info],
+            "scorer": [name for name, _, _ in rows],
+            "version": [v for _, v, _ in rows],
+            "params": [json.dumps(p, sort_keys=True, default=_json_default) for _, _, p in rows],
         },
         schema={"scorer": pl.String, "version": pl.String, "params": pl.String},
     )
-    return pl.concat(frames), info_frame
 
 
 def _docs_frame(doc_idx: np.ndarray, name: str, version: str, score: np.ndarray,
@@ -139,6 +185,70 @@ def load_scores(con: Any, key: str, scorer: str = COMBINED) -> np.ndarray:
     return scores
 
 
+def influence_state_path(store_path: str, key: str) -> Path:
+    """Where a score partition's fitted influence state lives: a directory beside the store file."""
+    return Path(f"{store_path}.artifacts") / f"influence-{key}.pt"
+
+
+def read_texts_at(con: Any, docs_key: str, role: str, idx: np.ndarray, max_chars: int) -> list[str]:
+    """Texts (first max_chars characters) of the documents `idx` of one role, in the order of `idx`."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.size == 0:
+        return []
+    cols = query_sql(con, "score_read_texts_at", {"key": docs_key, "role": role, "idx": idx.tolist(),
+                                                  "max_chars": int(max_chars)}).fetchnumpy()
+    got = np.asarray(cols["doc_idx"], dtype=np.int64)
+    pos = {int(d): i for i, d in enumerate(got)}
+    missing = [int(d) for d in idx if int(d) not in pos]
+    if missing:
+        raise ValueError(f"ingest_docs {docs_key}/{role} has no document with doc_idx {missing[0]}")
+    texts = cols["text"]
+    return [texts[pos[int(d)]] for d in idx]
+
+
+def _influence_info(con: Any, key: str) -> dict[str, Any] | None:
+    """The influence row of a score partition's score_info (None: no such row, or no score tables yet)."""
+    try:
+        row = query_sql(con, "score_read_info", {"key": key, "scorer": INFLUENCE}).fetchone()
+    except duckdb.CatalogException:
+        return None
+    return None if row is None else json.loads(row[0])
+
+
+def ensure_influence_state(con: Any, settings: InfluenceSettings, docs_key: str, n_pool: int, n_target: int,
+                           random_state: int, path: Path, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit the influence scorer and save its state to `path`, or reuse the file when it is the one
+    `reuse` (an earlier score_info row for the same key) describes; returns the score_info params."""
+    from tasks.scorers.influence import InfluenceUnavailable
+
+    try:
+        from tasks.scorers.influence.fitted import STATE_FORMAT, fit_influence, save_fitted, sha256_file, text_limits
+    except InfluenceUnavailable as e:
+        raise ConfigError(str(e)) from None
+    log = get_logger()
+    if reuse is not None and path.is_file() and reuse.get("sha256") == sha256_file(path):
+        log.info(f"score: influence state {path} is unchanged; reusing it")
+        return reuse
+    start = time.perf_counter()
+    sample = influence_sample(settings, n_pool, n_target, random_state)
+    score_chars, train_chars = text_limits(settings)
+    reference = read_texts_at(con, docs_key, "target", sample["reference"], score_chars)
+    fit = read_texts_at(con, docs_key, "pool", sample["fit"], score_chars)
+    train = read_texts_at(con, docs_key, "pool", sample["train"], train_chars)
+    log.info(f"score: influence: {'training' if settings.proxy_path is None else 'loading'} the proxy, fitting "
+             f"{settings.method} on {len(fit):,} pool docs against {len(reference):,} target docs")
+    scorer, stats = fit_influence(settings, reference, fit, train, random_state)
+    sha = save_fitted(scorer, path, meta={"docs_key": docs_key}, proxy_path=settings.proxy_path)
+    seconds = time.perf_counter() - start
+    log.info(f"score: influence fitted in {seconds:.1f}s; state {path} (sha256 {sha[:12]})")
+    return {
+        "path": str(path), "sha256": sha, "format": STATE_FORMAT, "settings": settings.model_dump(mode="json"),
+        "random_state": random_state, "scorer": scorer.get_params(), "max_chars": score_chars,
+        "pool_wide": False, **stats, "seconds": round(seconds, 3),
+        "note": "fitted only: scores the documents the bandit probes (select.probe_scorer = 'influence')",
+    }
+
+
 def _role_counts(con: Any, key: str) -> dict[str, int]:
     """Documents per role of an ingest partition, checked to be indexed 0..n-1."""
     out = {}
@@ -173,7 +283,7 @@ def _load_input(con: Any, scorers: list[Scorer], docs_key: str, features_key: st
 
 @stage_task("score")
 def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int) -> StageRef:
-    """Score every pool document with the configured scorers and their combination."""
+    """Score every pool document with the pool-wide scorers and their combination; fit the influence scorer."""
     key = stage_key("score", VERSION, settings, docs, features, seed)
     log = get_logger()
     with connect(docs.store) as con:
@@ -182,17 +292,29 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
         if n_pool == 0:
             raise ValueError(f"ingest partition {docs.key!r} has no pool documents to score")
         names = settings.resolved(has_targets)
+        if not names:
+            raise ConfigError("score.scorers is empty: choose at least one scorer")
+        check_influence(names)
         check_targets(names, has_targets)
-        unused = sorted(set(settings.weights) - set(names))
+        wide = pool_wide(names)
+        unused = sorted(set(settings.weights) - set(wide))
         if unused:
-            log.warning(f"score: weights for {unused} are ignored: those scorers are not run ({names})")
-        scorers = build_scorers(settings, names, seed)
+            log.warning(f"score: weights for {unused} are ignored: those scorers are not in the combined score "
+                        f"({wide})")
         log.info(f"score: {', '.join(names)} on {n_pool:,} pool docs"
                  f" ({counts.get('target', 0):,} target docs)")
 
-        data = _load_input(con, scorers, docs.key, features.key, n_pool)
-        frame, info = score_pool(scorers, data, settings.weights)
-        del data
+        frame, info = pl.DataFrame(schema=DOCS_SCHEMA), info_frame([])
+        if wide:
+            scorers = build_scorers(settings, wide, seed)
+            data = _load_input(con, scorers, docs.key, features.key, n_pool)
+            frame, info = score_pool(scorers, data, settings.weights)
+            del data
+        if INFLUENCE in names:
+            params = ensure_influence_state(
+                con, settings.influence, docs.key, n_pool, counts.get("target", 0), seed,
+                influence_state_path(docs.store.path, key), reuse=_influence_info(con, key))
+            info = pl.concat([info, info_frame([(INFLUENCE, get_scorer(INFLUENCE).VERSION, params)])])
 
         run_sql(con, "score_create")
         with transaction(con):

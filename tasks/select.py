@@ -10,25 +10,35 @@ Unlike the released code, the probes are drawn from the very block that is accep
 rejected (one seeded shuffle per cluster, walked block by block), an arm is exhausted exactly
 when its cursor reaches the end of its documents, and tau / alpha default to values calibrated
 on random probe groups, so they sit on the scorer's own scale.
+
+The probe scorer (select.probe_scorer) is a pool-wide score of the score stage ('combined' by
+default), looked up, or 'influence', computed here for the probed documents only: the fitted
+state the score stage saved is loaded once, and each round's probes are read from ingest_docs
+and scored in one batched call (`Probe` scores each document once and counts them).
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from typing import Any
+
+import duckdb
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
 from quadflow.log import get_logger
-from quadflow.settings import SelectSettings
+from quadflow.settings import ConfigError, InfluenceSettings, SelectSettings
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
 from tasks.featurize import load_ngrams
 from tasks.scorers.dsir import DSIR, gumbel_keys
 
 VERSION = "select-1"
+INFLUENCE = "influence"  # the on-demand probe scorer (score stage: fitted only)
 
 # The bandit stops pulling once the selection is within 0.1% of the budget: further rounds would
 # spend probes (expensive for the influence scorer) on at most 0.1% more tokens.
@@ -50,6 +60,54 @@ ARMS_SCHEMA = {
 }
 
 ProbeFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Probe:
+    """The bandit's probe_fn over a scorer, counting what scoring cost.
+
+    Pool-wide scores (`Probe.lookup`) were computed by the score stage for every document; an
+    on-demand scorer (`Probe(score_fn, n_docs)`, e.g. influence) is called once per round with the
+    documents not scored yet, and each document's score is kept, so none is scored twice.
+    """
+
+    def __init__(self, score_fn: ProbeFn, n_docs: int, pool_wide: bool = False):
+        self.score_fn = score_fn
+        self.n_docs = int(n_docs)
+        self.pool_wide = pool_wide
+        self.seconds_ = 0.0  # wall time spent in score_fn
+        self.calls_ = 0
+        self._values = np.zeros(0 if pool_wide else self.n_docs)  # (n_docs,) scores of scored docs
+        self._known = np.zeros(0 if pool_wide else self.n_docs, dtype=bool)  # (n_docs,)
+
+    @classmethod
+    def lookup(cls, scores: np.ndarray) -> "Probe":
+        """Probe by pool-wide scores, one per doc_idx."""
+        scores = np.asarray(scores, dtype=np.float64)
+        return cls(lambda idx: scores[idx], scores.size, pool_wide=True)
+
+    @property
+    def docs_scored_(self) -> int:
+        """Distinct documents whose score was computed: the whole pool for a pool-wide score."""
+        return self.n_docs if self.pool_wide else int(self._known.sum())
+
+    def _timed(self, idx: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        out = np.asarray(self.score_fn(idx), dtype=np.float64)
+        self.seconds_ += time.perf_counter() - start
+        self.calls_ += 1
+        if out.shape != idx.shape:
+            raise ValueError(f"probe scorer returned shape {out.shape} for {idx.size} documents")
+        return out
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.pool_wide:
+            return self._timed(idx)
+        new = np.unique(idx[~self._known[idx]])  # sorted, so a round's call does not depend on probe order
+        if new.size:
+            self._values[new] = self._timed(new)
+            self._known[new] = True
+        return self._values[idx]
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,25 +483,35 @@ def _neighbour_matrix(labels: np.ndarray, neighbors: pl.DataFrame | None, gamma:
 
 def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, clusters: np.ndarray,
                  scores: np.ndarray | None = None, neighbors: pl.DataFrame | None = None,
-                 gamma: float | None = None, log_weights: np.ndarray | None = None) -> dict[str, pl.DataFrame]:
-    """Run the configured selector; frames for select_selection and select_info (+ rounds/probes/arms for quad)."""
+                 gamma: float | None = None, log_weights: np.ndarray | None = None,
+                 probe: Probe | None = None) -> dict[str, pl.DataFrame]:
+    """Run the configured selector; frames for select_selection and select_info (+ rounds/probes/arms for quad).
+
+    The bandit probes with `probe` (an on-demand scorer) or, without one, looks up `scores`.
+    """
     tokens = np.asarray(tokens, dtype=np.int64)
     clusters = np.asarray(clusters, dtype=np.int64)
     budget = settings.budget_tokens
     info: dict[str, Any] = dict.fromkeys(("tau", "tau_quantile", "alpha", "block_docs", "rounds", "docs_probed",
-                                          "stop"))
+                                          "stop", "probe_scorer", "docs_scored", "probe_seconds"))
+    info["pool_docs"] = int(tokens.size)
     out: dict[str, pl.DataFrame] = {}
     selector = settings.selector
     if selector == "quad":
-        if scores is None:
-            raise ValueError("selector 'quad' needs scores")
-        bandit = QuadBandit.from_settings(settings, seed).fit(
-            clusters, tokens, budget, lambda idx: scores[idx], neighbors, gamma)
+        if probe is None:
+            if scores is None:
+                raise ValueError("selector 'quad' needs scores or a probe scorer")
+            probe = Probe.lookup(scores)
+        if probe.n_docs != tokens.size:
+            raise ValueError(f"the probe scorer covers {probe.n_docs} documents, the pool has {tokens.size}")
+        bandit = QuadBandit.from_settings(settings, seed).fit(clusters, tokens, budget, probe, neighbors, gamma)
         chosen, reasons = bandit.selected_, bandit.reasons_
         rounds = np.where(bandit.rounds_of_ == FILL_ROUND, None, bandit.rounds_of_)  # fill: no round
         out.update(rounds=bandit.rounds_, probes=bandit.probes_, arms=bandit.arms_)
         info.update(tau=bandit.tau_, tau_quantile=bandit.tau_quantile_, alpha=bandit.alpha_, block_docs=bandit.block_docs_,
-                    rounds=bandit.n_rounds_, docs_probed=bandit.n_probed_, stop=bandit.stop_reason_)
+                    rounds=bandit.n_rounds_, docs_probed=bandit.n_probed_, stop=bandit.stop_reason_,
+                    probe_scorer=settings.probe_scorer, docs_scored=probe.docs_scored_,
+                    probe_seconds=round(probe.seconds_, 3))
     else:
         if selector == "random":
             chosen = select_random(tokens, budget, seed)
@@ -494,10 +562,15 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
         labels = _by_doc(query_sql(con, "select_read_clusters", {"key": clusters.key}), "cluster",
                          "cluster_assignments", n=tokens.size)
         kwargs: dict[str, Any] = {}
-        if settings.selector in ("quad", "topk"):
-            kwargs["scores"] = _by_doc(query_sql(con, "select_read_scores", {"key": scores.key}), "score",
-                                       "score_docs (scorer 'combined')", n=tokens.size).astype(np.float64)
+        extra: dict[str, Any] = {}
+        if settings.selector == "topk":
+            kwargs["scores"] = _pool_scores(con, scores.key, "combined", tokens.size)
         if settings.selector == "quad":
+            _warn_unused_influence(con, settings, scores.key)
+            if settings.probe_scorer == INFLUENCE:
+                kwargs["probe"], extra = _influence_probe(con, docs, scores, tokens.size)
+            else:
+                kwargs["scores"] = _pool_scores(con, scores.key, settings.probe_scorer, tokens.size)
             kwargs["neighbors"] = query_sql(con, "select_read_neighbors", {"key": clusters.key}).pl()
             row = query_sql(con, "select_read_gamma", {"key": clusters.key}).fetchone()
             if row is None:
@@ -506,6 +579,9 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
         if settings.selector == "dsir":
             kwargs["log_weights"] = _dsir_log_weights(con, features.key, n=tokens.size)
         frames = run_selector(settings, seed, tokens, labels, **kwargs)
+        if extra:
+            frames["info"] = pl.concat([frames["info"], pl.DataFrame(
+                {"name": list(extra), "value": [str(v) for v in extra.values()]}, schema=frames["info"].schema)])
 
         run_sql(con, "select_create")
         with transaction(con):
@@ -517,7 +593,92 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
     log.info(f"select ({settings.selector}): {info['docs_selected']} docs, {info['tokens_selected']} of "
              f"{settings.budget_tokens} tokens ({float(info['fill_fraction']):.1%}), rounds={info['rounds']}, "
              f"probed={info['docs_probed']}")
+    if settings.selector == "quad":
+        log.info(f"select: probe scorer {info['probe_scorer']!r} scored {info['docs_scored']} of {tokens.size} "
+                 f"pool docs in {float(info['probe_seconds']):.1f}s")
     return ref
+
+
+def _pool_scores(con, scores_key: str, scorer: str, n: int) -> np.ndarray:
+    """One pool-wide scorer's score per pool document, from the score partition."""
+    result = query_sql(con, "select_read_scores", {"key": scores_key, "scorer": scorer})
+    try:
+        return _by_doc(result, "score", f"score_docs (scorer {scorer!r})", n=n).astype(np.float64)
+    except ValueError as e:
+        if _scorer_info(con, scores_key, scorer) is not None:
+            raise
+        if scorer == "combined":  # e.g. score.scorers = ['influence']: nothing is scored pool-wide
+            raise ConfigError(f"no combined scores: {e}; the combined score needs a pool-wide scorer (heuristic, "
+                              "dsir, classifier) in score.scorers, or probe with select.probe_scorer = 'influence'"
+                              ) from None
+        raise ConfigError(f"select.probe_scorer = {scorer!r}, but the score stage did not run it: {e}; "
+                          f"add {scorer!r} to score.scorers") from None
+
+
+def _scorer_info(con, scores_key: str, scorer: str) -> dict[str, Any] | None:
+    """A scorer's score_info params in a score partition; None if it did not run (or nothing was scored yet)."""
+    try:
+        row = query_sql(con, "select_read_scorer_info", {"key": scores_key, "scorer": scorer}).fetchone()
+    except duckdb.CatalogException:  # no score_info table: a store whose score stage wrote nothing
+        return None
+    return None if row is None else json.loads(row[0])
+
+
+def _warn_unused_influence(con, settings: SelectSettings, scores_key: str) -> None:
+    if settings.probe_scorer != INFLUENCE and _scorer_info(con, scores_key, INFLUENCE) is not None:
+        get_logger().warning(f"select: the score stage fitted the influence scorer, but the bandit probes with "
+                             f"{settings.probe_scorer!r}; set select.probe_scorer = 'influence' to use it")
+
+
+def _influence_probe(con, docs: StageRef, scores: StageRef, n_pool: int) -> tuple[Probe, dict[str, Any]]:
+    """An on-demand influence probe: the score stage's fitted state, loaded once (refitted if the file is
+    gone), scoring each round's probed documents in one batched query and one batched call."""
+    from tasks.score import ensure_influence_state, influence_state_path
+    from tasks.scorers.influence import InfluenceUnavailable
+
+    params = _scorer_info(con, scores.key, INFLUENCE)
+    if params is None:
+        raise ConfigError(f"select.probe_scorer = 'influence', but score partition {scores.key!r} has no fitted "
+                          "influence scorer: add 'influence' to score.scorers")
+    try:
+        from tasks.scorers.influence.fitted import device_of, load_fitted, sha256_file, torch_threads
+    except InfluenceUnavailable as e:
+        raise ConfigError(str(e)) from None
+    settings = InfluenceSettings.model_validate(params["settings"])
+    path = influence_state_path(docs.store.path, scores.key)  # beside the store wherever it has moved
+    if not path.is_file():
+        get_logger().warning(f"select: fitted influence state {path} is missing; refitting it as the score stage did")
+        counts = dict(query_sql(con, "select_count_docs", {"key": docs.key}).fetchall())
+        ensure_influence_state(con, settings, docs.key, n_pool, int(counts.get("target", 0)),
+                               int(params["random_state"]), path)
+    sha = sha256_file(path)
+    if sha != params.get("sha256"):
+        get_logger().warning(f"select: influence state {path} has sha256 {sha[:12]}, score_info recorded "
+                             f"{str(params.get('sha256'))[:12]} (refitted since)")
+    scorer, _ = load_fitted(path, device=device_of(settings))
+    max_chars = int(params["max_chars"])
+
+    def score_fn(idx: np.ndarray) -> np.ndarray:
+        texts = _probe_texts(con, docs.key, idx, max_chars)
+        with torch_threads(settings.threads):
+            return scorer.score(texts, progress=False)
+
+    return Probe(score_fn, n_pool), {"probe_version": scorer.get_params()["version"], "probe_state": str(path),
+                                     "probe_state_sha256": sha}
+
+
+def _probe_texts(con, docs_key: str, idx: np.ndarray, max_chars: int) -> list[str]:
+    """Texts (first max_chars characters) of one round's probed pool documents, in the order of idx."""
+    cols = query_sql(con, "select_read_probe_texts", {"key": docs_key, "idx": idx.tolist(),
+                                                      "max_chars": max_chars}).fetchnumpy()
+    got = np.asarray(cols["doc_idx"], dtype=np.int64)
+    order = np.argsort(got)
+    pos = np.searchsorted(got, idx, sorter=order)
+    pos = np.minimum(pos, max(got.size - 1, 0))
+    if got.size == 0 or not np.array_equal(got[order[pos]], idx):
+        raise ValueError(f"ingest_docs {docs_key}/pool lacks some probed documents (doc_idx {idx[:5].tolist()}...)")
+    texts = cols["text"]
+    return [texts[i] for i in order[pos]]
 
 
 def _by_doc(result, column: str, table: str, n: int | None = None) -> np.ndarray:

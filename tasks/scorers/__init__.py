@@ -5,6 +5,9 @@ its scores change), the inputs it `needs`, and `score(data) -> Scores`. Decorate
 `@register` and it is found by name; every module here is imported on first use, so adding a
 scorer touches one file (plus the name in `quadflow.settings.SCORERS` to make it configurable).
 
+A scorer with `pool_wide = False` (influence) is too expensive to run on every document: the
+score stage only fits it, and the select stage scores the documents the bandit probes with it.
+
 Inputs a scorer may need (`ScoreInput`, loaded by the score task only when some scorer asks):
 - "texts": the pool texts, ordered by doc_idx;
 - "ngrams": the pool's hashed word 1+2-gram counts, a (n_docs, n_buckets) CSR matrix;
@@ -57,6 +60,7 @@ class Scorer:
     name: ClassVar[str]
     VERSION: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
+    pool_wide: ClassVar[bool] = True  # False: fitted by the score stage, run on probed documents only
 
     def __init__(self, random_state: int = 0):
         self.random_state = random_state
@@ -101,8 +105,10 @@ def register(cls: type[Scorer]) -> type[Scorer]:
     unknown = set(cls.needs) - set(INPUTS)
     if unknown:
         raise ValueError(f"scorer {cls.name!r} needs unknown inputs {sorted(unknown)}; known: {INPUTS}")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"two scorers are named {cls.name!r}: {REGISTRY[cls.name]} and {cls}")
+    old = REGISTRY.get(cls.name)
+    # a reloaded module replaces its own entry; two different classes may not share a name
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"two scorers are named {cls.name!r}: {old} and {cls}")
     REGISTRY[cls.name] = cls
     return cls
 

@@ -35,10 +35,10 @@ from .curvature import (
     tokenize_documents,
     whiten,
 )
+from . import VERSION
 from .projection import CountSketch
 from .proxy import default_device
 
-VERSION = "influence-1"
 METHODS = ("ekfac", "kfac", "cosine")
 BLOCK_DOCS = 4096  # texts tokenized at once; batches are length-sorted within a block
 
@@ -183,18 +183,21 @@ class InfluenceScorer:
         if not hasattr(self, "query_"):
             raise RuntimeError("InfluenceScorer is not fitted; call fit(reference_texts, fit_texts) first")
 
-    def score(self, texts: Sequence[str]) -> np.ndarray:
-        """One float64 score per text, in input order; higher = lowers the reference loss more."""
+    def score(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+        """One float64 score per text, in input order; higher = lowers the reference loss more.
+        progress=False: no progress log (callers scoring a few probes per bandit round)."""
         self._check_fitted()
         out = np.zeros(len(texts), dtype=np.float64)
         if len(texts) == 0:
             return out
-        progress = Progress("influence score", total=len(texts))
+        bar = Progress("influence score", total=len(texts)) if progress else None
         start = time.monotonic()
         for idx, grads in self._gradients(texts):
             out[idx] = self._batch_scores(grads).cpu().numpy()
-            progress.update(len(idx))
-        progress.close()
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
         self.docs_per_s_ = len(texts) / max(time.monotonic() - start, 1e-9)
         return out
 
