@@ -258,13 +258,21 @@ class Settings(BaseModel):
     def _consistent(self) -> "Settings":
         if not self.ingest.inputs:
             raise ValueError("ingest.inputs is empty: give at least one --input")
-        needs_target = [s for s in self.score.resolved(bool(self.ingest.targets)) if s in ("dsir", "classifier")]
+        scorers = self.score.resolved(bool(self.ingest.targets))
+        needs_target = [s for s in scorers if s in ("dsir", "classifier", "influence")]
         if needs_target and not self.ingest.targets:
             raise ValueError(
                 f"score.scorers = {needs_target} need a target set: give --target"
             )
         if self.select.selector == "dsir" and not self.ingest.targets:
             raise ValueError("select.selector = 'dsir' needs a target set: give --target")
+        if not [s for s in scorers if s != "influence"]:
+            raise ValueError("score.scorers = ['influence'] alone leaves no pool-wide score to combine: "
+                             "add heuristic, dsir or classifier")
+        probe = self.select.probe_scorer
+        if probe != "combined" and probe not in scorers:
+            raise ValueError(f"select.probe_scorer = {probe!r} is not among score.scorers = {scorers}: "
+                             "add it with --scorer")
         return self
 
 

@@ -92,3 +92,20 @@ def test_cli_run_waits_for_a_held_store_lock_and_names_the_holder(tmp_path, caps
     assert code == 1
     err = capsys.readouterr().err
     assert "store lock" in err and "the nightly run" in err
+
+
+def test_probe_scorer_must_be_one_of_the_scorers():
+    with pytest.raises(ConfigError, match="select.probe_scorer = 'classifier' is not among"):
+        build_settings(overrides={"ingest": {"inputs": ["x"], "targets": ["t"]},
+                                  "score": {"scorers": ["heuristic", "dsir"]},
+                                  "select": {"probe_scorer": "classifier"}})
+    s = build_settings(overrides={"ingest": {"inputs": ["x"], "targets": ["t"]},
+                                  "score": {"scorers": ["heuristic", "dsir"]}, "select": {"probe_scorer": "dsir"}})
+    assert s.select.probe_scorer == "dsir"
+
+
+def test_cli_probe_scorer_flag_reaches_the_settings(capsys):
+    code = main(["run", "--input", "x", "--target", "t", "--scorer", "heuristic", "--scorer", "dsir",
+                 "--probe-scorer", "dsir", "--show-settings"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["select"]["probe_scorer"] == "dsir"
