@@ -546,9 +546,25 @@ def report(settings: Settings, docs: StageRef, features: StageRef, clusters: Sta
     with connect(docs.store) as con:
         data = gather_report_data(con, settings, keys, exported.output, exported.key)
     result, markdown = write_report(data, Path(exported.output) / REPORT_DIR)
-    publish_artifacts(data, markdown, exported.output)
+    if exported.url:  # an s3:// output: the report goes up beside the published selection
+        result = upload_report(result, Path(exported.output) / REPORT_DIR, exported.url, settings)
+    publish_artifacts(data, markdown, exported.url or exported.output)
     get_logger().info(f"report: {result.report_path}")
     return result
+
+
+def upload_report(result: ReportResult, local_dir: Path, url: str, settings: Settings) -> ReportResult:
+    """Upload report/ under the s3:// output prefix; the result then names the uploaded report."""
+    from quadflow import objectstore as ob
+
+    client = ob.client(settings.objectstore)
+    prefix = f"{url.rstrip('/')}/{REPORT_DIR}"
+    for path in sorted(local_dir.iterdir()):
+        if path.is_file():
+            ob.upload_file(client, path, f"{prefix}/{path.name}")
+    return ReportResult(report_path=f"{prefix}/{Path(result.report_path).name}",
+                        summary_path=f"{prefix}/{Path(result.summary_path).name}",
+                        images=tuple(f"{prefix}/{Path(i).name}" for i in result.images), summary=result.summary)
 
 
 def report_from_store(store_path: str | Path, output: str | Path | None = None) -> ReportResult:

@@ -213,10 +213,15 @@ def test_s3_to_s3_run_publishes_a_verified_output(world, s3_runs):
     assert manifest["inputs"]["pool"][0]["path"] == f"{world.pool_url}{FIRST[0]}"
     assert {r["path"] for r in manifest["inputs"]["pool"]} == {world.pool_url + n for n in FIRST}
     assert all(r["etag"] for r in manifest["inputs"]["pool"])
-    # the local copy holds exactly the published bytes, and the report
-    local = Path(result["report"]).parent.parent
+    # the report goes up beside the selection; the local copy holds exactly the published bytes
+    assert result["report"] == url + "report/report.md"
+    assert b"# quadflow report" in world.read(url + "report/report.md")
+    assert world.read(url + "report/summary.json").startswith(b"{")
+    store_path = Path(s3_runs["settings"].store)
+    local = store_path.parent / f"{store_path.stem}.exports" / world.bucket / "out"
     assert (local / "selection.parquet").read_bytes() == world.read(url + "selection.parquet")
     assert (local / "manifest.json").read_bytes() == world.read(url + "manifest.json")
+    assert (local / "report" / "report.md").read_bytes() == world.read(url + "report/report.md")
     # every record names the object it came from; objects are hashed while read
     store = s3_runs["settings"].store
     rows = _query(store, "select file, sha256, records from ingest_files where key = ? and role = 'pool' "
