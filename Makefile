@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup setup-test demo test bench-pool clean
+.PHONY: setup setup-test demo test bench-pool bench bench-full clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ demo: setup
 
 test: setup-test
 	$(PY) -m pytest -q
+
+# Benchmarks (BENCHMARKS.md): `make bench` is the quick version (~30k-document pools, one seed,
+# throughput at 10k documents: minutes); `make bench-full` runs the whole 354k-document pool with
+# 3 seeds, then throughput at 10k, 100k and 354k documents (an hour or more on 2 cores).
+bench: setup-test
+	$(PY) -m benchmarks.bench --mode quick
+	$(PY) -m benchmarks.throughput --sizes 10000 --out runs/bench/throughput-quick
+
+bench-full: setup-test
+	$(PY) -m benchmarks.bench --mode full --seeds 3
+	$(PY) -m benchmarks.throughput
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -1,0 +1,138 @@
+"""The selection benchmark end to end on a tiny synthetic task, and its pool subsampling and summaries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from benchmarks.bench import (
+    METHOD_NAMES, MODES, BenchConfig, run_bench, sample_key, subsample_jsonl, summarize, verdicts,
+)
+from benchmarks.eval.tasks import TaskSpec, build_tasks, iter_lines
+
+TOPICS = {
+    "pydoc": "python function module import class return value list dict string tuple".split(),
+    "pgdoc": "table index query select column row transaction vacuum schema join".split(),
+    "dict": "noun verb adjective meaning word sense usage plural archaic obsolete".split(),
+}
+SMALL = {  # featurize/cluster settings sized for ~150 documents
+    "featurize": {"n_features": 2048, "dsir_buckets": 256, "dim": 8, "svd_sample": 200, "max_chars": 2000},
+    "cluster": {"k": 8, "batch_size": 64},
+}
+
+
+def _write_source(path, docs_per_topic=50):
+    rng = np.random.default_rng(3)
+    lines = []
+    for topic, words in TOPICS.items():
+        for i in range(docs_per_topic):
+            text = "\n".join(" ".join(rng.choice(words, size=rng.integers(6, 12))) + " ." for _ in range(4))
+            lines.append({"id": f"{topic}:{i}", "source": topic, "text": text})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.fixture
+def tiny_task(tmp_path):
+    src = tmp_path / "source.jsonl"
+    _write_source(src)
+    build_tasks(src, tmp_path / "tasks", [TaskSpec("py", ("pydoc",), target_frac=0.25, heldout_frac=0.25)], seed=1)
+    return tmp_path
+
+
+def test_harness_runs_every_method_within_the_protocol(tiny_task, monkeypatch):
+    pytest.importorskip("data_selection", reason="the published DSIR package (pip install -e '.[bench]')")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tiny_task / "bench"
+    config = BenchConfig(mode=MODES["full"], tasks=("py",), seeds=2, out=out, tasks_dir=tiny_task / "tasks",
+                         budget_tokens=2000, package_num_proc=1, package_min_length=5, vocab_pool_tokens=2000,
+                         pipeline=SMALL)
+    result = run_bench(config, log=lambda msg: None)
+
+    assert result.protocol_ok, [r.protocol for r in result.results]
+    runs = pl.read_csv(out / "results.csv")
+    assert set(runs["method"]) == set(METHOD_NAMES)
+    assert runs.filter(pl.col("method") == "random").height == 2  # one run per seed
+    assert runs.filter(pl.col("method") == "topk-dsir").height == 1  # deterministic: one run
+    assert (runs["budget_deviation"].abs() <= 0.02).all() and (runs["tokens"] <= 2000).all()
+    assert runs["perplexity"].is_finite().all() and (runs["perplexity"] > 1).all()
+    # the yardstick rewards finding the domain: the oracle takes all of it (about half the budget) first,
+    # DSIR top-k finds it from the target sample alone
+    mean = runs.group_by("method").agg(pl.col("perplexity").mean(), pl.col("domain_share").mean())
+    ppl = dict(zip(mean["method"], mean["perplexity"]))
+    share = dict(zip(mean["method"], mean["domain_share"]))
+    assert share["oracle-domain"] > 0.45 and share["topk-dsir"] > share["random"]
+    assert ppl["oracle-domain"] < ppl["random"] and ppl["topk-dsir"] < ppl["random"]
+    quad = runs.filter(pl.col("kind") == "quad")
+    assert quad["accept_rate"].is_between(0, 1).all() and (quad["rounds"] >= 1).all()
+
+    md = (out / "results.md").read_text()
+    assert "## py" in md and "protocol: ok" in md and "Bandit diagnostics" in md
+    assert all(f"| {m}" in md for m in METHOD_NAMES)
+    assert (out / "perplexity.png").stat().st_size > 0 and (out / "kl_reduction.png").stat().st_size > 0
+    # a second run reuses the pipeline stages and gives the same numbers
+    again = run_bench(config, log=lambda msg: None)
+    assert again.summary["ppl"].to_list() == pytest.approx(result.summary["ppl"].to_list())
+    assert [r["package_reused"] for r in again.results[0].rows if r["method"] == "dsir-package"] == [True]
+
+
+def test_quick_pool_is_a_seeded_nested_subsample(tmp_path):
+    src = tmp_path / "pool.jsonl"
+    _write_source(src, docs_per_topic=40)
+    small = subsample_jsonl(src, tmp_path / "a.jsonl.zst", 30)
+    large = subsample_jsonl(src, tmp_path / "b.jsonl.zst", 60)
+    ids = lambda p: [json.loads(x)["id"] for x in iter_lines(p)]  # noqa: E731
+    a, b = ids(tmp_path / "a.jsonl.zst"), ids(tmp_path / "b.jsonl.zst")
+    assert small["kept"] == len(a) == 30 and large["kept"] == 60
+    assert set(a) <= set(b)  # a smaller sample is the head of a larger one
+    everything = ids(src)
+    assert a == [i for i in everything if i in set(a)]  # file order kept
+    assert sorted(a, key=sample_key) == sorted(everything, key=sample_key)[:30]
+    assert subsample_jsonl(src, tmp_path / "a.jsonl.zst", 30) == small  # reused, not rewritten
+
+
+def test_summary_averages_seeds_and_verdict_compares_means():
+    rows = []
+    for method, ppls in {"random": [100.0, 110.0], "dsir-resample": [80.0, 82.0], "quad-combined": [90.0, 70.0],
+                         "oracle-domain": [50.0, 50.0]}.items():
+        for seed, p in enumerate(ppls):
+            rows.append({"task": "t", "method": method, "seed": seed, "perplexity": p, "kl_reduction": 0.1,
+                         "domain_share": 0.5, "cluster_coverage": 0.2, "clusters_covered": 3, "source_entropy": 1.0,
+                         "sources_covered": 2, "tokens": 100, "docs": 5, "budget_deviation": 0.0,
+                         "source_mix": "a 50%", "select_seconds": 0.1, "reference": method == "oracle-domain"})
+    summary = summarize(rows)
+    assert summary["method"].to_list() == ["random", "dsir-resample", "quad-combined", "oracle-domain"]
+    r = summary.filter(pl.col("method") == "random").row(0, named=True)
+    assert (r["runs"], r["ppl"], r["ppl_min"], r["ppl_max"]) == (2, 105.0, 100.0, 110.0)
+    (v,) = verdicts(summary)
+    assert v["beats"] == {"random": True, "dsir-resample": True}  # 80 < 105 and 80 < 81
+    assert v["best_overall"] == "quad-combined"  # the reference oracle is not a competitor
+
+
+def test_throughput_ratios_compare_like_for_like_steps():
+    from benchmarks.throughput import ratios
+
+    def row(tool, step, docs_per_s, per_core, rss):
+        return {"size": "all", "tool": tool, "step": step, "docs_per_s": docs_per_s,
+                "docs_per_s_per_core": per_core, "peak_rss_mb": rss}
+
+    rows = [row("quadflow", "end to end", 5000, 5000, 2000), row("quadflow", "core: DSIR weights", 60000, 45000, 1500),
+            row("dsir-package", "fit + weights", 1500, 1000, 1000)]
+    got = {r["comparison"]: r for r in ratios(rows)}
+    assert set(got) == {"quadflow end to end vs DSIR package weights", "DSIR weights vs DSIR package weights"}
+    r = got["DSIR weights vs DSIR package weights"]
+    assert (r["wall_ratio"], r["per_core_ratio"], r["rss_ratio"]) == (40.0, 45.0, 1.5)
+
+
+def test_datatrove_shards_round_robin_and_drop_counts_are_read_per_filter(tmp_path):
+    from benchmarks.datatrove_ref import _dropped, shard_jsonl
+
+    paths = shard_jsonl((json.dumps({"id": str(i), "text": "x"}) for i in range(5)), tmp_path, 2)
+    assert [len(p.read_text().splitlines()) for p in paths] == [3, 2]
+    stats = [{"name": "📖 - READER: 🐿 Jsonl", "stats": {"documents": 5}},
+             {"name": "🔻 - FILTER: 👯 Gopher Repetition", "stats": {"total": 5, "forwarded": 3, "dropped_top_2_gram": 2}},
+             {"name": "🔻 - FILTER: 🍷 FineWeb Quality",
+              "stats": {"total": 3, "forwarded": {"total": 2}, "dropped_line_punct_ratio": {"total": 1}}}]
+    assert _dropped(stats) == (5, 2, {"Gopher Repetition/top_2_gram": 2, "FineWeb Quality/line_punct_ratio": 1})
