@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 # torch==2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,influence,bench]'
+	$(PY) -m pip install -q -e '.[test,influence,bench,dask]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,12 +29,16 @@ test: setup-test
 # Benchmarks (BENCHMARKS.md): `make bench` is the quick version (~30k-document pools, one seed,
 # throughput at 10k documents: minutes); `make bench-full` runs the whole 354k-document pool with
 # 3 seeds, then throughput at 10k, 100k and 354k documents (an hour or more on 2 cores).
+# BENCH_ARGS go to benchmarks.bench, e.g. BENCH_ARGS="--transformer on --tasks python-docs" (the
+# transformer second opinion runs by itself only where there is a GPU; on 2 CPU cores it adds
+# about 12 s per method run).
+BENCH_ARGS ?=
 bench: setup-test
-	$(PY) -m benchmarks.bench --mode quick
+	$(PY) -m benchmarks.bench --mode quick $(BENCH_ARGS)
 	$(PY) -m benchmarks.throughput --sizes 10000 --out runs/bench/throughput-quick
 
 bench-full: setup-test
-	$(PY) -m benchmarks.bench --mode full --seeds 3
+	$(PY) -m benchmarks.bench --mode full --seeds 3 $(BENCH_ARGS)
 	$(PY) -m benchmarks.throughput
 
 clean:

@@ -3,6 +3,7 @@
     python -m benchmarks.bench --mode quick                 # ~30k-document pools, 1 seed: minutes
     python -m benchmarks.bench --mode full --seeds 3        # the whole pool, 3 seeds per random method
     python -m benchmarks.bench --mode quick --tasks python-docs --no-package
+    python -m benchmarks.bench --mode quick --transformer on      # + the transformer second opinion on any device
 
 For each task (benchmarks/eval/tasks.py: a target domain cut out of the pool, with a target
 sample and a disjoint held-out set) the pipeline's pool stages run once (ingest, featurize,
@@ -12,6 +13,10 @@ store under <out>/<task>/), then every method selects at the same budget:
 - random; top-k by each scorer (heuristic, dsir, classifier, combined); quadflow's DSIR
   importance resampling; the Quad bandit probing with each scorer (combined, dsir, classifier,
   heuristic), all through `tasks.select.run_selector`;
+- `quad-influence`, the Quad bandit probing with the influence scorer (select.probe_scorer =
+  influence), when torch is importable: its scorer is fitted once per task pool as the score
+  stage fits it (`tasks.score.ensure_influence_state`, state kept beside the store) with
+  BENCH_INFLUENCE's CPU-sized settings, and scores only the documents the bandit probes;
 - the published DSIR package (`data-selection`, benchmarks/eval/dsir_external.py), one seed; its
   selection is kept next to the store and reused while pool, target, budget and settings are
   unchanged (it takes minutes on the full pool; --force reruns it);
@@ -23,13 +28,16 @@ store under <out>/<task>/), then every method selects at the same budget:
 Each selection is scored by the held-out perplexity of a Kneser-Ney trigram model trained on it
 alone (one vocabulary per task, `task_vocab`), KL reduction on hashed n-grams against the target
 sample (DSIR's metric), diversity (clusters covered, source entropy), the source mix and the
-share of tokens from the target domain. `check_protocol` checks that no selected id is held out
+share of tokens from the target domain. A second opinion (`--transformer`, default auto: only
+when a GPU is present) trains a tiny byte-level transformer on each selection for the same fixed
+number of tokens and reports its held-out perplexity per byte (benchmarks/eval/transformer_lm.py);
+its columns are blank when it is skipped, and results.md says why. `check_protocol` checks that no selected id is held out
 and every run spent the budget (within 2%); a violation fails the run after the results are
 written. Quad runs also report why they did what they did: acceptance rate, clusters explored,
 probe-score spread, stop reason and the share of the budget filled after the bandit stopped.
 
 Outputs in --out (default runs/bench): results.csv (one row per method run), results.md (the
-tables), perplexity.png and kl_reduction.png. Pipeline stages are reused across runs while their
+tables), perplexity.png and kl_reduction.png (and ppl_transformer.png when the second opinion ran). Pipeline stages are reused across runs while their
 inputs, settings and code versions are unchanged (--force recomputes them).
 """
 
@@ -63,9 +71,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.eval.metrics import ProtocolError, check_protocol, evaluate_selection  # noqa: E402
 from benchmarks.eval.ngram_lm import Vocab  # noqa: E402
 from benchmarks.eval.tasks import TASKS, Task, build_tasks, iter_lines, load_task, task_vocab  # noqa: E402
+from benchmarks.eval.transformer_lm import (  # noqa: E402
+    PRESETS, TRANSFORMER_COLUMNS, TransformerLMConfig, TransformerPlan, describe, encode_eval, evaluate_transformer,
+    plan_transformer, preset,
+)
 from benchmarks.stages import PeakRSS  # noqa: E402
 from quadflow.metrics import cluster_coverage, entropy, kl_divergence, source_mix  # noqa: E402
-from quadflow.settings import Settings, build_settings  # noqa: E402
+from quadflow.settings import InfluenceSettings, Settings, build_settings, influence_available  # noqa: E402
 from quadflow.store import StageRef, StoreRef, connect, fingerprint, open_store, query_sql  # noqa: E402
 from quadflow.text import content_hash, count_tokens_expr  # noqa: E402
 
@@ -80,6 +92,13 @@ COMBINED = "combined"
 # can fill most of the budget with it and one that does not cannot.
 DEFAULT_BUDGET_FRACTION = 0.02
 SAMPLE_SEED = 2026  # the quick mode's pool subsample: a hash of (seed, id) decides, not file order
+INFLUENCE = "influence"
+# quad-influence's scorer: the pipeline's default proxy (score.influence defaults: 1 block, d_model
+# 64, byte-level, 128-byte context, 300 steps on 5,000 pool documents; EK-FAC on the attention
+# layers from 1,000 pool documents) on one torch thread. On this 2-core machine that is about 12 s
+# to train and fit and about 800 documents/s for the probes (BENCHMARKS.md, "Influence scorer");
+# the bandit probes about 1% of a full pool. Override with --influence '{...}' (score.influence keys).
+BENCH_INFLUENCE = {"threads": 1}
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,7 @@ METHODS = (
     *(MethodSpec(f"topk-{s}", "topk", s) for s in (*SCORERS, COMBINED)),
     MethodSpec("dsir-resample", "dsir", seeded=True),
     *(MethodSpec(f"quad-{s}", "quad", s, seeded=True) for s in (COMBINED, "dsir", "classifier", "heuristic")),
+    MethodSpec(f"quad-{INFLUENCE}", "quad", INFLUENCE, seeded=True),  # only where torch is importable
     MethodSpec("dsir-package", "package"),
     MethodSpec("oracle-domain", "oracle", seeded=True, reference=True),
     MethodSpec("oracle-clusters", "oracle_clusters", seeded=True, reference=True),
@@ -135,6 +155,12 @@ class BenchConfig:
     vocab_pool_tokens: int = 2_000_000
     force: bool = False
     pipeline: dict = field(default_factory=dict)  # overrides of the pipeline settings (featurize, cluster, ...)
+    methods: tuple[str, ...] | None = None  # None: every method (quad-influence only where torch is importable)
+    influence: dict = field(default_factory=lambda: dict(BENCH_INFLUENCE))  # score.influence for quad-influence
+    transformer: str = "auto"  # the second opinion: auto (only with a GPU), on, off
+    transformer_preset: str | None = None  # None: 'small' on a GPU, 'tiny' on the CPU
+    transformer_tokens: int | None = None  # training tokens per selection; None: the preset's
+    transformer_seed: int = 0  # one seed for every method: the selection is the only difference
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,8 +444,12 @@ def _from_store(method: MethodSpec, seed: int | None, data: PoolData, chosen: np
 
 
 def run_method(method: MethodSpec, seed: int | None, data: PoolData, settings: Settings,
-               domain: frozenset[str]) -> Selection:
-    """Run one in-pipeline method (everything but the external package) on the task pool."""
+               domain: frozenset[str], probe: Callable[[], Any] | None = None) -> Selection:
+    """Run one in-pipeline method (everything but the external package) on the task pool.
+
+    `probe` makes a fresh on-demand probe scorer (`tasks.select.Probe`) for a bandit whose
+    scorer is not pool-wide (quad-influence); each run gets its own, so its cost is its own.
+    """
     from tasks.select import fill_budget, run_selector
 
     budget = settings.select.budget_tokens
@@ -437,13 +467,19 @@ def run_method(method: MethodSpec, seed: int | None, data: PoolData, settings: S
         chosen = fill_budget(order[rank], data.tokens, budget)
         return _from_store(method, seed, data, chosen, time.perf_counter() - t0)
     kwargs: dict[str, Any] = {}
-    if method.kind in ("topk", "quad"):
+    update: dict[str, Any] = {"selector": method.kind}
+    if method.kind == "quad" and method.scorer == INFLUENCE:
+        if probe is None:
+            raise ValueError(f"method {method.name!r} probes on demand: give it a probe factory")
+        kwargs["probe"] = probe()
+    elif method.kind in ("topk", "quad"):
         kwargs["scores"] = data.scores[method.scorer]
     if method.kind == "quad":
         kwargs.update(neighbors=data.neighbors, gamma=data.gamma)
+        update["probe_scorer"] = method.scorer  # what select_info records (the scores are passed above)
     if method.kind == "dsir":
         kwargs["log_weights"] = data.log_weights
-    section = settings.select.model_copy(update={"selector": method.kind})
+    section = settings.select.model_copy(update=update)
     frames = run_selector(section, settings.seed if seed is None else seed, data.tokens, data.clusters, **kwargs)
     seconds = time.perf_counter() - t0
     return _from_store(method, seed, data, frames["selection"]["doc_idx"].to_numpy(), seconds, frames)
@@ -492,6 +528,59 @@ def run_package(method: MethodSpec, seed: int, data: PoolData, pool_path: Path, 
     return Selection(method, seed, list(res.ids), texts, sources, tokens, idx, seconds,
                      extra={"package_seconds": res.seconds, "package_candidates": res.candidates,
                             "package_version": res.package_version, "package_reused": reused})
+
+
+def influence_settings(settings: Settings, overrides: dict) -> InfluenceSettings:
+    """score.influence of the run with the benchmark's overrides on top (validated as the pipeline would)."""
+    return InfluenceSettings.model_validate({**settings.score.influence.model_dump(), **overrides})
+
+
+def fit_influence(refs: PipelineRefs, settings: Settings, overrides: dict, path: Path, force: bool = False,
+                  log: Callable[[str], None] = print) -> tuple[InfluenceSettings, dict, bool]:
+    """quad-influence's fitted scorer, fitted exactly as the score stage fits it, saved at `path`.
+
+    Reused while the pool partition, the settings and the seed are unchanged and the file is the
+    one recorded in the sidecar `path`.json. Returns the settings, the score_info-style params and
+    whether they were reused.
+    """
+    from tasks.score import ensure_influence_state
+    from tasks.scorers.influence import VERSION
+
+    inf = influence_settings(settings, overrides)
+    sidecar = path.with_name(path.name + ".json")
+    want = {"docs": refs.docs.key, "docs_fingerprint": refs.docs.fingerprint, "seed": settings.seed,
+            "settings": inf.model_dump(mode="json"), "version": VERSION}
+    reuse = None
+    if sidecar.exists() and not force:
+        have = json.loads(sidecar.read_text())
+        reuse = have.get("params") if have.get("key") == want else None
+    with connect(refs.store, read_only=True) as con:
+        counts = dict(query_sql(con, "select_count_docs", {"key": refs.docs.key}).fetchall())
+        params = ensure_influence_state(con, inf, refs.docs.key, int(counts.get("pool", 0)),
+                                        int(counts.get("target", 0)), settings.seed, path, reuse=reuse)
+    if params is not reuse:
+        sidecar.write_text(json.dumps({"key": want, "params": params}, default=str) + "\n")
+        log(f"  influence: proxy trained and scorer fitted in {params['seconds']:.1f} s on {params['device']} "
+            f"({params['proxy_params']:,}-parameter proxy)")
+    else:
+        log(f"  influence: reusing the fitted scorer {path}")
+    return inf, params, params is reuse
+
+
+def influence_probe_factory(inf: InfluenceSettings, params: dict, path: Path, data: PoolData) -> Callable[[], Any]:
+    """Fresh `Probe`s over one loaded scorer: each scores a round's probed texts (cut as the select stage cuts them)."""
+    from tasks.scorers.influence.fitted import device_of, load_fitted, torch_threads
+    from tasks.select import Probe
+
+    scorer, _ = load_fitted(path, device=device_of(inf))
+    max_chars = int(params["max_chars"])
+
+    def score_fn(idx: np.ndarray) -> np.ndarray:
+        texts = data.texts.gather(idx).str.slice(0, max_chars).to_list()
+        with torch_threads(inf.threads):
+            return scorer.score(texts, progress=False)
+
+    return lambda: Probe(score_fn, data.tokens.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,7 +646,8 @@ def bandit_diagnostics(sel: Selection, data: PoolData, domain: frozenset[str]) -
     within_sd = float(within.mean()) if within.len() else 0.0
     block_tokens = int(data.tokens[block].sum()) if block.size else 0
     in_domain_block = int(data.tokens[block][np.isin(data.sources[block], list(domain))].sum()) if block.size else 0
-    scores = data.scores[sel.method.scorer]
+    # the scorer's spread: over the pool for a pool-wide score, over the probed documents for influence
+    scores = data.scores[sel.method.scorer] if sel.method.scorer in data.scores else probes["score"].to_numpy()
     q10, q25, q75, q90 = np.quantile(scores, [0.1, 0.25, 0.75, 0.9])
     return {
         "rounds": int(info["rounds"] or 0), "pulls": pulls, "stop": info.get("stop"),
@@ -567,6 +657,7 @@ def bandit_diagnostics(sel: Selection, data: PoolData, domain: frozenset[str]) -
         "clusters_accepted": int(rounds.filter(pl.col("accepted"))["cluster"].n_unique()) if pulls else 0,
         "tau": float(info["tau"]), "alpha": float(info["alpha"]), "block_docs": int(info["block_docs"]),
         "docs_probed": int(info["docs_probed"]),
+        "docs_scored": int(info["docs_scored"]), "probe_seconds": float(info["probe_seconds"]),
         "probe_within_sd": within_sd, "probe_between_sd": between,
         "probe_snr": between / (within_sd / math.sqrt(m)) if within_sd > 0 else None,
         "score_iqr": float(q75 - q25), "score_p90_p10": float(q90 - q10),
@@ -620,8 +711,39 @@ class TaskResult:
     protocol: str  # "ok" or the ProtocolError's message
 
 
-def run_task(task: Task, config: BenchConfig, log: Callable[[str], None] = print) -> TaskResult:
-    """Pipeline stages once, then every method at one budget, each evaluated; protocol checked last."""
+def method_plan(config: BenchConfig) -> tuple[list[MethodSpec], dict[str, str]]:
+    """The methods this run evaluates, and those left out with the reason (reasons are data)."""
+    if config.methods is not None:
+        unknown = sorted(set(config.methods) - set(METHOD_NAMES))
+        if unknown:
+            raise ValueError(f"methods {unknown!r} are unknown; choose from {', '.join(METHOD_NAMES)}")
+    run, skipped = [], {}
+    for m in METHODS:
+        if config.methods is not None and m.name not in config.methods:
+            continue
+        if m.kind == "package" and not config.package:
+            skipped[m.name] = "--no-package"
+        elif m.scorer == INFLUENCE and not influence_available():
+            skipped[m.name] = "torch is not installed (pip install -e '.[influence]')"
+        else:
+            run.append(m)
+    return run, skipped
+
+
+def transformer_config(config: BenchConfig, plan: TransformerPlan) -> tuple[str, TransformerLMConfig] | None:
+    """The second opinion's preset name and config for this run's device (None when it does not run)."""
+    if not plan.run:
+        return None
+    name = config.transformer_preset or ("small" if plan.device == "cuda" else "tiny")
+    return name, preset(name, train_tokens=config.transformer_tokens)
+
+
+def run_task(task: Task, config: BenchConfig, log: Callable[[str], None] = print,
+             transformer: tuple[TransformerPlan, TransformerLMConfig | None] | None = None) -> TaskResult:
+    """Pipeline stages once, then every method at one budget, each evaluated; protocol checked last.
+
+    `transformer`: where the second opinion runs and its config (None or a plan that does not run: skipped).
+    """
     work = config.out / task.name
     work.mkdir(parents=True, exist_ok=True)
     t_task = time.perf_counter()
@@ -653,24 +775,45 @@ def run_task(task: Task, config: BenchConfig, log: Callable[[str], None] = print
     log(f"  pool {info['pool_docs']:,} docs / {info['pool_tokens']:,} tokens "
         f"({info['pool_domain_tokens']:,} in-domain), budget {budget:,}, k {data.k}")
 
+    methods, skipped = method_plan(config)
+    info["skipped_methods"] = skipped
+    probe = None
+    if any(m.scorer == INFLUENCE for m in methods):
+        state = work / f"influence-{label}.pt"
+        inf, params, reused = fit_influence(refs, settings, config.influence, state, config.force, log)
+        probe = influence_probe_factory(inf, params, state, data)
+        info["influence"] = {k: params.get(k) for k in ("device", "threads", "proxy_params", "proxy_seconds",
+                                                         "fit_seconds", "seconds", "proxy_train_loss")}
+        info["influence"]["reused"] = reused
+        default = InfluenceSettings().model_dump(mode="json")
+        info["influence"]["non_default_settings"] = {k: v for k, v in inf.model_dump(mode="json").items()
+                                                     if v != default[k]}
+    plan, tcfg = transformer if transformer is not None else (None, None)
+    evalset = encode_eval(heldout, tcfg) if plan is not None and plan.run else None
+
     rows, ids, tokens = [], {}, {}
-    for method in METHODS:
-        if method.kind == "package" and not config.package:
-            continue
+    for method in methods:
         seeds = range(config.seeds) if method.seeded else [0 if method.kind == "package" else None]
         for seed in seeds:
             if method.kind == "package":
                 sel = run_package(method, seed, data, pool_path, task.target_path, budget, config,
                                   work / f"dsir-package-{label}-seed{seed}.json")
             else:
-                sel = run_method(method, seed, data, settings, domain)
+                sel = run_method(method, seed, data, settings, domain, probe)
             row = {"task": task.name, "mode": config.mode.name} | evaluate(sel, data, heldout, vocab, domain, budget)
+            second = ""
+            if evalset is not None:
+                row |= evaluate_transformer(sel.texts, evalset, tcfg, config.transformer_seed, plan.device)
+                second = (f"  transformer ppl {row['ppl_transformer']:.3f}/byte "
+                          f"({row['transformer_seconds']:.1f} s)")
+            else:
+                row |= dict.fromkeys(TRANSFORMER_COLUMNS)
             rows.append(row)
             run = f"{method.name}" + ("" if seed is None else f"#{seed}")
             ids[run], tokens[run] = sel.ids, int(sel.tokens.sum())
             log(f"  {run:<22} ppl {row['perplexity']:9.2f}  KL red {row['kl_reduction']:+.4f}  "
                 f"domain {_pct(row['domain_share'])}  {row['tokens']:,} tok  "
-                f"({row['select_seconds']:.1f} s + eval {row['eval_seconds']:.1f} s)")
+                f"({row['select_seconds']:.1f} s + eval {row['eval_seconds']:.1f} s){second}")
             del sel
     try:
         check_protocol(ids, held_ids, tokens, budget)
@@ -702,8 +845,13 @@ def summarize(rows: list[dict]) -> pl.DataFrame:
     frame = pl.DataFrame(rows, infer_schema_length=None)
     order = {name: i for i, name in enumerate(METHOD_NAMES)}
     diag = [c for c in ("accept_rate", "clusters_explored", "rounds", "fill_share", "probe_snr",
-                        "block_domain_share", "tau", "probe_within_sd", "probe_between_sd", "score_iqr")
+                        "block_domain_share", "tau", "probe_within_sd", "probe_between_sd", "score_iqr",
+                        "docs_scored", "probe_seconds", "transformer_seconds")
             if c in frame.columns]
+    second = [pl.col("ppl_transformer").cast(pl.Float64).mean().alias("ppl_transformer"),
+              pl.col("ppl_transformer").cast(pl.Float64).std().alias("ppl_transformer_sd"),
+              pl.col("ppl_transformer_word").cast(pl.Float64).mean().alias("ppl_transformer_word")
+              ] if "ppl_transformer" in frame.columns else []
     aggs = [
         pl.len().alias("runs"),
         pl.col("perplexity").mean().alias("ppl"), pl.col("perplexity").std().alias("ppl_sd"),
@@ -714,7 +862,7 @@ def summarize(rows: list[dict]) -> pl.DataFrame:
         pl.col("source_entropy").mean(), pl.col("sources_covered").mean(),
         pl.col("tokens").mean(), pl.col("docs").mean(), pl.col("budget_deviation").abs().max().alias("max_budget_dev"),
         pl.col("source_mix").first(), pl.col("select_seconds").mean(), pl.col("reference").first(),
-        *(pl.col(c).cast(pl.Float64).mean() for c in diag),
+        *(pl.col(c).cast(pl.Float64).mean() for c in diag), *second,
     ]
     return (frame.group_by("task", "method", maintain_order=True).agg(aggs)
             .with_columns(pl.col("method").replace_strict(order, default=len(order)).alias("_o"))
@@ -734,6 +882,17 @@ def verdicts(summary: pl.DataFrame) -> list[dict]:
                         "best_overall": min((v, m) for m, v in ppl.items()
                                             if not s.filter(pl.col("method") == m)["reference"][0])[1]})
     return out
+
+
+def judges_agree(task_summary: pl.DataFrame) -> float | None:
+    """Spearman rank correlation of the trigram's and the transformer's perplexities over one task's methods."""
+    from scipy.stats import spearmanr
+
+    both = task_summary.select("ppl", "ppl_transformer").drop_nulls()
+    if both.height < 3:
+        return None
+    rho = spearmanr(both["ppl"].to_numpy(), both["ppl_transformer"].to_numpy()).statistic
+    return None if rho is None or math.isnan(rho) else float(rho)
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
@@ -767,12 +926,18 @@ def render_markdown(results: list[TaskResult], summary: pl.DataFrame, meta: dict
         f"# Selection benchmark ({meta['mode']})", "",
         f"- date: {meta['date']}", f"- command: `{meta['command']}`", f"- commit: {meta['commit']}",
         f"- machine: {meta['machine']}; load average {meta['load_start']} at start, {meta['load_end']} at end",
-        f"- seeds per random method: {meta['seeds']}; wall time {meta['seconds']:.0f} s", "",
+        f"- seeds per random method: {meta['seeds']}; wall time {meta['seconds']:.0f} s",
+        f"- second opinion (tiny transformer): {meta['transformer']['text']}", "",
         "Perplexity: held-out target perplexity of a Kneser-Ney trigram model trained on the selection only "
         "(lower is better; one vocabulary per task). KL red.: KL(target||pool) - KL(target||selection) on hashed "
         "1-2-grams, in nats (higher is better). Domain: share of selected tokens from the target's own source. "
         "Mean +- sd over seeds where a method is random.", "",
     ]
+    second = "ppl_transformer" in summary.columns and summary["ppl_transformer"].drop_nulls().len() > 0
+    if second:
+        lines += ["Transformer: held-out perplexity per UTF-8 byte of the second-opinion transformer trained on the "
+                  "selection only (lower is better); rho: Spearman rank correlation of the two perplexities over "
+                  "a task's methods (1: both judges rank the methods alike).", ""]
     for res in results:
         i = res.info
         lines += [f"## {res.name}", "",
@@ -785,17 +950,34 @@ def render_markdown(results: list[TaskResult], summary: pl.DataFrame, meta: dict
                       f"of the in-domain tokens sit in one cluster ({i['domain_top_cluster']}), which is "
                       f"{i['domain_top_cluster_purity']:.0%} in-domain and {i['domain_top_cluster_pool_share']:.0%} of "
                       f"the pool; {i['clusters_for_90pct_domain']} clusters hold 90% of the in-domain tokens.", ""]
+        if "influence" in i:
+            f = i["influence"]
+            lines += [f"quad-influence: a {f['proxy_params']:,}-parameter proxy trained in "
+                      f"{_num(f['proxy_seconds'], 1)} s and the scorer fitted in {_num(f['fit_seconds'], 1)} s on "
+                      f"{f['device']} ({f['threads'] or 'default'} torch threads; settings other than "
+                      f"score.influence's defaults: {json.dumps(f['non_default_settings'])}), once per task pool"
+                      + (" (by an earlier run; reused here)." if f.get("reused") else "."), ""]
+        if i.get("skipped_methods"):
+            lines += ["Not run: " + "; ".join(f"{m} ({why})" for m, why in i["skipped_methods"].items()) + ".", ""]
         s = summary.filter(pl.col("task") == res.name)
         rows = []
         for r in s.iter_rows(named=True):
             sd = f" +- {_num(r['ppl_sd'])}" if r["runs"] > 1 and r["ppl_sd"] is not None else ""
             name = r["method"] + (" (reference)" if r["reference"] else "")
-            rows.append([name, r["runs"], f"{_num(r['ppl'])}{sd}",
-                         _num(r["kl_red"], 4) + (f" +- {_num(r['kl_red_sd'], 4)}" if r["runs"] > 1 and r["kl_red_sd"] is not None else ""),
-                         _pct(r["domain_share"]), f"{_num(r['clusters_covered'], 0)} ({_pct(r['cluster_coverage'])})",
-                         _num(r["source_entropy"]), r["source_mix"]])
-        lines += _table(["method", "runs", "perplexity", "KL red.", "domain", "clusters covered",
-                         "source entropy", "top sources (token share)"], rows) + [""]
+            row = [name, r["runs"], f"{_num(r['ppl'])}{sd}"]
+            if second:
+                tsd = r.get("ppl_transformer_sd")
+                spread = f" +- {_num(tsd, 3)}" if r["runs"] > 1 and tsd is not None else ""
+                row.append(_num(r["ppl_transformer"], 3) + spread)
+            rows.append(row + [
+                _num(r["kl_red"], 4) + (f" +- {_num(r['kl_red_sd'], 4)}" if r["runs"] > 1 and r["kl_red_sd"] is not None else ""),
+                _pct(r["domain_share"]), f"{_num(r['clusters_covered'], 0)} ({_pct(r['cluster_coverage'])})",
+                _num(r["source_entropy"]), r["source_mix"]])
+        lines += _table(["method", "runs", "perplexity", *(["transformer"] if second else []), "KL red.", "domain",
+                         "clusters covered", "source entropy", "top sources (token share)"], rows) + [""]
+        if second:
+            rho = judges_agree(s)
+            lines += [f"Trigram vs transformer: rho = {_num(rho)} over {s.height} methods.", ""]
         if res.protocol != "ok":
             lines += ["```", res.protocol, "```", ""]
     lines += ["## Does the Quad bandit beat random and DSIR?", ""]
@@ -814,14 +996,17 @@ def render_markdown(results: list[TaskResult], summary: pl.DataFrame, meta: dict
               "accept: share of pulled blocks accepted; explored: clusters pulled at least once / k; fill: share "
               "of the budget taken after the bandit stopped (not chosen by probes); domain (blocks): in-domain "
               "share of accepted blocks; probe SNR: sd of block means across pulls / (sd of probes within a "
-              "block / sqrt(m)), below ~2 the probes cannot tell clusters apart.", ""]
+              "block / sqrt(m)), below ~2 the probes cannot tell clusters apart; score IQR: of the pool's scores "
+              "(of the probed documents' for influence); docs scored: documents the probe scorer computed a score "
+              "for (the whole pool for a pool-wide score), in probe s seconds.", ""]
     drows = []
     for r in summary.filter(pl.col("method").str.starts_with("quad-")).iter_rows(named=True):
         drows.append([r["task"], r["method"], _pct(r.get("accept_rate")), _pct(r.get("clusters_explored")),
                       _num(r.get("rounds"), 0), _pct(r.get("fill_share")), _pct(r.get("block_domain_share")),
-                      _num(r.get("probe_snr")), _num(r.get("tau"), 3), _num(r.get("score_iqr"), 3)])
+                      _num(r.get("probe_snr")), _num(r.get("tau"), 3), _num(r.get("score_iqr"), 3),
+                      _num(r.get("docs_scored"), 0), _num(r.get("probe_seconds"), 1)])
     lines += _table(["task", "bandit", "accept", "explored", "rounds", "fill", "domain (blocks)", "probe SNR",
-                     "tau", "score IQR"], drows) + [""]
+                     "tau", "score IQR", "docs scored", "probe s"], drows) + [""]
     lines += ["## Pipeline stages (once per task pool)", ""]
     prow = []
     for res in results:
@@ -891,6 +1076,14 @@ def run_bench(config: BenchConfig, command: str = "", log: Callable[[str], None]
     """Run every task of the config and write results.csv, results.md and the plots to config.out."""
     start = time.perf_counter()
     load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    method_plan(config)  # unknown method names fail before any work
+    plan = plan_transformer(config.transformer)
+    chosen = transformer_config(config, plan)
+    transformer_meta = {"mode": config.transformer, "ran": plan.run, "device": plan.device, "reason": plan.reason,
+                        "config": describe(chosen[1], chosen[0]) if chosen else None,
+                        "seed": config.transformer_seed if chosen else None}
+    transformer_meta["text"] = describe_transformer(transformer_meta)
+    log(f"second opinion (tiny transformer): {transformer_meta['text']}")
     config.out.mkdir(parents=True, exist_ok=True)
     missing = [t for t in config.tasks if not (config.tasks_dir / t / "task.json").exists()]
     if missing:
@@ -903,13 +1096,14 @@ def run_bench(config: BenchConfig, command: str = "", log: Callable[[str], None]
     results = []
     for name in config.tasks:
         log(f"{name} ({config.mode.name})")
-        results.append(run_task(load_task(config.tasks_dir / name), config, log))
+        results.append(run_task(load_task(config.tasks_dir / name), config, log,
+                                (plan, chosen[1] if chosen else None)))
     rows = [r for res in results for r in res.rows]
     summary = summarize(rows)
     meta = {"mode": config.mode.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command or "benchmarks.bench.run_bench(...)", "commit": _commit(), "machine": machine(),
             "load_start": load_start, "load_end": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-            "seeds": config.seeds, "seconds": time.perf_counter() - start}
+            "seeds": config.seeds, "seconds": time.perf_counter() - start, "transformer": transformer_meta}
     markdown = render_markdown(results, summary, meta)
     pl.DataFrame(rows, infer_schema_length=None).write_csv(config.out / "results.csv")
     (config.out / "results.md").write_text(markdown + "\n")
@@ -918,7 +1112,24 @@ def run_bench(config: BenchConfig, command: str = "", log: Callable[[str], None]
                                  for r in results}}, indent=2, default=str) + "\n")
     plot_metric(summary, "ppl", None, "held-out perplexity (lower is better)", config.out / "perplexity.png")
     plot_metric(summary, "kl_red", "kl_red_sd", "KL reduction, nats (higher is better)", config.out / "kl_reduction.png")
+    if plan.run:
+        plot_metric(summary, "ppl_transformer", "ppl_transformer_sd",
+                    "transformer ppl per byte (lower is better)", config.out / "ppl_transformer.png")
     return BenchResult(results, summary, markdown, config.out)
+
+
+def describe_transformer(meta: dict) -> str:
+    """One line for logs and results.md: where the second opinion ran and with what, or why it was skipped."""
+    if not meta["ran"]:
+        return meta["reason"]
+    c = meta["config"]
+    unit = "byte" if c["tokenizer"] == "bytes" else "hashed word"
+    return (f"{meta['reason']}; preset {c['preset']}: {c['n_layers']} x {c['d_model']}, {c['params']:,} parameters, "
+            f"{c['tokenizer']} tokenizer, {c['seq_len']}-{unit} context, "
+            f"{c['steps'] * c['batch_size'] * c['seq_len']:,} training {unit}s per selection ({c['steps']} steps x {c['batch_size']} windows), seed {meta['seed']}, "
+            f"{c['threads'] or 'default'} torch threads; held-out perplexity per {unit}"
+            + (f" on a seeded sample of at most {c['max_eval_tokens']:,} held-out {unit}s "
+               f"({c['seq_len']}-{unit} chunks)" if c["max_eval_tokens"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -937,6 +1148,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--package-num-proc", type=int, default=2)
     ap.add_argument("--config", help="YAML of pipeline settings (featurize, cluster, score, select) to override")
     ap.add_argument("--force", action="store_true", help="recompute the pipeline stages even when reusable")
+    ap.add_argument("--methods", nargs="+", metavar="METHOD", help=f"only these methods ({', '.join(METHOD_NAMES)})")
+    ap.add_argument("--no-influence", action="store_true", help="skip quad-influence (the influence probe scorer)")
+    ap.add_argument("--influence", default="{}",
+                    help=f"JSON overrides of score.influence for quad-influence (default {json.dumps(BENCH_INFLUENCE)})")
+    ap.add_argument("--transformer", choices=("auto", "on", "off"), default="auto",
+                    help="tiny-transformer second opinion: auto = only with a GPU, on = on any device, off")
+    ap.add_argument("--transformer-preset", choices=sorted(PRESETS),
+                    help="its size (default: small on a GPU, tiny on the CPU)")
+    ap.add_argument("--transformer-tokens", type=int, help="its training tokens per selection (default: the preset's)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # the DSIR package's progress bars, in its workers too
@@ -951,15 +1171,31 @@ def main(argv: list[str] | None = None) -> int:
         from quadflow.settings import load_yaml
 
         pipeline = {k: v for k, v in load_yaml(args.config).items() if k in ("featurize", "cluster", "score", "select")}
+    methods = tuple(args.methods) if args.methods else None
+    if args.no_influence:
+        methods = tuple(m for m in (methods or METHOD_NAMES) if m != f"quad-{INFLUENCE}")
+    try:
+        influence = {**BENCH_INFLUENCE, **json.loads(args.influence)}
+    except json.JSONDecodeError as e:
+        ap.error(f"--influence {args.influence!r} is not JSON ({e.msg})")
+    if args.transformer_tokens is not None and args.transformer_tokens < 1:
+        ap.error(f"--transformer-tokens {args.transformer_tokens}: at least 1")
     config = BenchConfig(mode=mode, tasks=tuple(args.tasks), seeds=seeds, out=Path(args.out),
                          tasks_dir=Path(args.tasks_dir), source=Path(args.source), budget_tokens=args.budget_tokens,
                          package=not args.no_package, package_num_proc=args.package_num_proc, force=args.force,
-                         pipeline=pipeline)
+                         pipeline=pipeline, methods=methods, influence=influence, transformer=args.transformer,
+                         transformer_preset=args.transformer_preset, transformer_tokens=args.transformer_tokens)
+    try:
+        method_plan(config)
+        plan_transformer(config.transformer)
+    except ValueError as e:
+        ap.error(str(e))
     command = "python -m benchmarks.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = run_bench(config, command=command, log=lambda msg: print(msg, flush=True))
     print()
     print(result.markdown)
-    print(f"\nwrote {result.out}/results.csv, results.md, perplexity.png, kl_reduction.png")
+    extra = ", ppl_transformer.png" if result.summary["ppl_transformer"].drop_nulls().len() else ""
+    print(f"\nwrote {result.out}/results.csv, results.md, perplexity.png, kl_reduction.png{extra}")
     if not result.protocol_ok:
         print("evaluation protocol violated: see results.md", file=sys.stderr)
         return 1

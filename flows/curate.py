@@ -7,7 +7,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from quadflow.objectstore import ObjectStoreSettings
-from quadflow.settings import IngestSettings, Settings
+from quadflow.settings import IngestSettings, RunSettings, Settings
+from quadflow.shards import check_flow_runner, task_runner
 from quadflow.store import StoreRef, open_store
 from quadflow.tasking import IO_RETRIES
 from tasks.cluster import cluster
@@ -43,15 +44,16 @@ def _run_name() -> str:
     return f"curate-{selector}-{budget}tok"
 
 
-@flow(name="curate", flow_run_name=_run_name, validate_parameters=True)
+@flow(name="curate", flow_run_name=_run_name, validate_parameters=True, task_runner=task_runner(RunSettings()))
 def curate(settings: Settings) -> dict:
     """Select a token-budgeted, high-quality, diverse subset of the pool; return where it went."""
+    check_flow_runner(settings.run)
     store = open_store_task(settings.store)
     files, targets = resolve_inputs(settings.ingest, settings.objectstore)
     docs = ingest(settings.ingest, files, targets, store, settings.objectstore)
-    features = featurize(settings.featurize, docs, settings.seed)
+    features = featurize(settings.featurize, docs, settings.seed, settings.run)
     clusters = cluster(settings.cluster, features, settings.seed)
-    scores = score(settings.score, docs, features, settings.seed)
+    scores = score(settings.score, docs, features, settings.seed, settings.run)
     selection = select(settings.select, docs, features, clusters, scores, settings.seed)
     exported = export(settings, files, targets, docs, clusters, scores, selection, features=features)
     reported = report(settings, docs, features, clusters, scores, selection, exported)
@@ -64,3 +66,8 @@ def curate(settings: Settings) -> dict:
         "tokens": exported.tokens,
         "summary": reported.summary,
     }
+
+
+def run_curate(settings: Settings, **kwargs):
+    """`curate` with its shard tasks on the task runner `settings.run.runner` names (see quadflow.shards)."""
+    return curate.with_options(task_runner=task_runner(settings.run))(settings=settings, **kwargs)

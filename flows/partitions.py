@@ -23,7 +23,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.curate import curate
+from flows.curate import run_curate
 from quadflow.locking import DEFAULT_TIMEOUT, default_owner, store_lock
 from quadflow.partitions import (
     lock_path,
@@ -133,7 +133,7 @@ def outcome(partition: date, status: str, settings: Settings | None = None, deta
 def curate_locked(settings: Settings, lock_timeout: LockTimeout = DEFAULT_TIMEOUT) -> dict:
     """`curate` holding its store's lock, so concurrent runs over one store queue instead of failing."""
     with store_lock(lock_path(settings), timeout=lock_timeout, owner=_owner()):
-        return curate(settings=settings)
+        return run_curate(settings)
 
 
 @flow(name=PARTITION_FLOW, flow_run_name=_partition_run_name, validate_parameters=True, persist_result=True)
@@ -153,7 +153,7 @@ def curate_partition(settings: Settings, partition: date, force: bool = False,
         if not force and not_done_reason(ps) is None:  # a run we waited for did it meanwhile
             log.info(f"partition {partition}: finished by the run that held the lock; skipped")
             return outcome(partition, "skipped", ps, "done by a concurrent run", run_name)
-        curate(settings=ps)
+        run_curate(ps)
     return outcome(partition, "done", ps, "forced" if force else "", run_name)
 
 

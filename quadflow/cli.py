@@ -6,10 +6,13 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from quadflow.settings import SCORERS, SELECTORS, ConfigError, Settings, build_settings
+from quadflow.shards import RUNNER_HELP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "examples" / "demo.yaml"
@@ -52,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for every random step (default 0)")
     run.add_argument("--text-field", help="field holding the document text (default 'text')")
     run.add_argument("--format", choices=("parquet", "jsonl"), help="selection file format (default parquet)")
+    run.add_argument("--runner", metavar="RUNNER", help=f"where shard tasks run: {RUNNER_HELP}")
+    run.add_argument("--workers", type=int, help="worker processes/threads for the runner (default: one per core)")
+    run.add_argument("--shard-docs", type=int,
+                     help="documents per featurize/score shard (default 50,000): sets peak memory, not results")
+    run.add_argument("--parts", metavar="DIR",
+                     help="directory for shard parts, shared with the workers (default: <store>.parts)")
     run.add_argument("--lock-timeout", type=float, default=3600.0, metavar="SECONDS",
                      help="how long to wait while another run holds the store (default 3600)")
     run.add_argument("--show-settings", action="store_true", help="print the resolved settings and exit")
@@ -82,11 +91,37 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                    "probe_scorer": args.probe_scorer},
         "export": {"output": args.output, "format": args.format},
         "objectstore": {"endpoint_url": args.endpoint_url},
+        "run": {"runner": args.runner, "workers": args.workers, "shard_docs": args.shard_docs, "parts": args.parts},
     }
 
 
 def _prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@contextmanager
+def _prefect_api() -> Iterator[None]:
+    """Without a configured Prefect API, start the temporary server here and export its URL, so shard tasks
+    in worker processes report to the same server instead of each starting their own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()  # send the run's last logs while the server is still up
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 def _check_paths(settings: Settings) -> None:
@@ -107,14 +142,15 @@ def _check_paths(settings: Settings) -> None:
 def _run(settings: Settings, lock_timeout: float = 3600.0) -> int:
     _check_paths(settings)
     _prepare_environment()
-    from flows.curate import curate
+    from flows.curate import run_curate
     from quadflow.locking import default_owner, store_lock
     from quadflow.partitions import lock_path
 
     # One run at a time per store: a second `quadflow run` over it waits (and says so) instead
     # of failing on DuckDB's single-writer lock.
-    with store_lock(lock_path(settings), timeout=lock_timeout, owner=f"quadflow run, {default_owner()}"):
-        result = curate(settings=settings)
+    with store_lock(lock_path(settings), timeout=lock_timeout, owner=f"quadflow run, {default_owner()}"), \
+            _prefect_api():
+        result = run_curate(settings)
     _print_result(result)
     return 0
 

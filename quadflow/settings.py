@@ -82,6 +82,11 @@ class ClusterSettings(Section):
         None, ge=2, description="Number of clusters; auto: about sqrt(pool size), within [8, 10000]."
     )
     batch_size: int = Field(4096, ge=64, description="MiniBatchKMeans batch size.")
+    fit_sample: int = Field(
+        500_000, ge=1000, description="Pool documents (a seeded sample) k-means is fitted on; every document is "
+        "then assigned in streamed batches, so memory does not grow with the pool. Pools this size or smaller "
+        "are fitted whole.",
+    )
     gamma: float | None = Field(
         None,
         gt=0,
@@ -89,6 +94,13 @@ class ClusterSettings(Section):
         description="Neighbour radius (cosine distance between centroids) for reward sharing; "
         "auto: median distance from a centroid to its 5th-nearest centroid.",
     )
+
+    @model_validator(mode="after")
+    def _k_fits_the_sample(self) -> "ClusterSettings":
+        if self.k is not None and self.k > self.fit_sample:
+            raise ValueError(f"k = {self.k} exceeds fit_sample = {self.fit_sample}: k-means needs at least k "
+                             "fitted documents")
+        return self
 
 
 def influence_available() -> bool:
@@ -239,6 +251,24 @@ class ExportSettings(Section):
     format: Literal["parquet", "jsonl"] = Field("parquet", description="Selection file format.")
 
 
+class RunSettings(Section):
+    """How a run executes; results never depend on these (they are not part of any stage key)."""
+
+    runner: str = Field(
+        "processes",
+        pattern=r"^(threads|processes|dask|(dask|tcp|ray)://[A-Za-z0-9_.\-\[\]:]+)$",
+        description="Task runner for shard tasks: threads, processes (a local process pool), dask (a local "
+        "Dask cluster), dask://HOST:PORT (an existing Dask scheduler) or ray://HOST:PORT (prefect-ray).",
+    )
+    workers: int | None = Field(None, ge=1, description="Worker processes/threads (default: one per core).")
+    shard_docs: int = Field(
+        50_000, ge=1, description="Documents per shard of featurize and score: sets their peak memory, not the results."
+    )
+    parts: str | None = Field(
+        None, description="Directory for shard parts, shared with the workers (default: <store>.parts beside the store)."
+    )
+
+
 class Settings(BaseModel):
     """Everything a curation run needs. Backs the CLI, the YAML config and the flow parameters."""
 
@@ -253,6 +283,7 @@ class Settings(BaseModel):
     select: SelectSettings = Field(default_factory=SelectSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     objectstore: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

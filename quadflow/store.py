@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import uuid
 from contextlib import contextmanager
@@ -92,11 +93,24 @@ def _split_statements(text: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+# DuckDB caches table blocks up to its memory limit (80% of RAM by default), so a store connection's memory
+# would grow with the pool. Capped, it spills to <store>.tmp instead. QUADFLOW_DUCKDB_MEMORY overrides.
+DEFAULT_MEMORY_LIMIT = "1GB"
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+def _config() -> dict[str, str]:
+    limit = os.environ.get("QUADFLOW_DUCKDB_MEMORY", DEFAULT_MEMORY_LIMIT)
+    if not _MEMORY.match(limit):
+        raise ValueError(f"QUADFLOW_DUCKDB_MEMORY = {limit!r}: expected a size such as 1GB or 512MB")
+    return {"memory_limit": limit}
+
+
 def open_store(path: str | Path) -> StoreRef:
     """Create the store (and its meta table) if needed; return its reference."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with duckdb.connect(str(p)) as con:
+    with duckdb.connect(str(p), config=_config()) as con:
         con.execute("create table if not exists store_meta (name varchar primary key, value varchar)")
         row = con.execute("select value from store_meta where name = 'store_id'").fetchone()
         if row is None:
@@ -113,7 +127,7 @@ def connect(store: StoreRef, read_only: bool = False) -> Iterator[duckdb.DuckDBP
     p = Path(store.path)
     if not p.exists():
         raise FileNotFoundError(f"store {p} does not exist (was it deleted during the run?)")
-    con = duckdb.connect(str(p), read_only=read_only)
+    con = duckdb.connect(str(p), read_only=read_only, config=_config())
     try:
         row = con.execute("select value from store_meta where name = 'store_id'").fetchone()
         if row is None or row[0] != store.store_id:

@@ -13,7 +13,7 @@ some with size 0 (the select stage gives them no arm).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
@@ -23,18 +23,21 @@ import sklearn
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
-from quadflow.log import get_logger
+from quadflow.log import Progress, get_logger
 from quadflow.settings import ClusterSettings
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
 
-from tasks.featurize import load_vectors
+from tasks.featurize import sample_rows
 
-VERSION = f"cluster-1/sklearn-{sklearn.__version__}"
+VERSION = f"cluster-2/sklearn-{sklearn.__version__}"
 
 MIN_K, MAX_K = 8, 10_000  # Quad (ICLR 2025) uses 10k clusters for ~600M documents: the upper end
 N_NEAREST = 5  # auto gamma: median distance to the 5th-nearest other centroid, so ~half the arms share with >= 5
 _BLOCK = 2048  # rows per block of pairwise centroid or document-centroid similarities
+_SIM_FLOATS = 2**25  # at most 128 MiB of float32 document-centroid similarities at once (32k rows up to k 1024)
+STREAM_ROWS = 200_000  # pool documents per streamed batch: ~51 MiB of 64-dim float32 vectors
+_READ_ROWS = 65_536  # rows per arrow record batch fetched from the store (~17 MiB of 64-dim vectors)
 
 PAIRS_SCHEMA = {"cluster": pl.Int32, "neighbor": pl.Int32, "distance": pl.Float32}
 
@@ -60,11 +63,18 @@ def _l2_normalize_rows(x: np.ndarray) -> np.ndarray:
 class Clusterer:
     """MiniBatchKMeans on L2-normalized vectors, with cosine labels and normalized centroids.
 
+    `fit(X)` fits in memory. For a pool too big for memory the same steps run one batch at a
+    time, in doc order: `fit_sample(X_sample)` fits k-means on a sample, `partial_assign(X_batch)`
+    over every batch sums each cluster's members (pass 1), `finalize()` turns the sums into
+    centroids, and `partial_distances(X_batch)` over every batch gives the final labels and
+    distances and sums the inertia (pass 2). `fit(X)` is exactly these steps with X as one batch.
+
     After fit: labels_ (n,) int32, the most cosine-similar k-means center; centroids_ (k, dim)
     float32, the normalized mean of each cluster's members; distances_ (n,) float32 cosine
     distance to the own centroid; sizes_ (k,) int64 (may hold zeros); inertia_ = sum of
     squared Euclidean distances to the own centroid. Documents with a zero vector (no n-grams)
-    keep MiniBatchKMeans' label and get distance 1.
+    keep MiniBatchKMeans' label and get distance 1. The batch steps keep no per-document state:
+    labels_ and distances_ exist after fit(X) only.
     """
 
     def __init__(self, k: int, batch_size: int = 4096, random_state: int | None = 0, n_init: int = 3,
@@ -76,9 +86,16 @@ class Clusterer:
         self.max_iter = max_iter
 
     def fit(self, X: np.ndarray) -> "Clusterer":
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D (n_docs, dim), got shape {X.shape!r}")
+        X = _as_matrix(X)
+        self.fit_sample(X)
+        labels = self.partial_assign(X)
+        self.finalize()
+        self.labels_, self.distances_ = self.partial_distances(X, labels)
+        return self
+
+    def fit_sample(self, X: np.ndarray) -> "Clusterer":
+        """Fit the k-means centers on (a sample of) the pool and reset the pass-1 sums."""
+        X = _as_matrix(X)
         n = X.shape[0]
         if not 1 <= self.k <= n:
             raise ValueError(f"k must be in [1, n_docs={n}], got {self.k!r}")
@@ -94,26 +111,73 @@ class Clusterer:
         # the machine's core count, so a seed gives the same clusters everywhere.
         with threadpool_limits(limits=1):
             km.fit(X)
-        labels, _ = assign(X, _l2_normalize_rows(km.cluster_centers_))
-        zero = ~np.any(X, axis=1)  # (n,) documents without a direction
-        labels[zero] = km.labels_[zero]
-        # Centroid = mean direction of the members (mini-batch centers lag behind on small pools);
-        # an empty cluster keeps its k-means center.
-        members = sp.csr_matrix((np.ones(n, np.float32), (labels, np.arange(n))), shape=(self.k, n))
-        sums = np.asarray(members @ X)  # (k, dim)
+        for name in ("centroids_", "labels_", "distances_"):
+            self.__dict__.pop(name, None)
+        self.kmeans_ = km
+        self.centers_ = _l2_normalize_rows(km.cluster_centers_)  # (k, dim) normalized k-means centers
+        self.n_iter_ = int(km.n_iter_)
+        self.member_sums_ = np.zeros((self.k, X.shape[1]), dtype=np.float64)  # (k, dim)
+        self.sizes_ = np.zeros(self.k, dtype=np.int64)
+        self.inertia_ = 0.0
+        return self
+
+    def partial_assign(self, X: np.ndarray) -> np.ndarray:
+        """Pass 1 over one batch: its labels (b,) int32, added to the member sums and sizes."""
+        if not hasattr(self, "centers_"):
+            raise RuntimeError("Clusterer has no k-means centers: call fit_sample() first")
+        if hasattr(self, "centroids_"):
+            raise RuntimeError("Clusterer is finalized: call fit_sample() again before partial_assign()")
+        X = _as_matrix(X, self.centers_.shape[1])
+        labels = self._kmeans_labels(X)
+        b = X.shape[0]
+        members = sp.csr_matrix((np.ones(b, np.float32), (labels, np.arange(b))), shape=(self.k, b))
+        # (k, dim) float32 sum per batch, in doc order as one sparse product; float64 across batches
+        self.member_sums_ += np.asarray(members @ X)
+        self.sizes_ += np.bincount(labels, minlength=self.k)
+        return labels
+
+    def finalize(self) -> "Clusterer":
+        """Centroids from the pass-1 sums: mean direction of the members."""
+        if not hasattr(self, "member_sums_"):
+            raise RuntimeError("Clusterer has no member sums: call fit_sample() and partial_assign() first")
+        # Mini-batch centers lag behind on small pools, so the centroid is the members' mean
+        # direction; an empty cluster keeps its k-means center.
+        sums = self.member_sums_.astype(np.float32)  # (k, dim)
         empty = ~np.any(sums, axis=1)
-        sums[empty] = km.cluster_centers_[empty]
+        sums[empty] = self.kmeans_.cluster_centers_[empty]
         self.centroids_ = _l2_normalize_rows(sums)  # (k, dim)
-        cos = np.einsum("ij,ij->i", X, self.centroids_[labels])  # (n,)
-        self.labels_ = labels
-        self.distances_ = np.clip(1.0 - cos, 0.0, 2.0).astype(np.float32)
-        self.sizes_ = np.bincount(labels, minlength=self.k).astype(np.int64)
+        self.inertia_ = 0.0
+        return self
+
+    def partial_distances(self, X: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pass 2 over one batch: (labels (b,) int32, distances (b,) float32); adds to inertia_.
+
+        labels: the batch's partial_assign() result when still at hand, else recomputed.
+        """
+        if not hasattr(self, "centroids_"):
+            raise RuntimeError("Clusterer is not finalized: call finalize() after the partial_assign() pass")
+        X = _as_matrix(X, self.centroids_.shape[1])
+        if labels is None:
+            labels = self._kmeans_labels(X)
+        elif len(labels) != X.shape[0]:
+            raise ValueError(f"{len(labels)} labels for a batch of {X.shape[0]} rows")
+        cos = np.einsum("ij,ij->i", X, self.centroids_[labels])  # (b,)
+        distances = np.clip(1.0 - cos, 0.0, 2.0).astype(np.float32)
         # ||x - c||^2 = |x|^2 + |c|^2 - 2 x.c  (= 2 * cosine distance for unit x and c)
         sq_x = np.einsum("ij,ij->i", X, X, dtype=np.float64)
         sq_c = np.einsum("ij,ij->i", self.centroids_, self.centroids_, dtype=np.float64)[labels]
-        self.inertia_ = float(np.maximum(sq_x + sq_c - 2.0 * cos, 0.0).sum())
-        self.n_iter_ = int(km.n_iter_)
-        return self
+        self.inertia_ += float(np.maximum(sq_x + sq_c - 2.0 * cos, 0.0).sum())
+        return labels, distances
+
+    def _kmeans_labels(self, X: np.ndarray) -> np.ndarray:
+        """(b,) int32 most cosine-similar k-means center; zero rows: MiniBatchKMeans' own label."""
+        labels, _ = assign(X, self.centers_)
+        zero = ~np.any(X, axis=1)  # (b,) documents without a direction
+        if zero.any():
+            # km.predict is how km.labels_ was computed, so fitted rows keep their fit label
+            with threadpool_limits(limits=1):
+                labels[zero] = self.kmeans_.predict(X[zero])
+        return labels
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Most cosine-similar centroid of each row (int32)."""
@@ -122,13 +186,23 @@ class Clusterer:
         return assign(np.ascontiguousarray(X, dtype=np.float32), self.centroids_)[0]
 
 
+def _as_matrix(X: np.ndarray, dim: int | None = None) -> np.ndarray:
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_docs, dim), got shape {X.shape!r}")
+    if dim is not None and X.shape[1] != dim:
+        raise ValueError(f"X has {X.shape[1]} columns, the fitted centers have {dim}")
+    return X
+
+
 def assign(X: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(labels (n,) int32, cosine (n,) float32) of each row's most similar centroid, in blocks."""
     n = X.shape[0]
     labels = np.empty(n, dtype=np.int32)
     cos = np.empty(n, dtype=np.float32)
-    for a in range(0, n, 16 * _BLOCK):
-        sim = X[a : a + 16 * _BLOCK] @ centroids.T  # (block, k)
+    rows = max(_BLOCK, min(16 * _BLOCK, _SIM_FLOATS // max(centroids.shape[0], 1)))
+    for a in range(0, n, rows):
+        sim = X[a : a + rows] @ centroids.T  # (block, k)
         best = np.argmax(sim, axis=1)
         labels[a : a + len(best)] = best
         cos[a : a + len(best)] = sim[np.arange(len(best)), best]
@@ -193,6 +267,71 @@ def neighbor_graph(centroids: np.ndarray, gamma: float | None = None) -> tuple[p
 # ---------------------------------------------------------------------------------------------
 
 
+def _pool_shape(con: Any, key: str) -> tuple[int, int]:
+    """(n, dim) of a featurize partition's pool vectors, checked dense in doc_idx 0..n-1."""
+    n, first, last, dim = query_sql(con, "cluster_vectors_shape", {"key": key}).fetchone()
+    if n == 0:
+        raise ValueError(f"featurize partition {key!r} has no pool vectors to cluster")
+    if first != 0 or last != n - 1:
+        raise ValueError(f"featurize_vectors {key}/pool: doc_idx is not dense 0..{n - 1} (runs {first}..{last})")
+    return int(n), int(dim)
+
+
+def _fill(reader: Any, out: np.ndarray, positions: Any, what: str) -> np.ndarray:
+    """Place each (doc_idx, vec) row of a streamed query result at out[positions(doc_idx)], exactly once.
+
+    Rows may come in any order, so the query needs no sort, and only one arrow record batch
+    is held at a time: memory is `out` plus _READ_ROWS vectors.
+    """
+    n, dim = out.shape
+    seen = np.zeros(n, dtype=bool)  # (n,)
+    read = 0
+    for batch in reader:
+        pos = positions(batch.column(0).to_numpy())  # (b,) rows of `out`
+        col = batch.column(1)
+        lengths = np.diff(np.asarray(col.offsets))  # (b,)
+        if len(lengths) and not (lengths == dim).all():
+            raise ValueError(f"{what}: vectors have {lengths.min()} to {lengths.max()} dims, expected {dim}")
+        out[pos] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        seen[pos] = True
+        read += len(pos)
+    if read != n or not seen.all():  # n rows read and every row of `out` hit: no gaps, no duplicates
+        raise ValueError(f"{what}: expected {n} vectors, one per doc_idx, read {read}")
+    return out
+
+
+def read_range(con: Any, key: str, lo: int, hi: int, dim: int) -> np.ndarray:
+    """(hi - lo, dim) float32 pool vectors of doc_idx lo..hi-1, row i = doc_idx lo + i."""
+    what = f"featurize_vectors {key}/pool [{lo}, {hi})"
+
+    def positions(doc_idx: np.ndarray) -> np.ndarray:
+        return doc_idx - lo  # the query keeps lo <= doc_idx < hi
+
+    reader = query_sql(con, "cluster_vectors_range", {"key": key, "lo": lo, "hi": hi}).fetch_record_batch(_READ_ROWS)
+    return _fill(reader, np.empty((hi - lo, dim), dtype=np.float32), positions, what)
+
+
+def read_rows(con: Any, key: str, rows: np.ndarray, dim: int) -> np.ndarray:
+    """(len(rows), dim) float32 pool vectors of the sorted, distinct doc_idx `rows`, in that order."""
+    rows = np.asarray(rows, dtype=np.int64)
+
+    def positions(doc_idx: np.ndarray) -> np.ndarray:
+        return np.searchsorted(rows, doc_idx)  # the query keeps doc_idx in rows
+
+    con.register("picked", pa.table({"doc_idx": pa.array(rows)}))
+    try:
+        reader = query_sql(con, "cluster_vectors_rows", {"key": key}).fetch_record_batch(_READ_ROWS)
+        out = np.empty((len(rows), dim), dtype=np.float32)
+        return _fill(reader, out, positions, f"featurize_vectors {key}/pool sample")
+    finally:
+        con.unregister("picked")
+
+
+def _ranges(n: int):
+    for lo in range(0, n, STREAM_ROWS):
+        yield lo, min(lo + STREAM_ROWS, n)
+
+
 def load_assignments(con: Any, key: str) -> np.ndarray:
     """Cluster label (int32) of every pool document of a cluster partition, row i = doc_idx i."""
     table = query_sql(con, "cluster_assignments_load", {"key": key}).fetch_arrow_table()
@@ -208,45 +347,85 @@ def load_neighbors(con: Any, key: str) -> pl.DataFrame:
     return pairs.cast(PAIRS_SCHEMA)  # type: ignore[arg-type]
 
 
+def _fit(con: Any, key: str, model: Clusterer, n: int, dim: int, rows: np.ndarray) -> Iterator[tuple]:
+    """Fit `model` on the pool's sample `rows`; yield (first doc_idx, labels, distances) per batch.
+
+    A pool that is its own sample is in memory anyway: Clusterer.fit, sliced. Otherwise pass 1
+    runs here and pass 2 runs as the batches are consumed (model.inertia_ is complete after).
+    """
+    if len(rows) == n:
+        X = np.empty((n, dim), dtype=np.float32)  # (n, dim)
+        for lo, hi in _ranges(n):
+            X[lo:hi] = read_range(con, key, lo, hi, dim)
+        model.fit(X)
+        return ((lo, model.labels_[lo:hi], model.distances_[lo:hi]) for lo, hi in _ranges(n))
+    model.fit_sample(read_rows(con, key, rows, dim))
+    progress = Progress("cluster assign", n)
+    for lo, hi in _ranges(n):  # pass 1: labels -> member sums
+        model.partial_assign(read_range(con, key, lo, hi, dim))
+        progress.update(hi - lo)
+    progress.close()
+    model.finalize()
+    # pass 2 re-reads the vectors and labels them again: no per-document state is kept
+    return ((lo, *model.partial_distances(read_range(con, key, lo, hi, dim))) for lo, hi in _ranges(n))
+
+
+def _assignments(lo: int, labels: np.ndarray, distances: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "doc_idx": pa.array(np.arange(lo, lo + len(labels), dtype=np.int64)),
+            "cluster": pa.array(labels),
+            "distance": pa.array(distances),
+        }
+    )
+
+
 @stage_task("cluster")
 def cluster(settings: ClusterSettings, features: StageRef, seed: int) -> StageRef:
-    """Cluster the pool's vectors and write assignments, centroids, the neighbour graph and info."""
+    """Cluster the pool's vectors and write assignments, centroids, the neighbour graph and info.
+
+    Memory is bounded by fit_sample and STREAM_ROWS, not by the pool: k-means is fitted on a
+    seeded sample, then every document is labelled in two streamed passes over the vectors.
+    """
     key = stage_key("cluster", VERSION, settings, features, seed)
     log = get_logger()
     with connect(features.store) as con:
         run_sql(con, "cluster_create")
-        X = load_vectors(con, features.key, "pool")  # (n, dim) float32
-        n = X.shape[0]
-        if n == 0:
-            raise ValueError(f"featurize partition {features.key!r} has no pool vectors to cluster")
+        n, dim = _pool_shape(con, features.key)
+        rows = sample_rows(n, settings.fit_sample, seed)  # (s,) sorted doc_idx the k-means fit sees
         k = auto_k(n) if settings.k is None else settings.k
-        if k > n:
-            log.warning(f"cluster: k = {k} exceeds the pool's {n} documents; using k = {n}")
-            k = n
-        model = Clusterer(k, settings.batch_size, seed).fit(X)
+        if k > len(rows):
+            where = f"the pool's {n} documents" if len(rows) == n else f"the fit sample's {len(rows)} documents"
+            log.warning(f"cluster: k = {k} exceeds {where}; using k = {len(rows)}")
+            k = len(rows)
+        model = Clusterer(k, settings.batch_size, seed)
+        batches = _fit(con, features.key, model, n, dim, rows)
         pairs, gamma = neighbor_graph(model.centroids_, settings.gamma)
         log.info(
-            f"cluster: k {k}, {int((model.sizes_ == 0).sum())} empty, {model.n_iter_} epochs, "
-            f"gamma {gamma:.4f}{' (auto)' if settings.gamma is None else ''}, "
+            f"cluster: k {k} fitted on {len(rows):,} of {n:,} docs, {int((model.sizes_ == 0).sum())} empty, "
+            f"{model.n_iter_} epochs, gamma {gamma:.4f}{' (auto)' if settings.gamma is None else ''}, "
             f"{len(pairs) / max(k, 1):.1f} neighbours per cluster"
-        )
-        assignments = pa.table(
-            {
-                "doc_idx": pa.array(np.arange(n, dtype=np.int64)),
-                "cluster": pa.array(model.labels_),
-                "distance": pa.array(model.distances_),
-            }
         )
         centroids = pa.table(
             {
                 "cluster": pa.array(np.arange(k, dtype=np.int32)),
                 "size": pa.array(model.sizes_),
-                "vec": pa.FixedSizeListArray.from_arrays(pa.array(model.centroids_.reshape(-1)), X.shape[1]),
+                "vec": pa.FixedSizeListArray.from_arrays(pa.array(model.centroids_.reshape(-1)), dim),
             }
         )
         with transaction(con):
             run_sql(con, "cluster_delete", {"key": key})
-            insert_frame(con, "cluster_assignments_insert", assignments, {"key": key})
+            progress = Progress("cluster write", n)
+            written = np.zeros(k, dtype=np.int64)  # (k,) members written, checked against pass 1's sizes
+            for lo, labels, distances in batches:
+                insert_frame(con, "cluster_assignments_insert", _assignments(lo, labels, distances), {"key": key})
+                written += np.bincount(labels, minlength=k)
+                progress.update(len(labels))
+            progress.close()
+            if not np.array_equal(written, model.sizes_):
+                bad = int(np.flatnonzero(written != model.sizes_)[0])
+                raise RuntimeError(f"cluster {bad}: {written[bad]} members written but {model.sizes_[bad]} "
+                                   "summed into its centroid; the two passes disagree")
             insert_frame(con, "cluster_centroids_insert", centroids, {"key": key})
             insert_frame(con, "cluster_neighbors_insert", pairs, {"key": key})
             run_sql(con, "cluster_info_insert", {"key": key, "k": k, "gamma": gamma, "inertia": model.inertia_})

@@ -15,24 +15,32 @@ faster on the Debian pool on 2 cores, so it is the one kept.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 import sklearn
 from sklearn.decomposition import TruncatedSVD
 from sklearn.preprocessing import normalize
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from threadpoolctl import threadpool_limits
 
 from quadflow.log import Progress, get_logger
-from quadflow.settings import FeaturizeSettings
+from quadflow.settings import FeaturizeSettings, RunSettings
+from quadflow.shards import (Shard, ShardResult, clean_parts, parts_dir, plan_shards, run_shards, worker_name,
+                             write_parquet_atomic)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
-from quadflow.tasking import stage_task
+from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 
-VERSION = f"featurize-1/polars-{pl.__version__}/sklearn-{sklearn.__version__}"
+VERSION = f"featurize-2/polars-{pl.__version__}/sklearn-{sklearn.__version__}"
 
 # Fixed seeds of the n-gram hash: the feature space must not move with the run's seed,
 # or pool and target counts from different runs would not be comparable.
@@ -240,6 +248,30 @@ class LSA:
     def fit_transform(self, counts: sp.spmatrix) -> np.ndarray:
         return self.fit(counts).transform(counts)
 
+    def save(self, path: Path) -> None:
+        """Write the fitted state to `path` (.npz) via a temporary file, so shard tasks anywhere can load it."""
+        if not hasattr(self, "components_"):
+            raise RuntimeError("LSA is not fitted: call fit() first")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, params=np.array([self.dim, self.sample, -1 if self.random_state is None else self.random_state,
+                                          self.n_features_in_, self.n_fit_docs_], dtype=np.int64),
+                     idf=self.idf_, components=self.components_, evr=self.explained_variance_ratio_)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "LSA":
+        """An LSA with the fitted state `save` wrote."""
+        with np.load(path) as z:
+            dim, sample, seed, n_features, n_fit = (int(v) for v in z["params"])
+            lsa = cls(dim, sample, None if seed == -1 else seed)
+            lsa.n_features_in_, lsa.n_fit_docs_ = n_features, n_fit
+            lsa.idf_, lsa.components_, lsa.explained_variance_ratio_ = z["idf"], z["components"], z["evr"]
+        return lsa
+
     def _tfidf(self, counts: sp.csr_matrix) -> sp.csr_matrix:
         """Sublinear tf (1 + ln count) times idf, rows L2-normalized; float32 CSR."""
         x = counts.astype(np.float32, copy=True)
@@ -338,50 +370,121 @@ def load_ngrams(con: Any, key: str, role: str, n_buckets: int | None = None) -> 
     )
 
 
-def _read_texts(con: Any, key: str, role: str) -> pl.Series:
-    table = query_sql(con, "featurize_texts", {"key": key, "role": role}).fetch_arrow_table()
-    _check_dense(table.column("doc_idx").to_numpy(), f"ingest_docs {key}/{role}")
-    return pl.from_arrow(table.column("text")).alias("text")
+def _role_counts(con: Any, key: str) -> dict[str, int]:
+    """Documents per role of an ingest partition (pool first), checked to be indexed 0..n-1."""
+    out = {"pool": 0, "target": 0}
+    for role, docs, lo, hi in query_sql(con, "score_count_docs", {"key": key}).fetchall():
+        if (lo, hi) != (0, docs - 1):
+            raise ValueError(f"ingest_docs {key}/{role}: doc_idx is not dense (spans {lo}..{hi} for {docs} documents)")
+        out[role] = int(docs)
+    return out
+
+
+def _sample_texts(con: Any, key: str, idx: np.ndarray) -> pl.Series:
+    """Full texts of the pool documents `idx` (sorted), in that order."""
+    cols = query_sql(con, "featurize_texts_at", {"key": key, "role": "pool", "idx": idx.tolist()}).fetch_arrow_table()
+    got = cols.column("doc_idx").to_numpy()
+    if not np.array_equal(got, idx):
+        raise ValueError(f"ingest_docs {key}/pool lacks sampled documents (wanted {idx.size}, got {got.size})")
+    return pl.from_arrow(cols.column("text")).alias("text")
+
+
+def _fitted_lsa(con: Any, settings: FeaturizeSettings, docs_key: str, n_pool: int, seed: int, path: Path) -> LSA:
+    """The LSA of this partition: loaded when an earlier (killed) run saved it, else fitted on a sample and saved."""
+    log = get_logger()
+    if path.is_file():
+        lsa = LSA.load(path)
+        log.info(f"featurize: reusing the LSA fitted by an earlier run ({path})")
+        return lsa
+    sample = sample_rows(n_pool, settings.svd_sample, seed)
+    counts = hashed_ngrams(_sample_texts(con, docs_key, sample), settings.n_features, settings.max_chars)
+    lsa = LSA(settings.dim, settings.svd_sample, seed).fit(counts)
+    lsa.save(path)
+    log.info(
+        f"featurize: LSA fitted on {lsa.n_fit_docs_:,} pool docs, dim {settings.dim}, "
+        f"explained variance {lsa.explained_variance_ratio_.sum():.3f}"
+    )
+    return lsa
+
+
+def featurize_part(texts: pl.DataFrame, settings: FeaturizeSettings, lsa: LSA) -> Iterator[pa.Table]:
+    """Arrow batches (doc_idx, vec, buckets, counts) of one shard's texts (doc_idx, text), bounded in size."""
+    spaces = (settings.n_features, settings.dsir_buckets)
+    series = texts["text"]
+    doc_idx = texts["doc_idx"].to_numpy()
+    for start, end in batch_bounds(series, settings.max_chars):
+        big, small = hashed_ngram_spaces(series.slice(start, end - start), spaces, settings.max_chars)
+        idx = doc_idx[start:end]
+        vec = vectors_batch(idx, lsa.transform(big))
+        ngr = ngrams_batch(idx, small)
+        yield pa.table({"doc_idx": vec.column("doc_idx"), "vec": vec.column("vec"),
+                        "buckets": ngr.column("buckets"), "counts": ngr.column("counts")})
 
 
 # ---------------------------------------------------------------------------------------------
-# Task
+# Tasks
 # ---------------------------------------------------------------------------------------------
 
 
-@stage_task("featurize")
-def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int) -> StageRef:
-    """Write LSA vectors and DSIR-space n-gram counts for the pool and target of an ingest partition."""
+@task(name="featurize-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
+def featurize_shard(shard: Shard, input_path: str, output_path: str, settings: FeaturizeSettings,
+                    lsa_path: str) -> ShardResult:
+    """Featurize one shard: its input part (doc_idx, text) -> its output part (doc_idx, vec, buckets, counts)."""
+    start = time.perf_counter()
+    texts = pl.read_parquet(input_path, columns=["doc_idx", "text"])
+    if not np.array_equal(texts["doc_idx"].to_numpy(), np.arange(shard.lo, shard.hi)):
+        raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
+    lsa = LSA.load(Path(lsa_path))
+    rows = write_parquet_atomic(Path(output_path), featurize_part(texts, settings, lsa))
+    return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
+
+
+def _load_part(key: str):
+    def load(con: Any, result: ShardResult) -> str | None:
+        s = result.shard
+        params = {"key": key, "role": s.role, "lo": s.lo, "hi": s.hi}
+        run_sql(con, "featurize_delete_range", params)
+        table = pq.read_table(result.path)
+        params = {"key": key, "role": s.role}
+        insert_frame(con, "featurize_vectors_insert", table.select(["doc_idx", "vec"]), params)
+        insert_frame(con, "featurize_ngrams_insert", table.select(["doc_idx", "buckets", "counts"]), params)
+        return None
+    return load
+
+
+def _export_texts(con: Any, docs_key: str):
+    def export(shard: Shard, path: Path) -> None:
+        reader = query_sql(con, "featurize_texts_range", {"key": docs_key, "role": shard.role, "lo": shard.lo,
+                                                          "hi": shard.hi}).fetch_record_batch(10_000)
+        write_parquet_atomic(path, reader, schema=reader.schema)
+    return export
+
+
+@stage_task("featurize", cache_policy=SHARDED_CACHE_POLICY)
+def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSettings = RunSettings()) -> StageRef:
+    """Write LSA vectors and DSIR-space n-gram counts for the pool and target of an ingest partition.
+
+    Shard by shard (quadflow.shards): the LSA is fitted here on a seeded sample, each shard is
+    featurized by a shard task on the flow's task runner, and its rows are loaded as it finishes.
+    """
     key = stage_key("featurize", VERSION, settings, docs, seed)
     log = get_logger()
-    spaces = (settings.n_features, settings.dsir_buckets)
     with connect(docs.store) as con:
         run_sql(con, "featurize_create")
-        texts = {role: _read_texts(con, docs.key, role) for role in ("pool", "target")}
-        pool = texts["pool"]
-        if pool.len() == 0:
+        counts = _role_counts(con, docs.key)
+        if counts["pool"] == 0:
             raise ValueError(f"ingest partition {docs.key!r} has no pool documents to featurize")
-
-        sample = sample_rows(pool.len(), settings.svd_sample, seed)
-        counts = hashed_ngrams(pool.gather(sample), settings.n_features, settings.max_chars)
-        lsa = LSA(settings.dim, settings.svd_sample, seed).fit(counts)
-        del counts
-        log.info(
-            f"featurize: LSA fitted on {lsa.n_fit_docs_:,} pool docs, dim {settings.dim}, "
-            f"explained variance {lsa.explained_variance_ratio_.sum():.3f}"
-        )
-
-        progress = Progress("featurize", pool.len() + texts["target"].len())
+        directory = parts_dir(run, docs.store.path, "featurize", key)
+        lsa_path = directory / "lsa.npz"
+        lsa = _fitted_lsa(con, settings, docs.key, counts["pool"], seed, lsa_path)
+        shards = plan_shards(counts, run.shard_docs)
+        progress = Progress("featurize", sum(counts.values()))
+        stats = run_shards(con, "featurize", key, shards, directory, _export_texts(con, docs.key), featurize_shard,
+                           {"settings": settings, "lsa_path": str(lsa_path)}, _load_part(key), progress)
+        progress.close()
+        log.info(f"featurize: {stats.summary()}")
         with transaction(con):
-            run_sql(con, "featurize_delete", {"key": key})
-            for role, series in texts.items():
-                for start, end in batch_bounds(series, settings.max_chars):
-                    big, small = hashed_ngram_spaces(series.slice(start, end - start), spaces, settings.max_chars)
-                    doc_idx = np.arange(start, end, dtype=np.int64)
-                    params = {"key": key, "role": role}
-                    insert_frame(con, "featurize_vectors_insert", vectors_batch(doc_idx, lsa.transform(big)), params)
-                    insert_frame(con, "featurize_ngrams_insert", ngrams_batch(doc_idx, small), params)
-                    progress.update(end - start)
+            run_sql(con, "featurize_info_delete", {"key": key})
             run_sql(
                 con,
                 "featurize_info_insert",
@@ -394,9 +497,10 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int) -> StageRe
                     "max_chars": settings.max_chars,
                     "svd_docs": lsa.n_fit_docs_,
                     "explained_variance": float(lsa.explained_variance_ratio_.sum()),
-                    "pool_docs": pool.len(),
-                    "target_docs": texts["target"].len(),
+                    "pool_docs": counts["pool"],
+                    "target_docs": counts["target"],
                 },
             )
-        progress.close()
-        return make_ref(con, "featurize", key, docs.store, "featurize_vectors", ["role", "doc_idx", "vec"])
+        ref = make_ref(con, "featurize", key, docs.store, "featurize_vectors", ["role", "doc_idx", "vec"])
+    clean_parts(directory)
+    return ref

@@ -756,6 +756,45 @@ class Deduplicator:
         return kept, dups
 
 
+class StoreDeduplicator:
+    """Exact dedup by doc_id within a role against the partition's rows in the store (same transaction).
+
+    Same results as Deduplicator, but the memory is per batch, not per pool: earlier copies are
+    found with a semi join on the kept documents instead of a dict of every doc_id seen.
+    """
+
+    def __init__(self, con: Any, key: str, role: str) -> None:
+        self.con, self.key, self.role = con, key, role
+        self.n_kept_ = int(query_sql(con, "ingest_count_kept", {"key": key, "role": role}).fetchone()[0])
+
+    def update(self, good: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Kept documents with a dense doc_idx continuing from the last batch, and the dropped copies."""
+        rows = good.select("doc_id", "file", "line").with_row_index("_row")
+        first = rows.group_by("doc_id").agg(pl.col("_row").min().alias("_first"))
+        self.con.register("batch", first.select("doc_id").to_arrow())
+        try:
+            prior = query_sql(self.con, "ingest_prior_copies", {"key": self.key, "role": self.role}).pl()
+        finally:
+            self.con.unregister("batch")
+        firsts = rows.select(pl.col("_row").alias("_first"), pl.col("file").alias("batch_file"),
+                             pl.col("line").alias("batch_line"))
+        rows = (rows.join(first, on="doc_id", how="left", maintain_order="left")
+                .join(prior.cast({"kept_line": pl.Int64}), on="doc_id", how="left", maintain_order="left")
+                .join(firsts, on="_first", how="left", maintain_order="left"))
+        keep = (rows["_row"] == rows["_first"]) & rows["kept_file"].is_null()
+        kept = good.filter(keep)
+        kept = kept.with_columns(
+            pl.int_range(self.n_kept_, self.n_kept_ + kept.height, dtype=pl.Int64).alias("doc_idx")
+        )
+        self.n_kept_ += kept.height
+        at = rows.filter(~keep)
+        dups = good.filter(~keep).select("role", "doc_id", "file", "line").with_columns(
+            at["kept_file"].fill_null(at["batch_file"]).alias("kept_file").cast(pl.String),
+            at["kept_line"].fill_null(at["batch_line"]).alias("kept_line").cast(pl.Int64),
+        )
+        return kept, dups
+
+
 # --------------------------------------------------------------------------- incremental plan
 
 
@@ -880,7 +919,7 @@ class _Totals:
     retries: int = 0
 
 
-def _read_input(con, key: str, role: str, fp: FileFingerprint, settings: IngestSettings, dedup: Deduplicator,
+def _read_input(con, key: str, role: str, fp: FileFingerprint, settings: IngestSettings, dedup: StoreDeduplicator,
                 c: ob.ObjectStoreClient | None, totals: _Totals, progress: Progress) -> None:
     """Read one input into partition `key`: its documents, quarantined records, duplicates and file rows."""
     counts: Counter[str] = Counter()
@@ -984,10 +1023,8 @@ def ingest(
                 kept = pl.DataFrame(list(plan.kept), schema={"role": pl.String, "file": pl.String}, orient="row")
                 _insert(con, "ingest_copy", kept, key, base=plan.base_key)
             for role in ROLES:
-                dedup = Deduplicator()
-                if plan.base_key is not None:
-                    dedup.preload(query_sql(con, "ingest_kept_ids", {"key": key, "role": role}).pl())
-                    reused_docs += dedup.n_kept_
+                dedup = StoreDeduplicator(con, key, role)
+                reused_docs += dedup.n_kept_
                 for r, fp in plan.read:
                     if r == role:
                         _read_input(con, key, role, fp, settings, dedup, client, totals, progress)

@@ -25,21 +25,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+import os
+import pickle
+
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from quadflow import settings as qsettings
-from quadflow.log import get_logger
-from quadflow.settings import ConfigError, InfluenceSettings, ScoreSettings
+from quadflow.log import Progress, get_logger
+from quadflow.settings import ConfigError, InfluenceSettings, RunSettings, ScoreSettings
+from quadflow.shards import (Shard, ShardResult, clean_parts, parts_dir, plan_shards, run_shards, shard_infos,
+                             worker_name, write_parquet_atomic)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
-from quadflow.tasking import stage_task
-from tasks.featurize import load_ngrams
-from tasks.scorers import ScoreInput, Scorer, get_scorer
-from tasks.scorers.combine import combine, combined_version, resolve_weights
+from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
+from tasks.featurize import _list_column, load_ngrams
+from tasks.scorers import FitInput, ScoreInput, Scorer, get_scorer
+from tasks.scorers.combine import combine, combine_ranks, combined_version, resolve_weights
 from tasks.scorers.combine import VERSION as COMBINE_VERSION
 
-VERSION = "score-1"
+VERSION = "score-2"
+PARAMS_META = "quadflow.score.params"  # output part metadata: each scorer's params for this shard
+COMBINE_CHUNK = 500_000  # documents per chunk of the combined score (bounds its memory)
 COMBINED = "combined"
 INFLUENCE = "influence"
 
@@ -259,33 +271,163 @@ def _role_counts(con: Any, key: str) -> dict[str, int]:
     return out
 
 
-def _load_input(con: Any, scorers: list[Scorer], docs_key: str, features_key: str, n_pool: int) -> ScoreInput:
-    """Read only the inputs the chosen scorers need."""
+def _csr(table: pa.Table, n_buckets: int) -> sp.csr_matrix:
+    """(rows, n_buckets) float32 counts from arrow list columns buckets/counts."""
+    if table.num_rows == 0:
+        return sp.csr_matrix((0, n_buckets), dtype=np.float32)
+    indptr, buckets = _list_column(table, "buckets")
+    _, counts = _list_column(table, "counts")
+    return sp.csr_matrix((counts.astype(np.float32), buckets.astype(np.int32), indptr), shape=(table.num_rows, n_buckets))
+
+
+def _fit_input(con: Any, scorers: list[Scorer], features_key: str, n_pool: int) -> FitInput:
+    """Pool-wide statistics the scorers fit on, read from the store without loading the pool."""
     needs = set().union(*(s.needs for s in scorers))
-    texts = ngrams = target = None
-    if "texts" in needs:
-        table = query_sql(con, "score_read_texts", {"key": docs_key, "role": "pool"}).fetch_arrow_table()
-        texts = pl.from_arrow(table.column("text")).alias("text")
-    if needs & {"ngrams", "target_ngrams"}:
-        ngrams = load_ngrams(con, features_key, "pool")
-        if ngrams.shape[0] != n_pool:
-            raise ValueError(f"featurize_ngrams {features_key}/pool has {ngrams.shape[0]} rows for {n_pool} "
-                             "pool documents: is the featurize partition from this ingest partition?")
-        if "target_ngrams" in needs:
-            target = load_ngrams(con, features_key, "target")
-    return ScoreInput(n_docs=n_pool, texts=texts, ngrams=ngrams, target_ngrams=target)
+    if not needs & {"ngrams", "target_ngrams"}:
+        return FitInput(n_pool=n_pool)
+    info = query_sql(con, "featurize_info_load", {"key": features_key}).fetchone()
+    if info is None:
+        raise ValueError(f"no featurize_info row for key {features_key!r}: was featurize run?")
+    n_buckets = int(info[0])
+    totals = np.zeros(n_buckets, dtype=np.float64)
+    cols = query_sql(con, "score_pool_totals", {"key": features_key}).fetchnumpy()
+    totals[np.asarray(cols["bucket"], dtype=np.int64)] = np.asarray(cols["total"], dtype=np.float64)
+    empty = int(query_sql(con, "score_empty_docs", {"key": features_key}).fetchone()[0])
+
+    def pool_rows(idx: np.ndarray) -> sp.csr_matrix:
+        idx = np.asarray(idx, dtype=np.int64)
+        table = query_sql(con, "score_ngrams_at", {"key": features_key, "role": "pool",
+                                                   "idx": idx.tolist()}).fetch_arrow_table()
+        if not np.array_equal(table.column("doc_idx").to_numpy(), np.sort(idx)):
+            raise ValueError(f"featurize_ngrams {features_key}/pool lacks sampled documents")
+        rows = _csr(table, n_buckets)
+        return rows[np.argsort(np.argsort(idx))] if not np.all(np.diff(idx) >= 0) else rows
+
+    target = load_ngrams(con, features_key, "target", n_buckets) if "target_ngrams" in needs else None
+    return FitInput(n_pool=n_pool, target_ngrams=target, pool_totals=totals, pool_rows=pool_rows, empty_docs=empty)
+
+
+def score_part(table: pa.Table, scorers: list[Scorer], n_buckets: int) -> tuple[pl.DataFrame, dict[str, dict]]:
+    """Score one shard (doc_idx, text, buckets, counts) with fitted scorers: rows for score_docs, params per scorer."""
+    doc_idx = table.column("doc_idx").to_numpy()
+    data = ScoreInput(n_docs=table.num_rows, texts=pl.from_arrow(table.column("text")).alias("text"),
+                      ngrams=_csr(table, n_buckets))
+    frames, params = [], {}
+    for scorer in scorers:
+        result = scorer.run_apply(data)
+        frames.append(_docs_frame(doc_idx, scorer.name, scorer.VERSION, result.score, result.detail))
+        params[scorer.name] = result.params
+    return pl.concat(frames), params
 
 
 # ---------------------------------------------------------------------------------------------
-# Task
+# Tasks
 # ---------------------------------------------------------------------------------------------
 
 
-@stage_task("score")
-def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int) -> StageRef:
-    """Score every pool document with the pool-wide scorers and their combination; fit the influence scorer."""
+@task(name="score-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
+def score_shard(shard: Shard, input_path: str, output_path: str, scorers_path: str, n_buckets: int) -> ShardResult:
+    """Score one shard: its input part -> its output part (score_docs rows; per-scorer params in the metadata)."""
+    start = time.perf_counter()
+    with open(scorers_path, "rb") as fh:
+        scorers = pickle.load(fh)
+    table = pq.read_table(input_path)
+    if not np.array_equal(table.column("doc_idx").to_numpy(), np.arange(shard.lo, shard.hi)):
+        raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
+    frame, params = score_part(table, scorers, n_buckets)
+    out = frame.to_arrow()
+    out = out.replace_schema_metadata({PARAMS_META: json.dumps(params, default=_json_default)})
+    rows = write_parquet_atomic(Path(output_path), [out])
+    return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
+
+
+def _save_scorers(scorers: list[Scorer], path: Path) -> None:
+    """Fitted scorers for the shard tasks (pickled; written aside and renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as fh:
+        pickle.dump(scorers, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list[str], docs: StageRef,
+                 features: StageRef, key: str, n_pool: int, seed: int) -> pl.DataFrame:
+    """Fit the pool-wide scorers, score the pool shard by shard, combine; returns their score_info rows."""
+    log = get_logger()
+    scorers = build_scorers(settings, wide, seed)
+    start = time.perf_counter()
+    fit = _fit_input(con, scorers, features.key, n_pool)
+    for scorer in scorers:
+        scorer.fit(fit)
+    n_buckets = int(fit.pool_totals.size) if fit.pool_totals is not None else 1
+    log.info(f"score: fitted {', '.join(wide)} in {time.perf_counter() - start:.1f}s")
+    directory = parts_dir(run, docs.store.path, "score", key)
+    scorers_path = directory / "scorers.pkl"
+    _save_scorers(scorers, scorers_path)
+    params: dict[str, list[dict]] = {s.name: [] for s in scorers}
+
+    def export(shard: Shard, path: Path) -> None:
+        reader = query_sql(con, "score_inputs_range", {"docs_key": docs.key, "features_key": features.key,
+                                                       "lo": shard.lo, "hi": shard.hi}).fetch_record_batch(10_000)
+        write_parquet_atomic(path, reader, schema=reader.schema)
+
+    def load(con: Any, result: ShardResult) -> None:
+        s = result.shard
+        run_sql(con, "score_delete_range", {"key": key, "lo": s.lo, "hi": s.hi})
+        table = pq.read_table(result.path)
+        insert_frame(con, "score_insert_docs", table.replace_schema_metadata(None), {"key": key})
+        return (table.schema.metadata or {}).get(PARAMS_META.encode(), b"{}").decode()
+
+    progress = Progress("score", n_pool)
+    stats = run_shards(con, "score", key, plan_shards({"pool": n_pool}, run.shard_docs), directory, export,
+                       score_shard, {"scorers_path": str(scorers_path), "n_buckets": n_buckets}, load, progress,
+                       rows_per_doc=len(scorers))
+    progress.close()
+    log.info(f"score: {stats.summary()}")
+    for text in shard_infos(con, "score", key):  # every shard's params, including those of earlier runs
+        for name, p in json.loads(text).items():
+            if name in params:
+                params[name].append(p)
+    info = [(s.name, s.VERSION, {**type(s).merge_params(params[s.name]), "shards": stats.total}) for s in scorers]
+    w = resolve_weights(wide, settings.weights)
+    version = combined_version({s.name: s.VERSION for s in scorers})
+    info.append((COMBINED, version, {
+        "method": "weighted mean of percentile ranks in the pool (average ranks for ties)",
+        "combine_version": COMBINE_VERSION, "weights": w, "components": {s.name: s.VERSION for s in scorers},
+    }))
+    with transaction(con):
+        run_sql(con, "score_delete_info", {"key": key})
+        run_sql(con, "score_ranks", {"key": key, "scorers": wide})
+        for lo in range(0, n_pool, COMBINE_CHUNK):
+            hi = min(lo + COMBINE_CHUNK, n_pool)
+            ranks = {name: _chunk_ranks(con, name, lo, hi) for name in wide}
+            frame = _docs_frame(np.arange(lo, hi, dtype=np.int64), COMBINED, version, combine_ranks(ranks, w), None)
+            insert_frame(con, "score_insert_docs", frame, {"key": key})
+        con.execute("drop table if exists score_ranks")
+    return info_frame(info), directory
+
+
+def _chunk_ranks(con: Any, scorer: str, lo: int, hi: int) -> np.ndarray:
+    cols = query_sql(con, "score_ranks_range", {"scorer": scorer, "lo": lo, "hi": hi}).fetchnumpy()
+    if not np.array_equal(np.asarray(cols["doc_idx"]), np.arange(lo, hi)):
+        raise ValueError(f"score_docs lacks {scorer!r} scores for doc_idx {lo}..{hi - 1}")
+    return np.asarray(cols["pct"], dtype=np.float64)
+
+
+@stage_task("score", cache_policy=SHARDED_CACHE_POLICY)
+def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int,
+          run: RunSettings = RunSettings()) -> StageRef:
+    """Score every pool document with the pool-wide scorers and their combination; fit the influence scorer.
+
+    Shard by shard (quadflow.shards): scorers are fitted here on pool-wide statistics (n-gram
+    totals, a seeded sample), each shard is scored by a shard task, and its rows are loaded as
+    it finishes; the combined score's pool-wide ranks are computed in the store.
+    """
     key = stage_key("score", VERSION, settings, docs, features, seed)
     log = get_logger()
+    directory = None
     with connect(docs.store) as con:
         counts = _role_counts(con, docs.key)
         n_pool, has_targets = counts.get("pool", 0), counts.get("target", 0) > 0
@@ -303,22 +445,23 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
                         f"({wide})")
         log.info(f"score: {', '.join(names)} on {n_pool:,} pool docs"
                  f" ({counts.get('target', 0):,} target docs)")
-
-        frame, info = pl.DataFrame(schema=DOCS_SCHEMA), info_frame([])
+        run_sql(con, "score_create")
+        reuse = _influence_info(con, key)  # read before this run rewrites score_info
+        info = info_frame([])
         if wide:
-            scorers = build_scorers(settings, wide, seed)
-            data = _load_input(con, scorers, docs.key, features.key, n_pool)
-            frame, info = score_pool(scorers, data, settings.weights)
-            del data
+            info, directory = _score_parts(con, settings, run, wide, docs, features, key, n_pool, seed)
+        else:
+            with transaction(con):
+                run_sql(con, "score_delete", {"key": key})
         if INFLUENCE in names:
             params = ensure_influence_state(
                 con, settings.influence, docs.key, n_pool, counts.get("target", 0), seed,
-                influence_state_path(docs.store.path, key), reuse=_influence_info(con, key))
+                influence_state_path(docs.store.path, key), reuse=reuse)
             info = pl.concat([info, info_frame([(INFLUENCE, get_scorer(INFLUENCE).VERSION, params)])])
-
-        run_sql(con, "score_create")
         with transaction(con):
-            run_sql(con, "score_delete", {"key": key})
-            insert_frame(con, "score_insert_docs", frame, {"key": key})
+            run_sql(con, "score_delete_info_only", {"key": key})
             insert_frame(con, "score_insert_info", info, {"key": key})
-        return make_ref(con, "score", key, docs.store, "score_docs", ["doc_idx", "scorer", "score"])
+        ref = make_ref(con, "score", key, docs.store, "score_docs", ["doc_idx", "scorer", "score"])
+    if directory is not None:
+        clean_parts(directory)
+    return ref

@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 
 from benchmarks.bench import (
-    METHOD_NAMES, MODES, BenchConfig, run_bench, sample_key, subsample_jsonl, summarize, verdicts,
+    METHOD_NAMES, MODES, BenchConfig, main, run_bench, sample_key, subsample_jsonl, summarize, verdicts,
 )
 from benchmarks.eval.tasks import TaskSpec, build_tasks, iter_lines
+from quadflow.settings import influence_available
 
 TOPICS = {
     "pydoc": "python function module import class return value list dict string tuple".split(),
@@ -22,6 +23,9 @@ SMALL = {  # featurize/cluster settings sized for ~150 documents
     "featurize": {"n_features": 2048, "dsir_buckets": 256, "dim": 8, "svd_sample": 200, "max_chars": 2000},
     "cluster": {"k": 8, "batch_size": 64},
 }
+# quad-influence's proxy sized for ~150 documents: a second or two on one core
+TINY_INFLUENCE = {"n_layers": 1, "d_model": 16, "n_heads": 2, "seq_len": 32, "steps": 15, "train_docs": 60,
+                  "fit_docs": 30, "reference_docs": 20, "device": "cpu", "threads": 1}
 
 
 def _write_source(path, docs_per_topic=50):
@@ -48,12 +52,12 @@ def test_harness_runs_every_method_within_the_protocol(tiny_task, monkeypatch):
     out = tiny_task / "bench"
     config = BenchConfig(mode=MODES["full"], tasks=("py",), seeds=2, out=out, tasks_dir=tiny_task / "tasks",
                          budget_tokens=2000, package_num_proc=1, package_min_length=5, vocab_pool_tokens=2000,
-                         pipeline=SMALL)
+                         pipeline=SMALL, influence=TINY_INFLUENCE, transformer="off")
     result = run_bench(config, log=lambda msg: None)
 
     assert result.protocol_ok, [r.protocol for r in result.results]
     runs = pl.read_csv(out / "results.csv")
-    assert set(runs["method"]) == set(METHOD_NAMES)
+    assert set(runs["method"]) == set(METHOD_NAMES) - (set() if influence_available() else {"quad-influence"})
     assert runs.filter(pl.col("method") == "random").height == 2  # one run per seed
     assert runs.filter(pl.col("method") == "topk-dsir").height == 1  # deterministic: one run
     assert (runs["budget_deviation"].abs() <= 0.02).all() and (runs["tokens"] <= 2000).all()
@@ -68,9 +72,11 @@ def test_harness_runs_every_method_within_the_protocol(tiny_task, monkeypatch):
     quad = runs.filter(pl.col("kind") == "quad")
     assert quad["accept_rate"].is_between(0, 1).all() and (quad["rounds"] >= 1).all()
 
+    assert runs["ppl_transformer"].is_null().all()  # --transformer off: blank, not zero
     md = (out / "results.md").read_text()
     assert "## py" in md and "protocol: ok" in md and "Bandit diagnostics" in md
-    assert all(f"| {m}" in md for m in METHOD_NAMES)
+    assert all(f"| {m}" in md for m in runs["method"].unique())
+    assert "second opinion (tiny transformer): skipped: --transformer off" in md
     assert (out / "perplexity.png").stat().st_size > 0 and (out / "kl_reduction.png").stat().st_size > 0
     # a second run reuses the pipeline stages and gives the same numbers
     again = run_bench(config, log=lambda msg: None)
@@ -136,3 +142,95 @@ def test_datatrove_shards_round_robin_and_drop_counts_are_read_per_filter(tmp_pa
              {"name": "🔻 - FILTER: 🍷 FineWeb Quality",
               "stats": {"total": 3, "forwarded": {"total": 2}, "dropped_line_punct_ratio": {"total": 1}}}]
     assert _dropped(stats) == (5, 2, {"Gopher Repetition/top_2_gram": 2, "FineWeb Quality/line_punct_ratio": 1})
+
+
+# ----------------------------------------------------------------------------- quad-influence, second opinion
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """A built tiny task and a bench directory whose pipeline stages later runs reuse."""
+    root = tmp_path_factory.mktemp("bench")
+    src = root / "source.jsonl"
+    _write_source(src)
+    build_tasks(src, root / "tasks", [TaskSpec("py", ("pydoc",), target_frac=0.25, heldout_frac=0.25)], seed=1)
+    return root
+
+
+def _config(root, **kw):
+    base = dict(mode=MODES["full"], tasks=("py",), seeds=1, out=root / "bench", tasks_dir=root / "tasks",
+                budget_tokens=2000, package=False, vocab_pool_tokens=2000, pipeline=SMALL, influence=TINY_INFLUENCE)
+    return BenchConfig(**(base | kw))
+
+
+@pytest.mark.skipif(not influence_available(), reason="quad-influence needs torch: pip install -e '.[influence]'")
+def test_quad_influence_selects_within_the_protocol_scoring_only_its_probes(tiny_bench):
+    logs = []
+    # few calibration probes and arms, so the bandit probes part of a 126-document pool, not all of it
+    select = {"select": {"calibration_blocks": 4, "probes": 3, "arms_per_round": 2, "block_docs": 4}}
+    config = _config(tiny_bench, methods=("random", "quad-influence"), seeds=2, transformer="off",
+                     pipeline=SMALL | select)
+    result = run_bench(config, log=logs.append)
+
+    assert result.protocol_ok, result.results[0].protocol  # budget within 2%, nothing held out selected
+    runs = pl.read_csv(tiny_bench / "bench" / "results.csv")
+    quad = runs.filter(pl.col("method") == "quad-influence")
+    assert quad.height == 2 and (quad["kind"] == "quad").all() and (quad["scorer"] == "influence").all()
+    assert (quad["budget_deviation"].abs() <= 0.02).all() and (quad["tokens"] <= 2000).all()
+    pool_docs = result.results[0].info["pool_docs"]
+    assert ((quad["docs_scored"] > 0) & (quad["docs_scored"] < pool_docs)).all()  # probes only, not the pool
+    assert (quad["rounds"] >= 1).all() and quad["perplexity"].is_finite().all()
+    info = result.results[0].info["influence"]
+    assert info["device"] == "cpu" and info["non_default_settings"]["steps"] == 15
+    assert any("proxy trained and scorer fitted" in line for line in logs)
+    # the fitted scorer is kept beside the store and reused while nothing it depends on changed
+    logs.clear()
+    again = run_bench(config, log=logs.append)
+    assert any("reusing the fitted scorer" in line for line in logs)
+    assert again.summary["ppl"].to_list() == pytest.approx(result.summary["ppl"].to_list())
+
+
+def test_unknown_method_is_named_before_any_work(tiny_bench):
+    with pytest.raises(ValueError, match="'quad-nope'"):
+        run_bench(_config(tiny_bench, methods=("quad-nope",)), log=lambda msg: None)
+
+
+def _cli(root, *extra):
+    config = root / "small.yaml"
+    config.write_text(json.dumps(SMALL))  # YAML is a superset of JSON
+    return main(["--mode", "full", "--tasks", "py", "--tasks-dir", str(root / "tasks"), "--out", str(root / "bench"),
+                 "--budget-tokens", "2000", "--seeds", "1", "--no-package", "--config", str(config), "--methods", "random",
+                 *extra])
+
+
+@pytest.mark.parametrize("mode, reason", [
+    ("auto", "skipped: no GPU (torch.cuda.is_available() is False); --transformer on runs it on the CPU"),
+    ("off", "skipped: --transformer off"),
+])
+def test_second_opinion_is_skipped_on_a_cpu_only_machine_and_says_why(tiny_bench, monkeypatch, capsys, mode, reason):
+    torch = pytest.importorskip("torch", reason="torch decides whether a GPU is there")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cli(tiny_bench, "--transformer", mode) == 0
+    out = capsys.readouterr().out
+    assert f"second opinion (tiny transformer): {reason}" in out
+    assert f"second opinion (tiny transformer): {reason}" in (tiny_bench / "bench" / "results.md").read_text()
+    runs = pl.read_csv(tiny_bench / "bench" / "results.csv")
+    assert runs["ppl_transformer"].is_null().all()  # the column is there, blank
+    meta = json.loads((tiny_bench / "bench" / "results.json").read_text())["meta"]["transformer"]
+    assert (meta["ran"], meta["device"]) == (False, None)
+
+
+def test_second_opinion_on_a_cpu_fills_its_columns(tiny_bench, monkeypatch, capsys):
+    torch = pytest.importorskip("torch", reason="the second opinion needs torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cli(tiny_bench, "--transformer", "on", "--transformer-tokens", "20000",
+                "--methods", "random", "oracle-domain") == 0
+    assert "on cpu (no GPU" in capsys.readouterr().out
+    runs = pl.read_csv(tiny_bench / "bench" / "results.csv")
+    assert (runs["transformer_device"] == "cpu").all() and (runs["ppl_transformer"] > 1).all()
+    assert (runs["transformer_train_tokens"] == runs["transformer_train_tokens"][0]).all()  # same for every method
+    ppl = dict(zip(runs["method"], runs["ppl_transformer"]))
+    assert ppl["oracle-domain"] < ppl["random"]  # in-domain text first: the second opinion agrees with the first
+    md = (tiny_bench / "bench" / "results.md").read_text()
+    assert "preset tiny" in md and "| transformer |" in md and "Trigram vs transformer" in md
+    assert (tiny_bench / "bench" / "ppl_transformer.png").stat().st_size > 0

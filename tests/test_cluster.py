@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 from hypothesis import given, settings as hsettings, strategies as st
+from pydantic import ValidationError
+from sklearn.cluster import MiniBatchKMeans
+from threadpoolctl import threadpool_limits
 
 import tasks.cluster as cluster_mod
 from quadflow.settings import ClusterSettings
 from quadflow.store import StageRef, connect, open_store, run_sql
-from tasks.cluster import Clusterer, auto_k, cluster, load_assignments, load_neighbors, neighbor_graph
-from tasks.featurize import vectors_batch
+from tasks.cluster import Clusterer, assign, auto_k, cluster, load_assignments, load_neighbors, neighbor_graph
+from tasks.featurize import sample_rows, vectors_batch
 
 
 def unit(x):
@@ -94,6 +100,141 @@ def test_zero_vectors_do_not_break_the_fit():
 def test_clusterer_rejects_more_clusters_than_documents():
     with pytest.raises(ValueError, match="12"):
         Clusterer(12, random_state=0).fit(np.eye(4, dtype=np.float32))
+
+
+def reference_fit(X, k, batch_size, seed):
+    """Clusterer.fit of cluster-1 (whole pool in memory), frozen here to prove the streamed rewrite equal."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n = X.shape[0]
+    km = MiniBatchKMeans(n_clusters=k, batch_size=batch_size, n_init=3, max_iter=100, random_state=seed)
+    with threadpool_limits(limits=1):
+        km.fit(X)
+    labels, _ = assign(X, cluster_mod._l2_normalize_rows(km.cluster_centers_))
+    zero = ~np.any(X, axis=1)
+    labels[zero] = km.labels_[zero]
+    members = sp.csr_matrix((np.ones(n, np.float32), (labels, np.arange(n))), shape=(k, n))
+    sums = np.asarray(members @ X)
+    empty = ~np.any(sums, axis=1)
+    sums[empty] = km.cluster_centers_[empty]
+    centroids = cluster_mod._l2_normalize_rows(sums)
+    cos = np.einsum("ij,ij->i", X, centroids[labels])
+    distances = np.clip(1.0 - cos, 0.0, 2.0).astype(np.float32)
+    sizes = np.bincount(labels, minlength=k).astype(np.int64)
+    sq_x = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    sq_c = np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64)[labels]
+    inertia = float(np.maximum(sq_x + sq_c - 2.0 * cos, 0.0).sum())
+    return labels, centroids, distances, sizes, inertia
+
+
+def with_zero_rows(x, rows):
+    x = x.copy()
+    x[rows] = 0.0
+    return x
+
+
+POOLS = {
+    "blobs": (blobs(n_per=40, groups=4, noise=0.3, seed=3)[0], 6),
+    "zero vectors": (with_zero_rows(blobs(n_per=30, seed=4)[0], [0, 17, 55, 89]), 4),
+    "empty clusters": (unit(np.repeat(np.eye(4, dtype=np.float32)[:2], 10, axis=0)), 5),
+}
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_fit_is_identical_to_the_whole_pool_clusterer_it_replaces(pool):
+    x, k = POOLS[pool]
+    labels, centroids, distances, sizes, inertia = reference_fit(x, k, 64, 7)
+    model = Clusterer(k, batch_size=64, random_state=7).fit(x)
+    assert np.array_equal(model.labels_, labels) and model.labels_.dtype == np.int32
+    assert model.centroids_.tobytes() == centroids.tobytes()
+    assert model.distances_.tobytes() == distances.tobytes()
+    assert np.array_equal(model.sizes_, sizes) and model.inertia_ == inertia
+
+
+def stream(x, k, sample, batch, seed=0, batch_size=64):
+    """The task's streamed path on an in-memory pool: fit on a seeded sample, two passes of `batch` rows."""
+    model = Clusterer(k, batch_size=batch_size, random_state=seed).fit_sample(x[sample_rows(len(x), sample, seed)])
+    for a in range(0, len(x), batch):
+        model.partial_assign(x[a : a + batch])
+    model.finalize()
+    parts = [model.partial_distances(x[a : a + batch]) for a in range(0, len(x), batch)]
+    return model, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def test_streaming_the_whole_pool_as_one_batch_is_fit():
+    x, k = POOLS["zero vectors"]
+    fitted = Clusterer(k, batch_size=64, random_state=0).fit(x)
+    model, labels, distances = stream(x, k, sample=len(x), batch=len(x))
+    assert np.array_equal(labels, fitted.labels_) and np.array_equal(distances, fitted.distances_)
+    assert np.array_equal(model.centroids_, fitted.centroids_) and model.inertia_ == fitted.inertia_
+
+
+def test_batching_does_not_change_the_clusters():
+    x, k = POOLS["blobs"]
+    whole, labels, distances = stream(x, k, sample=len(x), batch=len(x))
+    model, batched_labels, batched_distances = stream(x, k, sample=len(x), batch=7)
+    assert np.array_equal(batched_labels, labels)
+    assert np.allclose(model.centroids_, whole.centroids_, atol=1e-6)
+    assert np.allclose(batched_distances, distances, atol=1e-6)
+    assert np.array_equal(model.sizes_, whole.sizes_) and model.inertia_ == pytest.approx(whole.inertia_, rel=1e-6)
+
+
+def test_a_model_fitted_on_a_sample_labels_every_document():
+    x, y = blobs(n_per=1000, dim=16, groups=5, noise=0.1, seed=2)  # 5000 docs, k-means sees 1000
+    x = with_zero_rows(x, [3, 2500, 4999])  # directionless docs outside and maybe inside the sample
+    model, labels, distances = stream(x, 5, sample=1000, batch=1500, batch_size=256)
+    assert labels.shape == (5000,) and labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 5
+    assert model.sizes_.sum() == 5000 and np.array_equal(model.sizes_, np.bincount(labels, minlength=5))
+    assert same_partition(np.delete(labels, [3, 2500, 4999]), np.delete(y, [3, 2500, 4999]))
+    assert np.allclose(np.linalg.norm(model.centroids_, axis=1), 1.0, atol=1e-5)
+    means = np.stack([x[labels == c].sum(axis=0) for c in range(5)])
+    assert np.allclose(model.centroids_, unit(means), atol=1e-5)  # centroid = members' mean direction
+    cos = np.einsum("ij,ij->i", x, model.centroids_[labels])
+    assert np.allclose(distances, np.clip(1 - cos, 0, 2), atol=1e-5) and (distances[[3, 2500, 4999]] == 1).all()
+    assert model.inertia_ == pytest.approx(float(((x - model.centroids_[labels]) ** 2).sum()), rel=1e-4)
+    again, labels_again, distances_again = stream(x, 5, sample=1000, batch=1500, batch_size=256)
+    assert np.array_equal(labels_again, labels) and np.array_equal(distances_again, distances)
+    assert np.array_equal(again.centroids_, model.centroids_) and again.inertia_ == model.inertia_
+
+
+def test_streaming_steps_must_come_in_order():
+    x, _ = blobs(n_per=10)
+    model = Clusterer(3, batch_size=64, random_state=0)
+    with pytest.raises(RuntimeError, match="fit_sample"):
+        model.partial_assign(x)
+    model.fit_sample(x)
+    with pytest.raises(RuntimeError, match="finalize"):
+        model.partial_distances(x)
+    with pytest.raises(ValueError, match="5 columns"):
+        model.partial_assign(x[:, :5])
+    model.partial_assign(x)
+    model.finalize()
+    with pytest.raises(RuntimeError, match="fit_sample"):
+        model.partial_assign(x)  # a later batch would be left out of the centroids
+    model.fit_sample(x)  # starts over
+    assert model.sizes_.sum() == 0 and not hasattr(model, "centroids_")
+
+
+@hsettings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 60), k=st.integers(1, 9), sim_floats=st.sampled_from([1, 40, 2**25]), seed=st.integers(0, 99))
+def test_assign_picks_the_most_similar_centroid_in_any_block_size(n, k, sim_floats, seed):
+    rng = np.random.default_rng(seed)
+    x, c = unit(rng.standard_normal((n, 5))), unit(rng.standard_normal((k, 5)))
+    old = cluster_mod._SIM_FLOATS, cluster_mod._BLOCK
+    cluster_mod._SIM_FLOATS, cluster_mod._BLOCK = sim_floats, 4  # blocks of 4.. rows
+    try:
+        labels, cos = assign(x, c)
+    finally:
+        cluster_mod._SIM_FLOATS, cluster_mod._BLOCK = old
+    sim = x @ c.T
+    assert np.array_equal(labels, sim.argmax(axis=1)) and np.allclose(cos, sim.max(axis=1))
+
+
+def test_fit_sample_must_hold_at_least_k_documents():
+    with pytest.raises(ValidationError, match="fit_sample = 1000"):
+        ClusterSettings(k=1001, fit_sample=1000)
+    with pytest.raises(ValidationError, match="fit_sample"):
+        ClusterSettings(fit_sample=999)
+    assert ClusterSettings().fit_sample == 500_000
 
 
 # --- neighbor_graph -----------------------------------------------------------------------
@@ -197,3 +338,80 @@ def test_task_rerun_is_idempotent_and_auto_k_clamps_to_the_pool(tmp_path):
         assert con.execute("select k from cluster_info where key = ?", [first.key]).fetchone()[0] == 6
         assert con.execute("select count(*) from cluster_centroids").fetchone()[0] == 6
         assert con.execute("select count(*) from cluster_info").fetchone()[0] == 1
+
+
+def read_partition(store, key):
+    with connect(store, read_only=True) as con:
+        a = con.execute("select doc_idx, cluster, distance from cluster_assignments where key = ? order by doc_idx",
+                        [key]).fetchnumpy()
+        c = con.execute("select cluster, size, vec from cluster_centroids where key = ? order by cluster",
+                        [key]).fetchnumpy()
+        k, gamma, inertia = con.execute("select k, gamma, inertia from cluster_info where key = ?", [key]).fetchone()
+        pairs = load_neighbors(con, key)
+    return a, c["size"], np.stack(c["vec"]).astype(np.float32), (k, gamma, inertia), pairs
+
+
+def test_task_on_a_pool_within_fit_sample_writes_what_the_whole_pool_clusterer_did(tmp_path, monkeypatch):
+    x, k = POOLS["zero vectors"]  # 90 docs
+    monkeypatch.setattr(cluster_mod, "STREAM_ROWS", 25)  # read and written in 4 batches
+    features = make_features(tmp_path, x)
+    ref = cluster.fn(ClusterSettings(k=k, batch_size=64), features, 3)
+    labels, centroids, distances, sizes, inertia = reference_fit(x, k, 64, 3)
+    a, got_sizes, got_centroids, (got_k, gamma, got_inertia), pairs = read_partition(features.store, ref.key)
+    assert np.array_equal(a["doc_idx"], np.arange(len(x))) and np.array_equal(a["cluster"], labels)
+    assert a["distance"].tobytes() == distances.tobytes() and got_centroids.tobytes() == centroids.tobytes()
+    assert np.array_equal(got_sizes, sizes) and got_inertia == inertia and got_k == k
+    expected_pairs, expected_gamma = neighbor_graph(centroids)
+    assert gamma == expected_gamma and pairs.equals(expected_pairs)
+
+
+def test_task_streams_a_pool_larger_than_fit_sample(tmp_path, monkeypatch):
+    x, y = blobs(n_per=1000, dim=16, groups=5, noise=0.1, seed=5)  # 5000 docs
+    monkeypatch.setattr(cluster_mod, "STREAM_ROWS", 1500)  # 3 full batches and a partial one
+    features = make_features(tmp_path, x)
+    settings = ClusterSettings(k=5, batch_size=256, fit_sample=1000)
+    ref = cluster.fn(settings, features, 0)
+    assert ref.rows == 5000
+    model, labels, distances = stream(x, 5, sample=1000, batch=1500, batch_size=256)
+    a, sizes, centroids, (k, gamma, inertia), pairs = read_partition(features.store, ref.key)
+    assert np.array_equal(a["doc_idx"], np.arange(5000)) and np.array_equal(a["cluster"], labels)
+    assert np.array_equal(a["distance"], distances) and same_partition(a["cluster"], y)
+    assert sizes.sum() == 5000 and np.array_equal(sizes, np.bincount(a["cluster"], minlength=5))
+    assert np.array_equal(centroids, model.centroids_) and inertia == model.inertia_ and k == 5
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    assert pairs.equals(neighbor_graph(model.centroids_)[0])
+    assert cluster.fn(settings, features, 0) == ref  # rerun: same rows, still one partition
+    other = cluster.fn(settings, features, 1)  # another seed samples other documents
+    assert other.key != ref.key
+    with connect(features.store, read_only=True) as con:
+        counts = con.execute("select key, count(*) from cluster_assignments group by key").fetchall()
+    assert sorted(n for _, n in counts) == [5000, 5000]
+
+
+def test_task_clamps_auto_k_to_the_fit_sample(tmp_path, monkeypatch, caplog):
+    x, _ = blobs(n_per=400, dim=8, groups=3, seed=6)  # 1200 docs
+    monkeypatch.setattr(cluster_mod, "auto_k", lambda n: 1100)
+    features = make_features(tmp_path, x)
+    with caplog.at_level(logging.WARNING, logger="quadflow"):
+        ref = cluster.fn(ClusterSettings(batch_size=1024, fit_sample=1000), features, 0)
+    assert "fit sample's 1000 documents; using k = 1000" in caplog.text
+    with connect(features.store, read_only=True) as con:
+        assert con.execute("select k from cluster_info where key = ?", [ref.key]).fetchone()[0] == 1000
+        assert con.execute("select count(*) from cluster_assignments").fetchone()[0] == 1200
+
+
+def test_task_rejects_pools_it_cannot_stream(tmp_path):
+    store = open_store(tmp_path / "store.duckdb")
+    x = unit(np.random.default_rng(0).standard_normal((6, 4)))
+    with connect(store) as con:
+        run_sql(con, "featurize_create")
+        for key, idx, vecs in [("gap", [0, 1, 3], x[:3]), ("widths", [0, 1, 2], x[:3]), ("widths", [3], x[3:4, :3])]:
+            con.register("batch", vectors_batch(np.array(idx), vecs))
+            run_sql(con, "featurize_vectors_insert", {"key": key, "role": "pool"})
+            con.unregister("batch")
+    with pytest.raises(ValueError, match=r"not dense 0..2 \(runs 0..3\)"):
+        cluster.fn(ClusterSettings(k=2), StageRef("featurize", "gap", store, 3, "fp"), 0)
+    with pytest.raises(ValueError, match="to [34] dims, expected 4"):
+        cluster.fn(ClusterSettings(k=2), StageRef("featurize", "widths", store, 4, "fp"), 0)
+    with pytest.raises(ValueError, match="no pool vectors"):
+        cluster.fn(ClusterSettings(k=2), StageRef("featurize", "none", store, 0, "fp"), 0)

@@ -288,3 +288,86 @@ def test_external_dsir_selects_in_domain_within_budget(tmp_path, source):
     # Worker processes too, after nltk's tokenizer has run in this process (nltk >= 3.10 pickling).
     two = dsir_select(task.pool_path, task.target_path, 300, **(kwargs | {"num_proc": 2}))
     assert 0.98 * 300 <= two.tokens <= 300 and sum(i.startswith("pydoc:") for i in two.ids) >= 0.8 * len(two.ids)
+
+
+# ----------------------------------------------------------------------------- transformer second opinion
+
+from dataclasses import replace  # noqa: E402
+
+from benchmarks.eval import transformer_lm as tlm  # noqa: E402
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "data"
+# 20k training bytes (40 steps of 8 x 64), 20k held-out bytes: well under a second per model on one core
+TINY_LM = tlm.TransformerLMConfig(n_layers=1, d_model=32, n_heads=2, seq_len=64, batch_size=8, train_tokens=20_000,
+                                  lr=3e-3, max_eval_tokens=20_000, threads=1)
+
+
+@pytest.fixture(scope="module")
+def example_texts():
+    """Python docs (the shipped target sample) and out-of-domain pool text (dictionary entries, fortunes)."""
+    pytest.importorskip("torch", reason=tlm.TORCH_HINT)
+    target = [r["text"] for r in read_jsonl(EXAMPLES / "target.jsonl.zst")]
+    pool = read_jsonl(EXAMPLES / "pool.jsonl.zst")
+    return {"python": target[:100], "heldout": target[100:],
+            "other": [r["text"] for r in pool if r["source"] in ("wordnet-3.0", "fortunes")]}
+
+
+def test_transformer_is_deterministic_under_a_seed_and_leaves_the_global_rng(example_texts):
+    import torch
+
+    before = torch.get_rng_state()
+    a = tlm.evaluate_transformer(example_texts["python"], example_texts["heldout"], TINY_LM, random_state=3)
+    b = tlm.evaluate_transformer(example_texts["python"], example_texts["heldout"], TINY_LM, random_state=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert a["ppl_transformer"] == b["ppl_transformer"] and a["transformer_train_loss"] == b["transformer_train_loss"]
+    assert a["transformer_device"] == "cpu" or torch.cuda.is_available()
+    # the same number of training tokens whatever the selection's size: 40 steps x 8 windows x 64 bytes
+    assert a["transformer_train_tokens"] == TINY_LM.steps * 8 * 64 == 20_480
+    assert a["transformer_eval_tokens"] <= 20_000 and a["ppl_transformer_word"] > a["ppl_transformer"] > 1
+
+
+def test_transformer_prefers_the_selection_from_the_target_domain(example_texts):
+    held = tlm.encode_eval(example_texts["heldout"], TINY_LM)  # encoded once, scored by both models
+    good = tlm.evaluate_transformer(example_texts["python"], held, TINY_LM)
+    bad = tlm.evaluate_transformer(example_texts["other"], held, TINY_LM)
+    assert good["ppl_transformer"] < bad["ppl_transformer"]
+    assert good["transformer_train_tokens"] == bad["transformer_train_tokens"]  # same budget, different text
+
+
+def test_transformer_refuses_an_empty_selection(example_texts):
+    with pytest.raises(ValueError, match="empty"):
+        tlm.TransformerLM(TINY_LM).fit(["", ""])
+
+
+@settings(max_examples=30, deadline=None)
+@given(texts=st.lists(st.text(alphabet="ab c\né", max_size=300), min_size=1, max_size=12),
+       cap=st.integers(1, 2000), seed=st.integers(0, 3))
+def test_capped_evaluation_is_a_seeded_sample_of_the_full_chunks(texts, cap, seed):
+    full = tlm.encode_eval(texts, replace(TINY_LM, max_eval_tokens=None))
+    capped = tlm.encode_eval(texts, replace(TINY_LM, max_eval_tokens=cap), random_state=seed)
+    as_set = lambda e: sorted(c.tobytes() for c in e.chunks)  # noqa: E731
+    assert full.tokens == sum(len(t.encode()) + 1 for t in texts)  # every byte and each EOS, once
+    assert capped.chunks_total == len(full.chunks)
+    assert set(as_set(capped)) <= set(as_set(full))  # whole chunks of the full evaluation, none made up
+    assert capped.tokens <= max(cap, max(c.size - 1 for c in capped.chunks))  # at most one chunk over a tiny cap
+    if full.tokens <= cap:
+        assert as_set(capped) == as_set(full)
+    again = tlm.encode_eval(texts, replace(TINY_LM, max_eval_tokens=cap), random_state=seed)
+    assert as_set(again) == as_set(capped)
+
+
+def test_plan_runs_on_a_gpu_only_when_asked_or_present(monkeypatch):
+    off = tlm.plan_transformer("off")
+    assert not off.run and off.reason == "skipped: --transformer off"
+    if tlm.torch_available():
+        auto = tlm.plan_transformer("auto", cuda_available=lambda: False)
+        assert not auto.run and "no GPU" in auto.reason and "--transformer on" in auto.reason
+        on = tlm.plan_transformer("on", cuda_available=lambda: False)
+        assert (on.run, on.device) == (True, "cpu")
+        assert tlm.plan_transformer("auto", cuda_available=lambda: True).device == "cuda"
+    monkeypatch.setattr(tlm, "torch_available", lambda: False)
+    assert "torch is not installed" in tlm.plan_transformer("auto").reason
+    with pytest.raises(ValueError, match=r"--transformer on: .*pip install"):
+        tlm.plan_transformer("on")
+    with pytest.raises(ValueError, match="'sometimes'"):
+        tlm.plan_transformer("sometimes")

@@ -90,8 +90,8 @@ def test_writes_every_scorer_and_combined_with_versions(tmp_path):
     got = dict((s, (n, v)) for s, n, v in rows(
         store, "select scorer, count(*), any_value(version) from score_docs where key = ? group by scorer", [ref.key]))
     assert got == {
-        "heuristic": (36, "heuristic-1"), "dsir": (36, "dsir-1"), "classifier": (36, "classifier-1"),
-        "combined": (36, "combined-1+heuristic-1+dsir-1+classifier-1"),
+        "heuristic": (36, "heuristic-1"), "dsir": (36, "dsir-2"), "classifier": (36, "classifier-1"),
+        "combined": (36, "combined-1+heuristic-1+dsir-2+classifier-1"),
     }
     lo, hi = rows(store, "select min(score), max(score) from score_docs where key = ? and scorer = 'combined'",
                   [ref.key])[0]

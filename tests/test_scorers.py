@@ -358,7 +358,7 @@ def test_combine_rejects_all_zero_weights_and_ragged_input():
         resolve_weights(["heuristic"], {"heuristic": 0.0})
     with pytest.raises(ValueError, match="different numbers of documents"):
         combine({"a": np.zeros(2), "b": np.zeros(3)})
-    assert combined_version({"heuristic": "heuristic-1", "dsir": "dsir-1"}) == "combined-1+heuristic-1+dsir-1"
+    assert combined_version({"heuristic": "heuristic-1", "dsir": "dsir-2"}) == "combined-1+heuristic-1+dsir-2"
 
 
 @settings(max_examples=50, deadline=None)

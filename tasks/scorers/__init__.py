@@ -46,6 +46,38 @@ class ScoreInput:
 
 
 @dataclass(frozen=True)
+class FitInput:
+    """What scorers learn from before scoring shard by shard: pool-wide statistics, never the whole pool.
+
+    pool_totals: (n_buckets,) float64 exact sum of the pool's hashed n-gram counts;
+    pool_rows(idx) -> (len(idx), n_buckets) CSR counts of chosen pool documents (idx sorted).
+    """
+
+    n_pool: int
+    target_ngrams: sparse.csr_matrix | None = None
+    pool_totals: np.ndarray | None = None
+    pool_rows: Any = None  # Callable[[np.ndarray], sparse.csr_matrix]
+    empty_docs: int = 0  # pool documents without any n-gram
+
+    @classmethod
+    def from_input(cls, data: "ScoreInput") -> "FitInput":
+        """The same statistics from a whole pool held in memory (tests, benchmarks, small pools)."""
+        if data.ngrams is None:
+            return cls(n_pool=data.n_docs)
+        ngrams = sparse.csr_matrix(data.ngrams)
+        totals = np.asarray(ngrams.sum(axis=0, dtype=np.float64)).ravel()
+        empty = int((np.diff(ngrams.indptr) == 0).sum())
+        return cls(n_pool=data.n_docs, target_ngrams=data.target_ngrams, pool_totals=totals,
+                   pool_rows=lambda idx: ngrams[np.asarray(idx)], empty_docs=empty)
+
+    def require(self, name: str, scorer: str) -> Any:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"scorer {scorer!r} needs {name!r} to fit, which was not loaded")
+        return value
+
+
+@dataclass(frozen=True)
 class Scores:
     """A scorer's output: one score per pool document, an optional reason, and what to record."""
 
@@ -74,8 +106,22 @@ class Scorer:
     def needs_target(cls) -> bool:
         return "target_ngrams" in cls.needs
 
-    def score(self, data: ScoreInput) -> Scores:  # pragma: no cover - abstract
-        raise NotImplementedError(f"scorer {self.name!r} does not implement score()")
+    def fit(self, data: FitInput) -> "Scorer":
+        """Learn pool-wide state before scoring shard by shard (default: nothing to learn)."""
+        return self
+
+    def apply(self, data: ScoreInput) -> Scores:  # pragma: no cover - abstract
+        """Score the documents of `data` (a shard or the whole pool) with the fitted state."""
+        raise NotImplementedError(f"scorer {self.name!r} does not implement apply()")
+
+    @classmethod
+    def merge_params(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """score_info params of the whole pool from each shard's (default: the fitted state, the same in every shard)."""
+        return dict(parts[0]) if parts else {}
+
+    def score(self, data: ScoreInput) -> Scores:
+        """Fit on the pool in `data`, then score it: the in-memory path, the same numbers as shard by shard."""
+        return self.fit(FitInput.from_input(data)).apply(data)
 
     def _checked(self, data: ScoreInput, result: Scores) -> Scores:
         """Guard the contract every caller relies on: one finite float per document."""
@@ -95,6 +141,12 @@ class Scorer:
         for name in self.needs:
             data.require(name, self.name)
         return self._checked(data, self.score(data))
+
+    def run_apply(self, data: ScoreInput) -> Scores:
+        """apply() (after fit) with its inputs and output checked."""
+        for name in self.needs - {"target_ngrams"}:
+            data.require(name, self.name)
+        return self._checked(data, self.apply(data))
 
 
 REGISTRY: dict[str, type[Scorer]] = {}

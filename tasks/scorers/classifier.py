@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import normalize
 
-from tasks.scorers import ScoreInput, Scorer, Scores, register
+from tasks.scorers import FitInput, ScoreInput, Scorer, Scores, register
 
 VERSION = "classifier-1"
 _SCORE_ROWS = 65_536  # documents featurized per decision_function call
@@ -48,17 +48,25 @@ class HashedNgramClassifier:
 
     def fit(self, target_counts: sparse.spmatrix, pool_counts: sparse.spmatrix) -> "HashedNgramClassifier":
         """Sample negatives from the pool, hold out test_size, fit on the rest."""
-        n_target, n_pool = target_counts.shape[0], pool_counts.shape[0]
-        if self.negatives_per_target < 1:
-            raise ValueError(f"negatives_per_target must be >= 1, got {self.negatives_per_target!r}")
         if target_counts.shape[1] != pool_counts.shape[1]:
             raise ValueError(f"target has {target_counts.shape[1]} buckets, pool has {pool_counts.shape[1]}")
+        pool_counts = sparse.csr_matrix(pool_counts)
+        return self.fit_rows(target_counts, pool_counts.shape[0], lambda idx: pool_counts[idx])
+
+    def fit_rows(self, target_counts: sparse.spmatrix, n_pool: int, pool_rows) -> "HashedNgramClassifier":
+        """fit() for a pool read row by row: `pool_rows(idx)` gives the (len(idx), B) counts of sorted doc_idx."""
+        n_target = target_counts.shape[0]
+        if self.negatives_per_target < 1:
+            raise ValueError(f"negatives_per_target must be >= 1, got {self.negatives_per_target!r}")
         if n_target == 0 or n_pool == 0:
             raise ValueError(f"the classifier needs target and pool documents, got {n_target} and {n_pool}")
         rng = np.random.default_rng(self.random_state)
         n_neg = min(n_target * self.negatives_per_target, n_pool)
         self.negative_idx_ = np.sort(rng.choice(n_pool, size=n_neg, replace=False))  # (n_neg,) pool doc_idx
-        x = sparse.vstack([hashed_features(target_counts), hashed_features(pool_counts[self.negative_idx_])],
+        negatives = sparse.csr_matrix(pool_rows(self.negative_idx_))
+        if negatives.shape[1] != target_counts.shape[1]:
+            raise ValueError(f"target has {target_counts.shape[1]} buckets, pool has {negatives.shape[1]}")
+        x = sparse.vstack([hashed_features(target_counts), hashed_features(negatives)],
                           format="csr")  # (n_target + n_neg, B)
         y = np.r_[np.ones(n_target, dtype=np.int8), np.zeros(n_neg, dtype=np.int8)]
 
@@ -114,22 +122,24 @@ class ClassifierScorer(Scorer):
     def from_settings(cls, settings, random_state: int) -> "ClassifierScorer":
         return cls(random_state=random_state, negatives_per_target=settings.classifier_negatives)
 
-    def score(self, data: ScoreInput) -> Scores:
-        pool, target = data.require("ngrams", self.name), data.require("target_ngrams", self.name)
+    def fit(self, data: FitInput) -> "ClassifierScorer":
+        target = data.require("target_ngrams", self.name)
         model = HashedNgramClassifier(
             negatives_per_target=self.negatives_per_target, random_state=self.random_state
-        ).fit(target, pool)
-        return Scores(
-            score=model.decision_function(pool),
-            params={
-                "negatives_per_target": self.negatives_per_target,
-                "C": model.C,
-                "positives": model.n_positive_,
-                "negatives": model.n_negative_,
-                "train_size": model.train_size_,
-                "test_size": model.test_size_,
-                "held_out_accuracy": model.held_out_accuracy_,
-                "held_out_balanced_accuracy": model.held_out_balanced_accuracy_,
-                "random_state": self.random_state,
-            },
-        )
+        ).fit_rows(target, data.n_pool, data.require("pool_rows", self.name))
+        self.model_ = model
+        self.params_ = {
+            "negatives_per_target": self.negatives_per_target,
+            "C": model.C,
+            "positives": model.n_positive_,
+            "negatives": model.n_negative_,
+            "train_size": model.train_size_,
+            "test_size": model.test_size_,
+            "held_out_accuracy": model.held_out_accuracy_,
+            "held_out_balanced_accuracy": model.held_out_balanced_accuracy_,
+            "random_state": self.random_state,
+        }
+        return self
+
+    def apply(self, data: ScoreInput) -> Scores:
+        return Scores(score=self.model_.decision_function(data.require("ngrams", self.name)), params=self.params_)

@@ -52,15 +52,20 @@ def resolve_weights(names: list[str], weights: Mapping[str, float] | None = None
 
 def combine(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None) -> np.ndarray:
     """Weighted mean of each scorer's percentile rank in the pool: (n_docs,) float64 in [0, 1]."""
-    w = resolve_weights(list(scores), weights)
-    sizes = {name: np.asarray(s).shape for name, s in scores.items()}
+    return combine_ranks({name: percentile_ranks(s) for name, s in scores.items()}, weights)
+
+
+def combine_ranks(ranks: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """Weighted mean of precomputed percentile ranks (any slice of the pool): (n_docs,) float64 in [0, 1]."""
+    w = resolve_weights(list(ranks), weights)
+    sizes = {name: np.asarray(r).shape for name, r in ranks.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"scorers scored different numbers of documents: {sizes}")
     total = sum(w.values())
     out = np.zeros(next(iter(sizes.values())), dtype=np.float64)
-    for name, s in scores.items():
+    for name, r in ranks.items():
         if w[name] > 0:
-            out += (w[name] / total) * percentile_ranks(s)
+            out += (w[name] / total) * np.asarray(r, dtype=np.float64)
     return np.clip(out, 0.0, 1.0)  # float rounding must not leave [0, 1]
 
 

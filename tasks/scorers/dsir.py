@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from tasks.scorers import ScoreInput, Scorer, Scores, register
+from tasks.scorers import FitInput, ScoreInput, Scorer, Scores, register
 
-VERSION = "dsir-1"
+VERSION = "dsir-2"  # 2: bucket totals summed exactly in float64 (were float32)
 
 
 def _row_sums(counts: sparse.spmatrix) -> np.ndarray:
@@ -49,8 +49,18 @@ class DSIR:
             )
         if target_counts.shape[0] == 0:
             raise ValueError("DSIR needs at least one target document, got 0")
-        t = np.asarray(target_counts.sum(axis=0), dtype=np.float64).ravel() + self.smoothing  # (B,)
-        r = np.asarray(raw_counts.sum(axis=0), dtype=np.float64).ravel() + self.smoothing  # (B,)
+        return self.fit_totals(np.asarray(target_counts.sum(axis=0, dtype=np.float64)).ravel(),
+                               np.asarray(raw_counts.sum(axis=0, dtype=np.float64)).ravel())
+
+    def fit_totals(self, target_totals: np.ndarray, raw_totals: np.ndarray) -> "DSIR":
+        """Fit from (n_buckets,) n-gram totals: what a pool too big for memory is summarized by."""
+        if not self.smoothing > 0:
+            raise ValueError(f"smoothing must be > 0 (it keeps every log p finite), got {self.smoothing!r}")
+        if target_totals.shape != raw_totals.shape:
+            raise ValueError(f"target has {target_totals.shape} buckets, raw has {raw_totals.shape}: "
+                             "they must come from one hashed space")
+        t = np.asarray(target_totals, dtype=np.float64) + self.smoothing  # (B,)
+        r = np.asarray(raw_totals, dtype=np.float64) + self.smoothing  # (B,)
         self.n_buckets_ = int(t.size)
         self.log_p_target_ = np.log(t) - np.log(t.sum())  # (B,)
         self.log_p_raw_ = np.log(r) - np.log(r.sum())  # (B,)
@@ -102,21 +112,27 @@ class DSIRScorer(Scorer):
         super().__init__(random_state=random_state)
         self.smoothing = smoothing
 
-    def score(self, data: ScoreInput) -> Scores:
-        pool, target = data.require("ngrams", self.name), data.require("target_ngrams", self.name)
-        model = DSIR(smoothing=self.smoothing).fit(target, pool)
-        log_w = model.log_weights(pool)  # (n_docs,) nats
+    def fit(self, data: FitInput) -> "DSIRScorer":
+        target = data.require("target_ngrams", self.name)
+        if target.shape[0] == 0:
+            raise ValueError("DSIR needs at least one target document, got 0")
+        totals = data.require("pool_totals", self.name)
+        self.model_ = DSIR(smoothing=self.smoothing).fit_totals(
+            np.asarray(target.sum(axis=0, dtype=np.float64)).ravel(), totals)
+        self.params_ = {
+            "smoothing": self.smoothing,
+            "n_buckets": self.model_.n_buckets_,
+            "target_docs": int(target.shape[0]),
+            "target_ngrams": float(target.sum()),
+            "pool_ngrams": float(totals.sum()),
+            "docs_without_ngrams": int(data.empty_docs),
+            "kl_target_raw": self.model_.kl_target_raw(),
+        }
+        return self
+
+    def apply(self, data: ScoreInput) -> Scores:
+        pool = data.require("ngrams", self.name)
+        log_w = self.model_.log_weights(pool)  # (n_docs,) nats
         n_grams = _row_sums(pool)  # (n_docs,)
         score = np.divide(log_w, n_grams, out=np.zeros_like(log_w), where=n_grams > 0)
-        return Scores(
-            score=score,
-            params={
-                "smoothing": self.smoothing,
-                "n_buckets": model.n_buckets_,
-                "target_docs": int(target.shape[0]),
-                "target_ngrams": float(target.sum()),
-                "pool_ngrams": float(n_grams.sum()),
-                "docs_without_ngrams": int((n_grams == 0).sum()),
-                "kl_target_raw": model.kl_target_raw(),
-            },
-        )
+        return Scores(score=score, params=self.params_)

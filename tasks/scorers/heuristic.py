@@ -262,7 +262,15 @@ class HeuristicScorer(Scorer):
         # the Debian pool); larger batches were no faster.
         self.batch_chars = batch_chars
 
-    def score(self, data: ScoreInput) -> Scores:
+    @classmethod
+    def merge_params(cls, parts: list[dict]) -> dict:
+        """The rules, and how many pool documents fail each: the shards' counts summed."""
+        if not parts:
+            return {}
+        failed = {r.name: sum(int(p["failed"].get(r.name, 0)) for p in parts) for r in RULES}
+        return {**parts[0], "failed": failed}
+
+    def apply(self, data: ScoreInput) -> Scores:
         texts = data.require("texts", self.name)
         progress = Progress("score heuristic", texts.len())
         parts = []

@@ -1,0 +1,151 @@
+"""Scale benchmark: time and peak RSS per stage against pool size, and documents/s with 1 and 2 workers.
+
+    # a 5M-document pool in 100k-document files (see make_scale_pool.py)
+    python benchmarks/make_scale_pool.py ../shared/data/debian-pool-v1.jsonl.zst runs/scale-pool \
+        --docs 5000000 --docs-per-file 100000
+    python benchmarks/scale.py --pool runs/scale-pool --sizes 100000,1000000,5000000 --out runs/scale
+    python benchmarks/scale.py --pool runs/scale-pool --workers-at 1000000 --out runs/scale
+
+A pool of N documents is the first N / 100k files of the generated pool (a smaller pool is a
+prefix of a larger one). `--sizes` runs every stage in one fresh process per size
+(benchmarks/stages.py: each stage's task function, shards one after another in that process) and
+records each stage's wall time and the process's peak RSS while it ran. `--workers-at N` runs the
+whole flow (`quadflow run`, shard tasks on a local process pool) with 1 and then 2 workers on
+fresh stores and reports end-to-end and per-stage documents/s. Results go to `<out>/scale.json`
+and are printed as markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = REPO / "examples" / "data" / "target.jsonl.zst"
+FILE_DOCS = 100_000
+
+
+def _config(pool: Path, size: int, work: Path, shard_docs: int) -> Path:
+    files = sorted(pool.glob("part-*.jsonl.zst"))
+    need = -(-size // FILE_DOCS)
+    if len(files) < need:
+        raise SystemExit(f"{pool} holds {len(files)} files of {FILE_DOCS:,} documents; {size:,} needs {need}")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "store": str(work / "quadflow.duckdb"),
+        "seed": 0,
+        "ingest": {"inputs": [str(f) for f in files[:need]], "targets": [str(TARGET)]},
+        "score": {"scorers": ["heuristic", "dsir", "classifier"]},
+        "select": {"selector": "quad", "budget_tokens": 5_000_000},
+        "export": {"output": str(work / "out")},
+        "run": {"shard_docs": shard_docs},
+    }
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _fresh(work: Path) -> None:
+    for p in work.glob("quadflow.duckdb*"):
+        subprocess.run(["rm", "-rf", str(p)], check=True)
+
+
+def stage_profile(pool: Path, size: int, out: Path, shard_docs: int) -> dict:
+    work = out / f"stages-{size}"
+    _fresh(work)
+    cfg = _config(pool, size, work, shard_docs)
+    result = work / "stages.json"
+    cmd = ["/usr/bin/time", "-v", sys.executable, str(REPO / "benchmarks" / "stages.py"), "--config", str(cfg),
+           "--json", str(result)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"stages.py failed at {size:,} docs:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
+    rows = json.loads(result.read_text())
+    store_mb = sum(f.stat().st_size for f in work.glob("quadflow.duckdb")) / 2**20
+    return {"docs": size, "wall_s": round(wall, 1), "peak_rss_mb": round(peak), "store_mb": round(store_mb),
+            "stages": [r for r in rows if "seconds" in r]}
+
+
+def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: int) -> dict:
+    work = out / f"workers-{size}-{workers}"
+    _fresh(work)
+    cfg = _config(pool, size, work, shard_docs)
+    log = work / "run.log"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "quadflow"), "run", "--config", str(cfg),
+           "--workers", str(workers), "--runner", "processes"]
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"quadflow run failed ({workers} workers):\n{text[-3000:]}")
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
+    stage = {m.group(1): float(m.group(2)) for m in re.finditer(r"(featurize|score): [\d,]+/[\d,]+ docs \(100%\).*?"
+                                                               r"done in ([\d.]+)s", text)}
+    return {"docs": size, "workers": workers, "wall_s": round(wall, 1), "docs_per_s": round(size / wall),
+            "peak_rss_mb_main": round(peak), "featurize_s": stage.get("featurize"), "score_s": stage.get("score")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pool", type=Path, required=True, help="directory of make_scale_pool.py output")
+    ap.add_argument("--sizes", default="", help="comma-separated pool sizes (multiples of 100,000)")
+    ap.add_argument("--workers-at", type=int, help="pool size for the 1-vs-2-workers run")
+    ap.add_argument("--shard-docs", type=int, default=50_000)
+    ap.add_argument("--out", type=Path, default=Path("runs/scale"))
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = args.out / "scale.json"
+    results = json.loads(record.read_text()) if record.exists() else {"stages": [], "workers": []}
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        r = stage_profile(args.pool, size, args.out, args.shard_docs)
+        results["stages"] = [x for x in results["stages"] if x["docs"] != size] + [r]
+        record.write_text(json.dumps(results, indent=2))
+        print(f"{size:,} docs: {r['wall_s']} s, peak RSS {r['peak_rss_mb']} MB", flush=True)
+    if args.workers_at:
+        for w in (1, 2):
+            r = workers_profile(args.pool, args.workers_at, args.out, args.shard_docs, w)
+            results["workers"] = [x for x in results["workers"] if (x["docs"], x["workers"]) != (args.workers_at, w)]
+            results["workers"].append(r)
+            record.write_text(json.dumps(results, indent=2))
+            print(json.dumps(r), flush=True)
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    runs = sorted(results.get("stages", []), key=lambda r: r["docs"])
+    if runs:
+        stages = [s["stage"] for s in runs[0]["stages"]]
+        lines.append("| pool docs | " + " | ".join(stages) + " | total | process peak RSS | store |")
+        lines.append("|---|" + "---|" * (len(stages) + 3))
+        for r in runs:
+            by = {s["stage"]: s for s in r["stages"]}
+            cells = [f"{by[s]['seconds']:.0f} s / {by[s]['peak_rss_mb'] / 1024:.2f} GB" if s in by else "" for s in stages]
+            lines.append(f"| {r['docs']:,} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} s | "
+                         f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['store_mb'] / 1024:.1f} GB |")
+    if results.get("workers"):
+        lines.append("")
+        lines.append("| pool docs | workers | end to end | docs/s | featurize | score | flow process peak RSS |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in sorted(results["workers"], key=lambda r: (r["docs"], r["workers"])):
+            lines.append(f"| {r['docs']:,} | {r['workers']} | {r['wall_s']:.0f} s | {r['docs_per_s']:,} | "
+                         f"{r['featurize_s']} s | {r['score_s']} s | {r['peak_rss_mb_main'] / 1024:.2f} GB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Shards: bounded doc_idx ranges of a stage's input, run in parallel and resumed after a crash.
+
+The per-document stages (featurize, score) cut the pool into shards of at most `run.shard_docs`
+documents. For each shard the stage task (in the flow's process, the only one that writes the
+DuckDB store) exports the shard's inputs from the store to a Parquet part under the parts
+directory, submits one shard task to the flow's task runner (threads, local processes, or a Dask
+cluster), and, as each shard task finishes, loads its output part into the stage's tables and
+records the shard in `shard_done`, both in one transaction. A shard task reads only Parquet
+parts and writes only its own output part (to a temporary name, renamed when complete), so it
+can run on any machine that sees the parts directory.
+
+Resume: a rerun of the stage skips the shards that `shard_done` records for the stage's key,
+loads output parts that were finished but not yet recorded (killed between the two), and
+recomputes only the rest. Loading deletes the shard's doc_idx range before inserting, so a shard
+is never counted twice. Parts are deleted once the stage's partition is complete.
+
+Layout of the parts directory (default `<store>.parts/`, or `run.parts`):
+    <stage>-<key>/in-<role>-<lo>-<hi>.parquet     inputs exported from the store
+    <stage>-<key>/out-<role>-<lo>-<hi>.parquet    outputs written by shard tasks
+    <stage>-<key>/...                             fitted state the shard tasks load (e.g. lsa.npz)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from quadflow.log import get_logger
+from quadflow.settings import ConfigError, RunSettings
+from quadflow.store import query_sql, run_sql, transaction
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Documents lo <= doc_idx < hi of one role of a stage's input."""
+
+    role: str
+    lo: int
+    hi: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.lo:012d}-{self.hi:012d}"
+
+    @property
+    def docs(self) -> int:
+        return self.hi - self.lo
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard task hands back: where its output part is and how long it took."""
+
+    shard: Shard
+    path: str
+    rows: int
+    seconds: float
+    worker: str
+
+
+def plan_shards(counts: dict[str, int], shard_docs: int) -> list[Shard]:
+    """Consecutive doc_idx ranges of at most shard_docs documents per role, in role order."""
+    if shard_docs < 1:
+        raise ValueError(f"shard_docs must be >= 1, got {shard_docs!r}")
+    return [Shard(role, lo, min(lo + shard_docs, n)) for role, n in counts.items() for lo in range(0, n, shard_docs)]
+
+
+def parts_dir(run: RunSettings, store_path: str, stage: str, key: str) -> Path:
+    """Directory of one stage partition's parts (shared storage when shard tasks run elsewhere)."""
+    root = Path(run.parts) if run.parts else Path(f"{store_path}.parts")
+    return root / f"{stage}-{key}"
+
+
+def input_path(directory: Path, shard: Shard) -> Path:
+    return directory / f"in-{shard.name}.parquet"
+
+
+def output_path(directory: Path, shard: Shard) -> Path:
+    return directory / f"out-{shard.name}.parquet"
+
+
+def write_parquet_atomic(path: Path, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None) -> int:
+    """Write batches to `path` via a temporary file renamed into place: a reader never sees half a part.
+
+    Returns the number of rows written. A crash leaves at most a `.tmp-*` file, which is ignored.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    rows = 0
+    writer = None
+    try:
+        for batch in batches:
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, schema or batch.schema, compression="zstd")
+            table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+            writer.write_table(table)
+            rows += table.num_rows
+        if writer is None:
+            if schema is None:
+                raise ValueError(f"no rows and no schema for part {path}")
+            writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        writer.close()
+        writer = None
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp.exists():
+            tmp.unlink()
+    return rows
+
+
+def part_rows(path: Path) -> int | None:
+    """Rows of a complete part, or None when it is missing or unreadable (truncated, not Parquet)."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return None
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Store records
+# ---------------------------------------------------------------------------------------------
+
+
+def done_shards(con: Any, stage: str, key: str) -> set[tuple[str, int, int]]:
+    """(role, lo, hi) of the shards of a stage partition already loaded into the store."""
+    run_sql(con, "shards_create")
+    return {(r, int(lo), int(hi)) for r, lo, hi in query_sql(con, "shards_done", {"stage": stage, "key": key}).fetchall()}
+
+
+def record_shard(con: Any, stage: str, key: str, result: ShardResult, source: str, info: str | None) -> None:
+    """Mark a shard loaded (same transaction as its rows); `source` says how: computed or recovered;
+    `info` is what the stage keeps per shard (JSON text, e.g. each scorer's counts)."""
+    s = result.shard
+    run_sql(con, "shards_record", {"stage": stage, "key": key, "role": s.role, "lo": s.lo, "hi": s.hi,
+                                   "rows": result.rows, "seconds": result.seconds, "worker": result.worker,
+                                   "source": source, "info": info})
+
+
+def shard_infos(con: Any, stage: str, key: str) -> list[str]:
+    """The `info` JSON texts of a stage partition's loaded shards, in doc_idx order."""
+    return [r[0] for r in query_sql(con, "shards_info", {"stage": stage, "key": key}).fetchall() if r[0] is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running shards
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardRun:
+    """Counts of one stage's shard work, for logs and for the resume benchmark."""
+
+    total: int = 0
+    skipped: int = 0  # already recorded in the store
+    recovered: int = 0  # output part finished by an earlier, killed run: loaded, not recomputed
+    computed: int = 0
+    docs_computed: int = 0
+    docs_skipped: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.total} shards: {self.computed} computed ({self.docs_computed:,} docs), "
+                f"{self.skipped} already done, {self.recovered} recovered from finished parts "
+                f"({self.docs_skipped:,} docs not recomputed)")
+
+
+def run_shards(
+    con: Any,
+    stage: str,
+    key: str,
+    shards: list[Shard],
+    directory: Path,
+    export_input: Callable[[Shard, Path], None] | None,
+    shard_task: Any,
+    task_kwargs: dict[str, Any],
+    load: Callable[[Any, ShardResult], str | None],
+    progress: Any = None,
+    rows_per_doc: int = 1,
+) -> ShardRun:
+    """Compute the shards not yet done and load each as it finishes; see the module docstring.
+
+    `export_input(shard, path)` writes a shard's input part (skipped when a complete one exists);
+    `shard_task` is a Prefect task whose `.fn(shard, input_path, output_path, **task_kwargs)`
+    returns a ShardResult; `load(con, result)` inserts the output part's rows (inside the
+    transaction that also records the shard) and returns the shard's info (JSON text) or None.
+    """
+    log = get_logger()
+    stats = ShardRun(total=len(shards))
+    done = done_shards(con, stage, key)
+    todo: list[Shard] = []
+    for shard in shards:
+        if (shard.role, shard.lo, shard.hi) in done:
+            stats.skipped += 1
+            stats.docs_skipped += shard.docs
+            _progress(progress, shard.docs)
+            continue
+        out = output_path(directory, shard)
+        rows = part_rows(out)
+        if rows == shard.docs * rows_per_doc:  # finished by a killed run: load it, do not recompute
+            _load(con, stage, key, load, ShardResult(shard, str(out), rows, 0.0, "recovered"), "recovered",
+                  rows_per_doc)
+            stats.recovered += 1
+            stats.docs_skipped += shard.docs
+            _progress(progress, shard.docs)
+            continue
+        todo.append(shard)
+    if stats.skipped or stats.recovered:
+        log.info(f"{stage}: resuming: {stats.skipped} shards already in the store, {stats.recovered} loaded from "
+                 f"finished parts, {len(todo)} to compute")
+    for shard in todo:
+        if export_input is not None:
+            path = input_path(directory, shard)
+            if part_rows(path) != shard.docs:
+                export_input(shard, path)
+    for result in _execute(shard_task, todo, directory, task_kwargs):
+        _load(con, stage, key, load, result, "computed", rows_per_doc)
+        stats.computed += 1
+        stats.docs_computed += result.shard.docs
+        _progress(progress, result.shard.docs)
+    return stats
+
+
+def _progress(progress: Any, n: int) -> None:
+    if progress is not None:
+        progress.update(n)
+
+
+def _load(con: Any, stage: str, key: str, load: Callable[[Any, ShardResult], str | None], result: ShardResult,
+          source: str, rows_per_doc: int) -> None:
+    rows = part_rows(Path(result.path))
+    if rows != result.shard.docs * rows_per_doc:
+        raise RuntimeError(f"{stage} part {result.path} holds {rows} rows for shard {result.shard.name} "
+                           f"({result.shard.docs} documents x {rows_per_doc})")
+    with transaction(con):
+        info = load(con, result)
+        record_shard(con, stage, key, result, source, info)
+
+
+def _execute(shard_task: Any, todo: list[Shard], directory: Path, kwargs: dict[str, Any]) -> Iterator[ShardResult]:
+    """Shard results as they finish: on the flow's task runner inside a flow run, else one by one here.
+
+    A single shard runs in this process: starting workers would cost more than it saves.
+    """
+    args = [(s, str(input_path(directory, s)), str(output_path(directory, s))) for s in todo]
+    if len(args) > 1 and _in_flow_run():
+        from prefect.futures import as_completed
+
+        futures = [shard_task.submit(s, i, o, **kwargs) for s, i, o in args]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        finally:
+            for fut in futures:  # a failure: do not leave shards running behind our back
+                if not fut.state.is_final():
+                    fut.wait()
+        return
+    for s, i, o in args:
+        yield shard_task.fn(s, i, o, **kwargs)
+
+
+def _in_flow_run() -> bool:
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+def clean_parts(directory: Path) -> None:
+    """Remove a finished stage partition's parts (everything is in the store now)."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def timed(fn: Callable[[], int]) -> tuple[int, float]:
+    start = time.perf_counter()
+    rows = fn()
+    return rows, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# Task runners
+# ---------------------------------------------------------------------------------------------
+
+RUNNER_HELP = ("threads, processes (default: a local process pool), dask (a local Dask cluster of worker "
+               "processes), dask://HOST:PORT (an existing Dask scheduler) or ray://HOST:PORT (needs prefect-ray)")
+
+
+def task_runner(run: RunSettings):
+    """The Prefect task runner that runs shard tasks, from `run.runner` (see RUNNER_HELP)."""
+    spec, workers = run.runner, run.workers
+    if spec == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if spec == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if spec == "dask" or spec.startswith(("dask://", "tcp://")):
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ConfigError(f"run.runner = {spec!r} needs prefect-dask: pip install -e '.[dask]'") from None
+        if spec == "dask":
+            return DaskTaskRunner(cluster_kwargs={"n_workers": workers or os.cpu_count() or 1, "processes": True,
+                                                  "threads_per_worker": 1, "dashboard_address": None})
+        return DaskTaskRunner(address="tcp://" + spec.split("://", 1)[1])
+    if spec.startswith("ray://"):
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ConfigError(f"run.runner = {spec!r} needs prefect-ray (pip install prefect-ray); "
+                              "or run on Dask: --runner dask://HOST:PORT") from None
+        return RayTaskRunner(address=spec)
+    raise ConfigError(f"run.runner = {spec!r}: expected {RUNNER_HELP}")
+
+
+def check_flow_runner(run: RunSettings) -> None:
+    """Warn when the flow run's task runner is not the one `run.runner` names (a direct `curate(...)` call
+    uses the flow's default; `flows.curate.run_curate`, the CLI and the partition flows apply the setting)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None:
+        return
+    want, have = type(task_runner(run)).__name__, type(ctx.task_runner).__name__
+    if want != have:
+        get_logger().warning(f"run.runner = {run.runner!r} asks for {want}, but this flow run's shard tasks run on "
+                             f"{have}: start it with flows.curate.run_curate(settings) (as the CLI does)")

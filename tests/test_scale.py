@@ -1,0 +1,193 @@
+"""Scale: SIGKILL a run at any point and rerun it (same selection, no shard done twice), and the Dask runner.
+
+Every run here is `quadflow run` in its own process group against one real `prefect server start`
+on loopback. The pool (12,000 documents, 2 files) comes from benchmarks/make_scale_pool.py over the
+shipped sample; shards of 1,500 documents give 8 featurize and 8 score shards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+import yaml
+
+from tests.conftest import REPO, SAMPLE_TARGET
+from tests.test_deployments import _free_port, _stop, _tail
+
+POOL_DOCS = 12_000
+SHARD_DOCS = 1_500
+QUADFLOW = str(Path(sys.executable).parent / "quadflow")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import make_scale_pool as msp
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    pool = tmp / "pool"
+    msp.make_scale_pool(REPO / "examples" / "data" / "pool.jsonl.zst", pool,
+                        msp.ScaleSpec(docs=POOL_DOCS, docs_per_file=POOL_DOCS // 2, seed=1), log=lambda *_: None)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
+           "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "results"), "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_PROFILE", None)
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port)], env=env, cwd=tmp, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the Prefect server did not come up:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield {"tmp": tmp, "pool": pool, "env": env}
+    finally:
+        _stop(server, grace=10)
+
+
+def _config(env, name: str) -> Path:
+    tmp = env["tmp"]
+    settings = {
+        "store": str(tmp / name / "quadflow.duckdb"),
+        "seed": 2,
+        "ingest": {"inputs": [str(env["pool"])], "targets": [str(SAMPLE_TARGET)], "batch_rows": 2_000},
+        "score": {"scorers": ["heuristic", "dsir", "classifier"]},
+        "select": {"selector": "quad", "budget_tokens": 200_000},
+        "export": {"output": str(tmp / name / "out")},
+        "run": {"shard_docs": SHARD_DOCS, "workers": 2},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def _start(env, config: Path, *extra: str, log: Path) -> subprocess.Popen:
+    out = open(log, "ab")
+    return subprocess.Popen([QUADFLOW, "run", "--config", str(config), *extra], env=env["env"], cwd=env["tmp"],
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc, grace=5)
+        pytest.fail(f"quadflow run did not finish in {timeout}s:\n{_tail(log)}")
+    assert rc == 0, _tail(log)
+
+
+def _selected(name: str, env) -> list[str]:
+    return pl.read_parquet(env["tmp"] / name / "out" / "selection.parquet")["id"].sort().to_list()
+
+
+def _kill_when(proc: subprocess.Popen, parts: Path, stage: str, n: int, log: Path, timeout: float = 300) -> None:
+    """SIGKILL the whole run (flow, Prefect workers) once `n` output parts of `stage` exist: mid-stage."""
+    deadline = time.monotonic() + timeout
+    while len(list(parts.glob(f"{stage}-*/out-*.parquet"))) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {n} {stage} shards were done:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            _stop(proc, grace=1)
+            pytest.fail(f"no {n} {stage} parts after {timeout}s:\n{_tail(log)}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def baseline(env):
+    """One uninterrupted run on the default runner (local processes)."""
+    log = env["tmp"] / "baseline.log"
+    _finish(_start(env, _config(env, "baseline"), log=log), log)
+    return _selected("baseline", env)
+
+
+def test_sigkill_anywhere_then_rerun_gives_the_same_selection_without_redoing_shards(env, baseline):
+    config, tmp = _config(env, "killed"), env["tmp"]
+    parts = tmp / "killed" / "quadflow.duckdb.parts"
+    logs = [tmp / f"killed-{i}.log" for i in range(3)]
+    _kill_when(_start(env, config, log=logs[0]), parts, "featurize", 3, logs[0])  # during featurize
+    _kill_when(_start(env, config, log=logs[1]), parts, "score", 2, logs[1])  # during score
+    _finish(_start(env, config, log=logs[2]), logs[2])
+
+    assert _selected("killed", env) == baseline
+    assert "featurize: resuming:" in logs[1].read_text(errors="replace")
+    last = logs[2].read_text(errors="replace")
+    assert "score: resuming:" in last
+    done = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in SUMMARY.finditer(last)}
+    assert "featurize" not in done  # finished by the second run: cached, not run again
+    assert 0 < done["score"][1] < done["score"][0]  # only the score shards the kill left are computed
+
+    with duckdb.connect(str(tmp / "killed" / "quadflow.duckdb"), read_only=True) as con:
+        dup = con.execute("select count(*) from (select stage, key, role, lo, count(*) n from shard_done "
+                          "group by all having n > 1)").fetchone()[0]
+        per_stage = dict(con.execute("select stage, sum(hi - lo) from shard_done where role = 'pool' "
+                                     "group by stage").fetchall())
+        pool = con.execute("select count(*) from ingest_docs where role = 'pool'").fetchone()[0]
+        rows = con.execute("select count(*), count(distinct doc_idx) from featurize_vectors where role = 'pool'"
+                           ).fetchone()
+    assert dup == 0 and per_stage == {"featurize": pool, "score": pool}
+    assert rows == (pool, pool)  # no document featurized twice
+
+
+# "<stage>: <total> shards: <computed> computed (...)" -- the last run's work per stage
+SUMMARY = re.compile(r"(featurize|score): (\d+) shards: (\d+) computed")
+
+
+def test_dask_cluster_of_separate_processes_gives_the_same_selection(env, baseline):
+    dask = Path(sys.executable).parent / "dask"
+    assert dask.exists(), "dask is not installed: make test installs '.[dask]'"
+    port = _free_port()
+    procs, logs = [], []
+    try:
+        for i, cmd in enumerate([[str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--no-dashboard"]] +
+                                [[str(dask), "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1", "--nthreads",
+                                  "1", "--no-dashboard", "--name", f"w{i}"] for i in range(2)]):
+            logs.append(env["tmp"] / f"dask-{i}.log")
+            with open(logs[-1], "wb") as out:
+                procs.append(subprocess.Popen(cmd, env=env["env"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+            if i == 0:
+                time.sleep(3)
+        deadline = time.monotonic() + 90
+        while sum("Starting established connection" in p.read_text(errors="replace") for p in logs[1:]) < 2:
+            if time.monotonic() > deadline:
+                pytest.fail("dask workers did not connect:\n" + "\n".join(_tail(p) for p in logs))
+            time.sleep(0.5)
+        config, log = _config(env, "dask"), env["tmp"] / "dask.log"
+        run = _start(env, config, "--runner", f"dask://127.0.0.1:{port}", log=log)
+        _finish(run, log)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc, grace=5)
+    assert _selected("dask", env) == baseline
+    with duckdb.connect(str(env["tmp"] / "dask" / "quadflow.duckdb"), read_only=True) as con:
+        workers = {w for (w,) in con.execute("select distinct worker from shard_done where source = 'computed'"
+                                              ).fetchall()}
+    assert len(workers) >= 2, workers  # shards ran in more than one worker process ...
+    assert not any(w.endswith(f":{run.pid}") for w in workers), workers  # ... none of them the flow's

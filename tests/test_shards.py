@@ -1,0 +1,192 @@
+"""Shards: bounded pieces of featurize/score, identical results at any shard size, resume after a crash."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from quadflow.settings import FeaturizeSettings, RunSettings, ScoreSettings
+from quadflow.shards import Shard, part_rows, plan_shards, write_parquet_atomic
+from quadflow.store import StageRef, connect, open_store
+from tasks import featurize as featurize_mod
+from tasks import score as score_mod
+from tasks.featurize import featurize
+from tasks.ingest import Deduplicator, StoreDeduplicator
+from tasks.score import score
+from tests.test_score_task import PROSE, _pool
+
+FEAT = FeaturizeSettings(n_features=2048, dsir_buckets=256, dim=8, svd_sample=100, max_chars=400)
+SCORE = ScoreSettings(scorers=["heuristic", "dsir", "classifier"])
+
+
+def test_plan_covers_every_document_once_in_bounded_shards():
+    shards = plan_shards({"pool": 10, "target": 3}, 4)
+    assert [(s.role, s.lo, s.hi) for s in shards] == [
+        ("pool", 0, 4), ("pool", 4, 8), ("pool", 8, 10), ("target", 0, 3)]
+    assert plan_shards({"pool": 0, "target": 0}, 4) == []
+    with pytest.raises(ValueError, match="shard_docs must be >= 1"):
+        plan_shards({"pool": 3}, 0)
+
+
+def test_a_part_is_whole_or_absent(tmp_path):
+    path = tmp_path / "p" / "out.parquet"
+    table = pa.table({"x": [1, 2, 3]})
+    assert write_parquet_atomic(path, [table, table]) == 6 and part_rows(path) == 6
+
+    def broken():
+        yield table
+        raise OSError("disk gone")
+
+    other = tmp_path / "p" / "other.parquet"
+    with pytest.raises(OSError, match="disk gone"):
+        write_parquet_atomic(other, broken())
+    assert not other.exists() and sorted(p.name for p in other.parent.iterdir()) == ["out.parquet"]
+    path.write_bytes(path.read_bytes()[:20])  # truncated, e.g. by a crash of a non-atomic writer
+    assert part_rows(path) is None and part_rows(tmp_path / "missing.parquet") is None
+
+
+# --------------------------------------------------------------------------- featurize + score
+
+
+def make_docs(tmp_path, n_pool: int = 45, n_target: int = 6) -> StageRef:
+    store = open_store(tmp_path / "store.duckdb")
+    pool, target = _pool(n_pool), [PROSE[i % 2] + f" Extra {i}." for i in range(n_target)]
+    with duckdb.connect(store.path) as con:
+        con.execute("create table ingest_docs (key varchar, role varchar, doc_idx bigint, doc_id varchar, "
+                    "source_id varchar, text varchar, n_tokens bigint, n_chars bigint, source varchar, "
+                    "file varchar, line bigint, fields varchar)")
+        for role, texts in (("pool", pool), ("target", target)):
+            for i, text in enumerate(texts):
+                con.execute("insert into ingest_docs values ('ing', ?, ?, ?, null, ?, 10, ?, 's', 'f', ?, null)",
+                            [role, i, f"{role}{i}", text, len(text), i + 1])
+    return StageRef("ingest", "ing", store, n_pool + n_target, "fp")
+
+
+def _tables(store, feats: StageRef, scores: StageRef) -> dict[str, list]:
+    with connect(store, read_only=True) as con:
+        return {
+            "vectors": con.execute("select role, doc_idx, vec from featurize_vectors where key = ? "
+                                   "order by role, doc_idx", [feats.key]).fetchall(),
+            "ngrams": con.execute("select role, doc_idx, buckets, counts from featurize_ngrams where key = ? "
+                                  "order by role, doc_idx", [feats.key]).fetchall(),
+            "scores": con.execute("select doc_idx, scorer, version, score, detail from score_docs where key = ? "
+                                  "order by scorer, doc_idx", [scores.key]).fetchall(),
+            "info": [(name, {k: v for k, v in json.loads(params).items() if k != "shards"})
+                     for name, params in con.execute("select scorer, params from score_info where key = ? "
+                                                     "order by scorer", [scores.key]).fetchall()],
+        }
+
+
+def _run(docs: StageRef, run: RunSettings) -> tuple[StageRef, StageRef]:
+    feats = featurize.fn(FEAT, docs, 0, run)
+    return feats, score.fn(SCORE, docs, feats, 0, run)
+
+
+def test_results_do_not_depend_on_the_shard_size(tmp_path):
+    whole = make_docs(tmp_path / "a")
+    sharded = make_docs(tmp_path / "b")
+    fa, sa = _run(whole, RunSettings(shard_docs=10_000))
+    fb, sb = _run(sharded, RunSettings(shard_docs=7))
+    assert (fa.key, sa.key) == (fb.key, sb.key)  # shard size is how, not what: not in the keys
+    a, b = _tables(whole.store, fa, sa), _tables(sharded.store, fb, sb)
+    assert a == b
+    assert len(b["scores"]) == 45 * 4  # 3 scorers + combined, each document once
+    failed = dict(b["info"])["heuristic"]["failed"]  # per-shard rule counts, merged: the same as in one piece
+    assert failed == dict(a["info"])["heuristic"]["failed"] and sum(failed.values()) > 0
+    with connect(sharded.store, read_only=True) as con:
+        done = con.execute("select stage, role, count(*), sum(hi - lo) from shard_done group by all "
+                           "order by all").fetchall()
+    assert done == [("featurize", "pool", 7, 45), ("featurize", "target", 1, 6), ("score", "pool", 7, 45)]
+    assert not (tmp_path / "b" / "store.duckdb.parts" / f"featurize-{fb.key}").exists()  # parts cleaned
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _Flaky:
+    """A shard task that completes `ok` shards (writing their parts) and then crashes, like a killed run."""
+
+    def __init__(self, task, ok: int, finish_part_of_next: bool = False):
+        self.task, self.ok, self.finish_next, self.calls = task, ok, finish_part_of_next, []
+
+    def fn(self, shard: Shard, input_path: str, output_path: str, **kwargs):
+        self.calls.append(shard)
+        if len(self.calls) > self.ok:
+            if self.finish_next:  # the part got written, the process died before the store recorded it
+                self.task.fn(shard, input_path, output_path, **kwargs)
+            raise _Crash(f"killed during {shard.name}")
+        return self.task.fn(shard, input_path, output_path, **kwargs)
+
+
+class _Counting:
+    def __init__(self, task):
+        self.task, self.calls = task, []
+
+    def fn(self, shard: Shard, *args, **kwargs):
+        self.calls.append(shard)
+        return self.task.fn(shard, *args, **kwargs)
+
+
+def test_a_crashed_stage_resumes_without_redoing_or_double_counting_shards(tmp_path, monkeypatch):
+    clean = make_docs(tmp_path / "clean")
+    fc, sc = _run(clean, RunSettings(shard_docs=10))
+    expected = _tables(clean.store, fc, sc)
+
+    docs = make_docs(tmp_path / "crash")
+    run = RunSettings(shard_docs=10)
+    flaky = _Flaky(featurize_mod.featurize_shard, ok=2, finish_part_of_next=True)
+    monkeypatch.setattr(featurize_mod, "featurize_shard", flaky)
+    with pytest.raises(_Crash):
+        featurize.fn(FEAT, docs, 0, run)
+    counting = _Counting(flaky.task)
+    monkeypatch.setattr(featurize_mod, "featurize_shard", counting)
+    feats = featurize.fn(FEAT, docs, 0, run)
+    # 2 shards were in the store, the third's part was finished: only the other 3 of 6 are computed
+    assert [(s.role, s.lo) for s in counting.calls] == [("pool", 30), ("pool", 40), ("target", 0)]
+
+    flaky = _Flaky(score_mod.score_shard, ok=3)
+    monkeypatch.setattr(score_mod, "score_shard", flaky)
+    with pytest.raises(_Crash):
+        score.fn(SCORE, docs, feats, 0, run)
+    counting = _Counting(flaky.task)
+    monkeypatch.setattr(score_mod, "score_shard", counting)
+    scores = score.fn(SCORE, docs, feats, 0, run)
+    assert [s.lo for s in counting.calls] == [30, 40]
+    assert _tables(docs.store, feats, scores) == expected  # identical to the uninterrupted run
+    with connect(docs.store, read_only=True) as con:
+        sources = con.execute("select stage, source, count(*) from shard_done group by all order by all").fetchall()
+    assert sources == [("featurize", "computed", 5), ("featurize", "recovered", 1), ("score", "computed", 5)]
+
+
+# --------------------------------------------------------------------------- ingest dedup in the store
+
+
+@hsettings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 12), min_size=0, max_size=15), min_size=1, max_size=5))
+def test_store_dedup_matches_the_in_memory_one(batches):
+    con = duckdb.connect()
+    con.execute("create table ingest_docs (key varchar, role varchar, doc_idx bigint, doc_id varchar, "
+                "file varchar, line bigint)")
+    con.execute("insert into ingest_docs values ('k', 'pool', 0, 'id3', 'base', 9)")  # copied from a base
+    mem = Deduplicator().preload(pl.DataFrame({"doc_id": ["id3"], "file": ["base"], "line": [9]}))
+    store = StoreDeduplicator(con, "k", "pool")
+    line = 0
+    for ids in batches:
+        good = pl.DataFrame({"role": ["pool"] * len(ids), "doc_id": [f"id{i}" for i in ids],
+                             "file": ["f"] * len(ids), "line": list(range(line + 1, line + 1 + len(ids)))},
+                            schema={"role": pl.String, "doc_id": pl.String, "file": pl.String, "line": pl.Int64})
+        line += len(ids)
+        k1, d1 = mem.update(good)
+        k2, d2 = store.update(good)
+        assert k1.equals(k2) and d1.equals(d2)
+        con.register("kept", k2.to_arrow())
+        con.execute("insert into ingest_docs select 'k', 'pool', doc_idx, doc_id, file, line from kept")
+        con.unregister("kept")
+    assert store.n_kept_ == mem.n_kept_
