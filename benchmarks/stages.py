@@ -4,7 +4,8 @@
 
 Calls each stage's task function directly (no Prefect server, no caching) so the numbers are
 the stages' own. Peak RSS is sampled from /proc/self/status every 20 ms while a stage runs
-(the process's resident memory, Python and native allocations alike).
+(the process's resident memory, Python and native allocations alike); `start_rss_mb` is the RSS
+when the stage started, so peak - start is the stage's own working memory.
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def main() -> None:
 
     def timed(stage: str, fn, *a):
         sampler.reset()
+        start_rss = sampler.peak
         t0 = time.perf_counter()
         out = fn(*a)
         rows.append({"stage": stage, "seconds": round(time.perf_counter() - t0, 2),
-                     "peak_rss_mb": round(sampler.peak, 0)})
+                     "peak_rss_mb": round(sampler.peak, 0), "start_rss_mb": round(start_rss, 0)})
         print(f"{stage:>12}: {rows[-1]['seconds']:8.2f} s  peak RSS {rows[-1]['peak_rss_mb']:7.0f} MB", flush=True)
         return out
 

@@ -7,6 +7,7 @@ shipped sample; shards of 1,500 documents give 8 featurize and 8 score shards.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -191,3 +192,52 @@ def test_dask_cluster_of_separate_processes_gives_the_same_selection(env, baseli
                                               ).fetchall()}
     assert len(workers) >= 2, workers  # shards ran in more than one worker process ...
     assert not any(w.endswith(f":{run.pid}") for w in workers), workers  # ... none of them the flow's
+
+
+def test_peak_memory_is_set_by_the_shard_not_the_pool(tmp_path):
+    """Each shard stage's peak RSS, in a fresh process, barely moves when the pool grows 8x.
+
+    Shards of 2,500 documents, a 1,000-vector k-means sample, DuckDB capped at 128 MB: a 160,000-document
+    pool (about 150 MB more text than the 20,000-document one) may cost each stage at most 90% of that
+    extra text. A stage that held the pool's texts, as whole-pool code does, would cost more than all of it.
+    """
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import make_scale_pool as msp
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    pool = tmp_path / "pool"
+    msp.make_scale_pool(REPO / "examples" / "data" / "pool.jsonl.zst", pool,
+                        msp.ScaleSpec(docs=160_000, docs_per_file=20_000, seed=3), log=lambda *_: None)
+    files = sorted(str(p) for p in pool.glob("part-*.jsonl.zst"))
+    env = {**os.environ, "QUADFLOW_DUCKDB_MEMORY": "128MB", "PYTHONPATH": str(REPO)}
+    peaks, text = {}, {}
+    for n_files in (1, 8):
+        work = tmp_path / f"w{n_files}"
+        config = tmp_path / f"w{n_files}.yaml"
+        config.write_text(yaml.safe_dump({
+            "store": str(work / "q.duckdb"), "seed": 0,
+            "ingest": {"inputs": files[:n_files], "targets": [str(SAMPLE_TARGET)], "batch_rows": 5_000},
+            "featurize": {"svd_sample": 2_000},
+            "cluster": {"k": 40, "fit_sample": 1_000},
+            "score": {"scorers": ["heuristic", "dsir", "classifier"]},
+            "select": {"budget_tokens": 50_000},
+            "export": {"output": str(work / "out")},
+            "run": {"shard_docs": 2_500},
+        }))
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stages.py"), "--config", str(config)],
+                              cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        peaks[n_files] = {}
+        for stage in ("featurize", "cluster", "score"):
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.stage_rss", "--config", str(config), "--stage",
+                                   stage], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+            peaks[n_files][stage] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        with duckdb.connect(str(work / "q.duckdb"), read_only=True) as con:
+            text[n_files] = con.execute("select sum(strlen(text)) / 2^20 from ingest_docs where role = 'pool'"
+                                        ).fetchone()[0]
+    extra_text = text[8] - text[1]
+    assert extra_text > 100, text  # the big pool really is bigger
+    for stage in ("featurize", "cluster", "score"):
+        assert peaks[8][stage] - peaks[1][stage] < 0.9 * extra_text, (stage, peaks, text)
