@@ -117,9 +117,9 @@ def _prefect_api() -> Iterator[None]:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
     finally:
-        from prefect.logging.handlers import APILogHandler
+        from quadflow.log import drain_prefect_workers
 
-        APILogHandler.flush()  # send the run's last logs while the server is still up
+        drain_prefect_workers()  # the run's last logs and events, while the server is still up
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 

@@ -78,3 +78,25 @@ def _update_progress(artifact_id, progress: float) -> None:
         update_progress_artifact(artifact_id=artifact_id, progress=progress)
     except Exception as e:  # as above: display only
         logging.getLogger("quadflow").debug(f"progress artifact update failed: {e}")
+
+
+def drain_prefect_workers() -> None:
+    """Send this process's buffered run logs and events now, while the Prefect server is still up."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started: nothing was logged in this process
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())

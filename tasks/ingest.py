@@ -36,6 +36,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import unicodedata
 import zlib
 from collections import Counter
@@ -55,6 +56,7 @@ from quadflow.settings import ConfigError, IngestSettings
 from quadflow.store import (
     StageRef, StoreRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction,
 )
+from quadflow.shards import Shard, ShardResult, record_shard, worker_name
 from quadflow.tasking import IO_RETRIES, stage_task
 from quadflow.text import count_tokens_expr
 
@@ -917,6 +919,30 @@ class _Totals:
     objects_read: int = 0
     bytes_read: int = 0
     retries: int = 0
+    docs: int = 0  # documents kept
+
+    def add(self, other: "_Totals") -> None:
+        self.reasons.update(other.reasons)
+        self.objects_read += other.objects_read
+        self.bytes_read += other.bytes_read
+        self.retries += other.retries
+        self.docs += other.docs
+
+    def to_json(self) -> str:
+        """What the shard ledger keeps per input, so a resumed run's ingest_runs row counts it."""
+        return json.dumps({"reasons": dict(self.reasons), "objects_read": self.objects_read,
+                           "bytes_read": self.bytes_read, "retries": self.retries, "docs": self.docs})
+
+    @classmethod
+    def from_json(cls, text: str) -> "_Totals":
+        d = json.loads(text)
+        return cls(Counter(d["reasons"]), d["objects_read"], d["bytes_read"], d["retries"], d["docs"])
+
+
+def _done_inputs(con, key: str) -> list[tuple[str, int, str]]:
+    """(role, input position, counts JSON) of the inputs an earlier attempt at partition `key` committed."""
+    run_sql(con, "shards_create")
+    return [(r, int(lo), info) for r, lo, info in query_sql(con, "ingest_done_inputs", {"key": key}).fetchall()]
 
 
 def _read_input(con, key: str, role: str, fp: FileFingerprint, settings: IngestSettings, dedup: StoreDeduplicator,
@@ -937,6 +963,7 @@ def _read_input(con, key: str, role: str, fp: FileFingerprint, settings: IngestS
         _insert(con, "ingest_insert_duplicates", dups, key)
         counts.update(records=batch.records, ingested=kept.height, quarantined=batch.bad.height,
                       duplicates=dups.height)
+        totals.docs += kept.height
         totals.reasons.update(batch.bad["reason"].to_list())
         progress.update(batch.records)
     sha = stats.sha256 if fp.is_object else fp.sha256
@@ -1016,18 +1043,38 @@ def ingest(
         client = ob.client(objectstore) if any(fp.is_object for _, fp in plan.read) else None
         progress = Progress("ingest", total=None, unit="docs")
         totals = _Totals()
+        done = {(role, lo): info for role, lo, info in _done_inputs(con, key)}
+        if ("base", 0) not in done:  # a fresh partition (not one a killed run left half done)
+            with transaction(con):
+                run_sql(con, "ingest_delete", {"key": key})
+                run_sql(con, "shards_delete_stage", {"stage": "ingest", "key": key})
+                if plan.base_key is not None:
+                    kept = pl.DataFrame(list(plan.kept), schema={"role": pl.String, "file": pl.String}, orient="row")
+                    _insert(con, "ingest_copy", kept, key, base=plan.base_key)
+                reused = sum(int(query_sql(con, "ingest_count_kept", {"key": key, "role": r}).fetchone()[0])
+                             for r in ROLES)
+                record_shard(con, "ingest", key, ShardResult(Shard("base", 0, 1), plan.base_key or "", reused, 0.0,
+                                                             worker_name()), "computed", json.dumps({"docs": reused}))
+            done[("base", 0)] = json.dumps({"docs": reused})
+        else:
+            log.info(f"ingest: resuming partition {key}: {len(done) - 1} of {len(plan.read)} inputs already in the store")
+        reused_docs = int(json.loads(done[("base", 0)])["docs"])
+        for role in ROLES:
+            dedup = StoreDeduplicator(con, key, role)
+            for i, (r, fp) in enumerate(plan.read):
+                if r != role:
+                    continue
+                if (role, i) in done:  # committed by an earlier, killed attempt: its counts come from the ledger
+                    totals.add(_Totals.from_json(done[(role, i)]))
+                    continue
+                start, part = time.perf_counter(), _Totals()
+                with transaction(con):
+                    _read_input(con, key, role, fp, settings, dedup, client, part, progress)
+                    record_shard(con, "ingest", key, ShardResult(Shard(role, i, i + 1), fp.path, part.docs,
+                                                                 time.perf_counter() - start, worker_name()),
+                                 "computed", part.to_json())
+                totals.add(part)
         with transaction(con):
-            run_sql(con, "ingest_delete", {"key": key})
-            reused_docs = 0
-            if plan.base_key is not None:
-                kept = pl.DataFrame(list(plan.kept), schema={"role": pl.String, "file": pl.String}, orient="row")
-                _insert(con, "ingest_copy", kept, key, base=plan.base_key)
-            for role in ROLES:
-                dedup = StoreDeduplicator(con, key, role)
-                reused_docs += dedup.n_kept_
-                for r, fp in plan.read:
-                    if r == role:
-                        _read_input(con, key, role, fp, settings, dedup, client, totals, progress)
             _insert(con, "ingest_insert_run", _run_row(plan, section_json, reused_docs, totals), key)
         progress.close()
         if totals.objects_read:

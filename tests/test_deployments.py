@@ -178,24 +178,9 @@ def stack(tmp_path_factory):
 
 def _drain_in_process_workers() -> None:
     """Send this process's buffered run logs and events now, not at exit when the server is gone."""
-    import inspect
+    from quadflow.log import drain_prefect_workers
 
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    async def drain() -> None:
-        try:
-            result = APILogWorker.instance().drain()
-            if inspect.isawaitable(result):
-                await result
-        except RuntimeError:  # never started: nothing was logged in process
-            pass
-        result = EventsWorker.drain_all()
-        if inspect.isawaitable(result):
-            await result
-
-    run_coro_as_sync(drain())
+    drain_prefect_workers()
 
 
 def _client():

@@ -177,3 +177,27 @@ def test_deleted_store_recomputes_everything_with_identical_selection(first_run)
     for stage in STAGES:
         assert states[stage] == "Completed", (stage, states)
     assert _selected_ids(tmp / "out") == first_run["first_ids"]
+
+
+def test_the_readme_command_runs_on_prefects_temporary_server_with_worker_processes(tmp_path):
+    """`quadflow run` with no Prefect server configured: it starts the temporary server, shard tasks run in
+    a local process pool that reports to it, and the run ends with status 0 and no lost logs."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "quadflow"), "run", "--input", str(SAMPLE_POOL), "--target",
+         str(SAMPLE_TARGET), "--budget-tokens", "30000", "--store", str(tmp_path / "q.duckdb"), "--output",
+         str(tmp_path / "out"), "--shard-docs", "1500", "--workers", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "selected " in out and "Error logging to API" not in out
+    assert "featurize: 4 shards: 4 computed" in out and "Starting temporary server" in out
+    assert out.count("Starting temporary server") == 1  # the workers used the run's server, not their own
+    assert (REPO / "quadflow.duckdb").exists() is False

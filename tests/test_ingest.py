@@ -419,14 +419,28 @@ def test_task_fails_cleanly_on_a_file_changed_after_fingerprinting(corpus):
     con.close()
 
 
-def test_task_with_a_broken_file_writes_nothing(corpus):
+def test_task_with_a_broken_file_leaves_the_complete_partition_and_resumes_per_input(corpus):
     ref, store = _run(corpus)
     (corpus / "pool" / "3.jsonl.gz").write_bytes(b"not gzip")
     with pytest.raises(InputError, match="3.jsonl.gz"):
         _run(corpus)
     con = duckdb.connect(store.path, read_only=True)
-    assert con.execute("select distinct key from ingest_docs").fetchall() == [(ref.key,)]
-    assert con.execute("select distinct key from ingest_files").fetchall() == [(ref.key,)]
+    # the earlier partition is untouched; the failed one is incomplete (no ingest_runs row), its
+    # committed inputs are in the ledger, and no input of it is half written
+    assert con.execute("select key from ingest_runs").fetchall() == [(ref.key,)]
+    failed = con.execute("select distinct key from shard_done where stage = 'ingest' and key <> ?",
+                         [ref.key]).fetchall()
+    assert len(failed) == 1
+    files = con.execute("select count(*) from ingest_files where key = ?", failed[0]).fetchone()[0]
+    docs = con.execute("select count(*), count(distinct (role, doc_idx)) from ingest_docs where key = ?",
+                       failed[0]).fetchone()
+    assert files >= 1 and docs[0] == docs[1]  # the unchanged inputs copied from the base, each doc once
+    con.close()
+    with pytest.raises(InputError, match="3.jsonl.gz"):
+        _run(corpus)  # the same inputs again: the committed ones are not read a second time
+    con = duckdb.connect(store.path, read_only=True)
+    assert con.execute("select count(*) from ingest_files where key = ?", failed[0]).fetchone()[0] == files
+    assert con.execute("select count(*) from ingest_docs where key = ?", failed[0]).fetchone()[0] == docs[0]
     con.close()
 
 

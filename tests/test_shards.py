@@ -190,3 +190,59 @@ def test_store_dedup_matches_the_in_memory_one(batches):
         con.execute("insert into ingest_docs select 'k', 'pool', doc_idx, doc_id, file, line from kept")
         con.unregister("kept")
     assert store.n_kept_ == mem.n_kept_
+
+
+# --------------------------------------------------------------------------- ingest resumes per input
+
+
+def _corpus(tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    lines = {
+        "a.jsonl": ['{"text": "first document about lists"}', '{"text": "shared text"}', "not json"],
+        "b.jsonl": ['{"text": "shared text"}', '{"text": "second file, new words"}'],
+        "c.jsonl": ['{"text": "third file"}', '{"text": "first document about lists"}', '{"text": ""}'],
+    }
+    for name, rows in lines.items():
+        (pool / name).write_text("\n".join(rows) + "\n")
+    return pool
+
+
+def _ingest_tables(store, key):
+    with connect(store, read_only=True) as con:
+        out = {t: con.execute(f"select * exclude (key) from {t} where key = ? order by all", [key]).fetchall()
+               for t in ("ingest_docs", "ingest_duplicates", "ingest_quarantine", "ingest_files")}
+        out["runs"] = con.execute("select inputs, read, docs_reused from ingest_runs where key = ?", [key]).fetchall()
+    return out
+
+
+def test_a_crashed_ingest_resumes_at_the_first_input_it_had_not_committed(tmp_path, monkeypatch):
+    from quadflow.settings import IngestSettings
+    from tasks import ingest as ingest_mod
+    from tasks.ingest import expand_inputs, fingerprint_files, ingest
+
+    pool = _corpus(tmp_path)
+    settings = IngestSettings(inputs=[str(pool)], batch_rows=1)
+    files = fingerprint_files(expand_inputs(settings.inputs))
+    clean = ingest.fn(settings, files, (), open_store(tmp_path / "clean.duckdb"))
+    expected = _ingest_tables(clean.store, clean.key)
+
+    store = open_store(tmp_path / "crash.duckdb")
+    real, calls = ingest_mod._read_input, []
+
+    def dies_in_the_second_file(con, key, role, fp, *args):
+        calls.append(fp.path)
+        if len(calls) == 2:  # killed half way through b.jsonl: its rows so far must not survive
+            real(con, key, role, fp, *args)
+            raise _Crash(f"killed while reading {fp.path}")
+        return real(con, key, role, fp, *args)
+
+    monkeypatch.setattr(ingest_mod, "_read_input", dies_in_the_second_file)
+    with pytest.raises(_Crash):
+        ingest.fn(settings, files, (), store)
+    calls.clear()
+    monkeypatch.setattr(ingest_mod, "_read_input", lambda con, key, role, fp, *a: (calls.append(fp.path),
+                                                                                   real(con, key, role, fp, *a)))
+    ref = ingest.fn(settings, files, (), store)
+    assert [p.rsplit("/", 1)[1] for p in calls] == ["b.jsonl", "c.jsonl"]  # a.jsonl was committed: not read again
+    assert ref.key == clean.key and _ingest_tables(store, ref.key) == expected
