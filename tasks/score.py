@@ -11,11 +11,16 @@ state beside the store (`<store>.artifacts/influence-<key>.pt`, path and sha256 
 and scores nothing; the select stage scores the documents the bandit probes with it
 (select.probe_scorer = 'influence').
 
-Core (no Prefect, no DuckDB): `build_scorers`, `check_targets`, `score_pool`, `influence_sample`.
-Task: `score` reads pool texts (ingest_docs) and hashed n-gram counts (featurize_ngrams) only
-when a chosen scorer needs them, calls the core and writes its partition of score_docs and
-score_info with delete-then-insert on its key. `load_scores` reads one scorer's scores back;
-`ensure_influence_state` fits the influence scorer's state (or reuses a valid one).
+Core (no Prefect, no DuckDB): `build_scorers`, `check_targets`, `score_part` (one shard with fitted
+scorers), `score_pool` (the whole pool in memory: the same numbers, for tests and small pools),
+`influence_sample`.
+Task: `score` fits the pool-wide scorers on statistics read from the store (exact n-gram totals,
+the target's n-grams, a seeded sample of pool rows), then scores shard by shard (quadflow.shards:
+`score_shard` tasks on the flow's task runner, each reading a Parquet part of texts and n-grams),
+loads each shard's rows as it finishes, and computes the combined score from percentile ranks
+taken in the store; score_info gets each scorer's params (per-shard counts merged).
+`load_scores` reads one scorer's scores back; `ensure_influence_state` fits the influence
+scorer's state (or reuses a valid one).
 """
 
 from __future__ import annotations

@@ -97,6 +97,17 @@ def test_results_do_not_depend_on_the_shard_size(tmp_path):
     a, b = _tables(whole.store, fa, sa), _tables(sharded.store, fb, sb)
     assert a == b
     assert len(b["scores"]) == 45 * 4  # 3 scorers + combined, each document once
+    # ... and the same as the whole pool scored in memory
+    from tasks.featurize import load_ngrams
+    from tasks.score import build_scorers, score_pool
+    from tasks.scorers import ScoreInput
+    with connect(whole.store, read_only=True) as con:
+        texts = pl.Series("text", [t for (t,) in con.execute(
+            "select text from ingest_docs where role = 'pool' order by doc_idx").fetchall()])
+        data = ScoreInput(n_docs=45, texts=texts, ngrams=load_ngrams(con, fa.key, "pool"),
+                          target_ngrams=load_ngrams(con, fa.key, "target"))
+    frame, _ = score_pool(build_scorers(SCORE, SCORE.resolved(True), 0), data)
+    assert sorted(frame.rows()) == sorted(b["scores"])
     failed = dict(b["info"])["heuristic"]["failed"]  # per-shard rule counts, merged: the same as in one piece
     assert failed == dict(a["info"])["heuristic"]["failed"] and sum(failed.values()) > 0
     with connect(sharded.store, read_only=True) as con:
