@@ -30,6 +30,7 @@ ARTIFACT_KEY = "quadflow-report"
 REPORT_DIR = "report"
 TOP_SOURCES = 10
 TOP_RULES = 10
+SCORE_SAMPLE = 200_000  # pool documents (a seeded hash sample) whose scores the plots draw; stats use all
 TOP_CLUSTERS = 50
 QUAD = "quad"
 PLOT_CLUSTERS = "cluster_sizes.png"
@@ -77,6 +78,9 @@ class ReportData:
     export_key: str = ""
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     reasons: pl.DataFrame | None = None  # reason, docs, tokens: why the selected documents were taken
+    # scorer -> (pool docs, pool mean) over the whole pool; `scores` then holds a seeded sample of
+    # at most SCORE_SAMPLE pool documents (for the plots), so the report's memory is not the pool's
+    score_stats: dict[str, tuple[int, float | None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -266,8 +270,9 @@ def build_report(data: ReportData) -> str:
     if data.scores:
         rows = []
         for name, (pool, sel) in data.scores.items():
-            mp, ms = _mean(pool), _mean(sel)
-            rows.append([name, pool.size, mp, sel.size, ms, None if mp is None or ms is None else ms - mp])
+            n_pool, mp = (data.score_stats or {}).get(name, (pool.size, _mean(pool)))
+            ms = _mean(sel)
+            rows.append([name, n_pool, mp, sel.size, ms, None if mp is None or ms is None else ms - mp])
         lines += _table(["scorer", "pool docs", "pool mean", "selected docs", "selected mean", "difference"], rows)
         lines += [f"![Score distributions, pool vs selected]({PLOT_SCORES})", ""]
     else:
@@ -478,11 +483,14 @@ def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, e
         k = int(k_row[0])
     else:  # no cluster_info row: the largest cluster id seen
         k = int(clusters["cluster"].max()) + 1 if clusters.height else 0
-    long = query_sql(con, "report_scores", p).pl()
+    modulus = max(1, -(-int(counts["pool_docs"]) // SCORE_SAMPLE))  # keep every modulus-th document (by hash)
+    long = query_sql(con, "report_scores", {**p, "modulus": modulus}).pl()
+    stats = {name: (int(n), None if mean is None else float(mean))
+             for name, n, mean in query_sql(con, "report_score_stats", p).fetchall()}
     scores = {}
     for name in sorted(long["scorer"].unique().to_list(), key=lambda s: (s == "combined", s)):
         f = long.filter(pl.col("scorer") == name)
-        scores[name] = (f["score"].to_numpy().astype(np.float64),
+        scores[name] = (f.filter(pl.col("sampled"))["score"].to_numpy().astype(np.float64),
                         f.filter(pl.col("selected"))["score"].to_numpy().astype(np.float64))
     probes = query_sql(con, "report_probes", p).pl().row(0, named=True)
     info = dict(query_sql(con, "report_info", p).fetchall())
@@ -498,7 +506,7 @@ def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, e
         pool_docs=int(counts["pool_docs"]), pool_tokens=int(counts["pool_tokens"]),
         target_docs=int(counts["target_docs"]), selected_docs=int(counts["selected_docs"]),
         selected_tokens=int(counts["selected_tokens"]), duplicates=int(counts["duplicates"]),
-        quarantined=quarantined, k=k, clusters=clusters, scores=scores,
+        quarantined=quarantined, k=k, clusters=clusters, scores=scores, score_stats=stats,
         failed_rules=query_sql(con, "report_failed_rules", p).pl(),
         rounds=query_sql(con, "report_rounds", p).pl(),
         probes={k_: int(v or 0) for k_, v in probes.items()}, info=info,

@@ -139,3 +139,26 @@ def test_build_report_pure_core():
 
 def test_report_leaves_other_stages_tables_alone(published):
     assert published["runs_after"] == published["runs_before"]
+
+
+def test_score_plots_sample_a_big_pool_while_the_table_counts_all_of_it(published, monkeypatch):
+    """Above SCORE_SAMPLE pool documents the plots draw a seeded hash sample (plus every selected
+    document), so the report's memory does not grow with the pool; counts and means stay exact."""
+    import tasks.report as rep
+    from quadflow.store import connect
+
+    w = published["world"]
+    keys = rep.ReportKeys(docs=w["docs"].key, clusters=w["clusters"].key, scores=w["scores"].key,
+                          selection=w["selection"].key, features=w["features"].key)
+    with connect(w["store"], read_only=True) as con:
+        full = rep.gather_report_data(con, w["settings"], keys, "", "")
+        monkeypatch.setattr(rep, "SCORE_SAMPLE", 5)
+        sampled = rep.gather_report_data(con, w["settings"], keys, "", "")
+        again = rep.gather_report_data(con, w["settings"], keys, "", "")
+    for name, (pool, sel) in full.scores.items():
+        small, small_sel = sampled.scores[name]
+        assert pool.size == N_POOL and 0 < small.size < N_POOL  # a sample of the pool for the plot ...
+        assert np.array_equal(np.sort(small_sel), np.sort(sel))  # ... every selected document
+        assert np.array_equal(small, again.scores[name][0])  # seeded: the same sample every time
+        n, mean = sampled.score_stats[name]
+        assert n == N_POOL and mean == pytest.approx(pool.mean())  # the table: the whole pool
