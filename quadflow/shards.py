@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -284,12 +283,6 @@ def _in_flow_run() -> bool:
 def clean_parts(directory: Path) -> None:
     """Remove a finished stage partition's parts (everything is in the store now)."""
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def timed(fn: Callable[[], int]) -> tuple[int, float]:
-    start = time.perf_counter()
-    rows = fn()
-    return rows, time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------
