@@ -223,12 +223,14 @@ def run_shards(
     if stats.skipped or stats.recovered:
         log.info(f"{stage}: resuming: {stats.skipped} shards already in the store, {stats.recovered} loaded from "
                  f"finished parts, {len(todo)} to compute")
-    for shard in todo:
+
+    def prepare(shard: Shard) -> None:  # the input part, just before its shard is submitted
         if export_input is not None:
             path = input_path(directory, shard)
             if part_rows(path) != shard.docs:
                 export_input(shard, path)
-    for result in _execute(shard_task, todo, directory, task_kwargs):
+
+    for result in _execute(shard_task, todo, directory, task_kwargs, prepare):
         _load(con, stage, key, load, result, "computed", rows_per_doc)
         stats.computed += 1
         stats.docs_computed += result.shard.docs
@@ -250,19 +252,27 @@ def _load(con: Any, stage: str, key: str, load: Callable[[Any, ShardResult], str
     with transaction(con):
         info = load(con, result)
         record_shard(con, stage, key, result, source, info)
+    # its input is no longer needed; the output part stays until the stage completes (clean_parts)
+    input_path(Path(result.path).parent, result.shard).unlink(missing_ok=True)
 
 
-def _execute(shard_task: Any, todo: list[Shard], directory: Path, kwargs: dict[str, Any]) -> Iterator[ShardResult]:
+def _execute(shard_task: Any, todo: list[Shard], directory: Path, kwargs: dict[str, Any],
+             prepare: Callable[[Shard], None]) -> Iterator[ShardResult]:
     """Shard results as they finish: on the flow's task runner inside a flow run, else one by one here.
 
-    A single shard runs in this process: starting workers would cost more than it saves.
+    Each shard's input is prepared just before it is submitted, so workers start while later inputs
+    are still being exported. A single shard runs in this process: starting workers would cost more
+    than it saves.
     """
     args = [(s, str(input_path(directory, s)), str(output_path(directory, s))) for s in todo]
     if len(args) > 1 and _in_flow_run():
         from prefect.futures import as_completed
 
-        futures = [shard_task.submit(s, i, o, **kwargs) for s, i, o in args]
+        futures = []
         try:
+            for s, i, o in args:
+                prepare(s)
+                futures.append(shard_task.submit(s, i, o, **kwargs))
             for fut in as_completed(futures):
                 yield fut.result()
         finally:
@@ -271,6 +281,7 @@ def _execute(shard_task: Any, todo: list[Shard], directory: Path, kwargs: dict[s
                     fut.wait()
         return
     for s, i, o in args:
+        prepare(s)
         yield shard_task.fn(s, i, o, **kwargs)
 
 
