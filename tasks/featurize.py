@@ -370,7 +370,7 @@ def load_ngrams(con: Any, key: str, role: str, n_buckets: int | None = None) -> 
     )
 
 
-def _role_counts(con: Any, key: str) -> dict[str, int]:
+def role_counts(con: Any, key: str) -> dict[str, int]:
     """Documents per role of an ingest partition (pool first), checked to be indexed 0..n-1."""
     out = {"pool": 0, "target": 0}
     for role, docs, lo, hi in query_sql(con, "score_count_docs", {"key": key}).fetchall():
@@ -471,7 +471,7 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
     log = get_logger()
     with connect(docs.store) as con:
         run_sql(con, "featurize_create")
-        counts = _role_counts(con, docs.key)
+        counts = role_counts(con, docs.key)
         if counts["pool"] == 0:
             raise ValueError(f"ingest partition {docs.key!r} has no pool documents to featurize")
         directory = parts_dir(run, docs.store.path, "featurize", key)

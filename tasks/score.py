@@ -49,7 +49,7 @@ from quadflow.shards import (Shard, ShardResult, clean_parts, parts_dir, plan_sh
                              worker_name, write_parquet_atomic)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
-from tasks.featurize import _list_column, load_ngrams
+from tasks.featurize import _list_column, load_ngrams, role_counts
 from tasks.scorers import FitInput, ScoreInput, Scorer, get_scorer
 from tasks.scorers.combine import combine, combine_ranks, combined_version, resolve_weights
 from tasks.scorers.combine import VERSION as COMBINE_VERSION
@@ -266,16 +266,6 @@ def ensure_influence_state(con: Any, settings: InfluenceSettings, docs_key: str,
     }
 
 
-def _role_counts(con: Any, key: str) -> dict[str, int]:
-    """Documents per role of an ingest partition, checked to be indexed 0..n-1."""
-    out = {}
-    for role, docs, lo, hi in query_sql(con, "score_count_docs", {"key": key}).fetchall():
-        if (lo, hi) != (0, docs - 1):
-            raise ValueError(f"ingest_docs {key}/{role}: doc_idx spans {lo}..{hi} for {docs} documents")
-        out[role] = int(docs)
-    return out
-
-
 def _csr(table: pa.Table, n_buckets: int) -> sp.csr_matrix:
     """(rows, n_buckets) float32 counts from arrow list columns buckets/counts."""
     if table.num_rows == 0:
@@ -434,7 +424,7 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
     log = get_logger()
     directory = None
     with connect(docs.store) as con:
-        counts = _role_counts(con, docs.key)
+        counts = role_counts(con, docs.key)
         n_pool, has_targets = counts.get("pool", 0), counts.get("target", 0) > 0
         if n_pool == 0:
             raise ValueError(f"ingest partition {docs.key!r} has no pool documents to score")

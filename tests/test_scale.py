@@ -30,17 +30,19 @@ SHARD_DOCS = 1_500
 QUADFLOW = str(Path(sys.executable).parent / "quadflow")
 
 
+def _make_pool(path: Path, docs: int, per_file: int, seed: int) -> Path:
+    """A scale pool built from the shipped sample by benchmarks/make_scale_pool.py."""
+    from benchmarks import make_scale_pool as msp
+
+    msp.make_scale_pool(REPO / "examples" / "data" / "pool.jsonl.zst", path,
+                        msp.ScaleSpec(docs=docs, docs_per_file=per_file, seed=seed), log=lambda *_: None)
+    return path
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import make_scale_pool as msp
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    pool = tmp / "pool"
-    msp.make_scale_pool(REPO / "examples" / "data" / "pool.jsonl.zst", pool,
-                        msp.ScaleSpec(docs=POOL_DOCS, docs_per_file=POOL_DOCS // 2, seed=1), log=lambda *_: None)
+    pool = _make_pool(tmp / "pool", POOL_DOCS, POOL_DOCS // 2, seed=1)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": url,
@@ -201,14 +203,7 @@ def test_peak_memory_is_set_by_the_shard_not_the_pool(tmp_path):
     pool (about 150 MB more text than the 20,000-document one) may cost each stage at most 90% of that
     extra text. A stage that held the pool's texts, as whole-pool code does, would cost more than all of it.
     """
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import make_scale_pool as msp
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    pool = tmp_path / "pool"
-    msp.make_scale_pool(REPO / "examples" / "data" / "pool.jsonl.zst", pool,
-                        msp.ScaleSpec(docs=160_000, docs_per_file=20_000, seed=3), log=lambda *_: None)
+    pool = _make_pool(tmp_path / "pool", 160_000, 20_000, seed=3)
     files = sorted(str(p) for p in pool.glob("part-*.jsonl.zst"))
     env = {**os.environ, "QUADFLOW_DUCKDB_MEMORY": "128MB", "PYTHONPATH": str(REPO)}
     peaks, text = {}, {}

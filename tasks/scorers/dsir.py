@@ -40,8 +40,6 @@ class DSIR:
 
     def fit(self, target_counts: sparse.spmatrix, raw_counts: sparse.spmatrix) -> "DSIR":
         """Fit p_target and p_raw over the buckets from (n_docs, n_buckets) count matrices."""
-        if not self.smoothing > 0:
-            raise ValueError(f"smoothing must be > 0 (it keeps every log p finite), got {self.smoothing!r}")
         if target_counts.shape[1] != raw_counts.shape[1]:
             raise ValueError(
                 f"target has {target_counts.shape[1]} buckets, raw has {raw_counts.shape[1]}: "
