@@ -12,10 +12,10 @@ store under <out>/<task>/), then every method selects at the same budget:
 
 - random; top-k by each scorer (heuristic, dsir, classifier, combined); quadflow's DSIR
   importance resampling; the Quad bandit probing with each scorer (combined, dsir, classifier,
-  heuristic), all through `tasks.select.run_selector`;
+  heuristic), all through `quadflow.tasks.select.run_selector`;
 - `quad-influence`, the Quad bandit probing with the influence scorer (select.probe_scorer =
   influence), when torch is importable: its scorer is fitted once per task pool as the score
-  stage fits it (`tasks.score.ensure_influence_state`, state kept beside the store) with
+  stage fits it (`quadflow.tasks.score.ensure_influence_state`, state kept beside the store) with
   BENCH_INFLUENCE's CPU-sized settings, and scores only the documents the bandit probes;
 - the published DSIR package (`data-selection`, benchmarks/eval/dsir_external.py), one seed; its
   selection is kept next to the store and reused while pool, target, budget and settings are
@@ -252,13 +252,13 @@ def pipeline_settings(store: Path, pool: Path, target: Path, budget: int, overri
 
 
 def _versions() -> dict[str, str]:
-    import tasks.cluster
-    import tasks.featurize
-    import tasks.ingest
-    import tasks.score
+    import quadflow.tasks.cluster
+    import quadflow.tasks.featurize
+    import quadflow.tasks.ingest
+    import quadflow.tasks.score
 
-    return {"ingest": tasks.ingest.VERSION, "featurize": tasks.featurize.VERSION,
-            "cluster": tasks.cluster.VERSION, "score": tasks.score.VERSION}
+    return {"ingest": quadflow.tasks.ingest.VERSION, "featurize": quadflow.tasks.featurize.VERSION,
+            "cluster": quadflow.tasks.cluster.VERSION, "score": quadflow.tasks.score.VERSION}
 
 
 def _ref_from(d: dict) -> StageRef:
@@ -290,10 +290,10 @@ def _reusable(state_path: Path, want: dict) -> tuple[PipelineRefs, list[dict]] |
 def run_pipeline(settings: Settings, state_path: Path, force: bool = False,
                  log: Callable[[str], None] = print) -> tuple[PipelineRefs, list[dict]]:
     """Ingest, featurize, cluster and score the task pool (task functions, no Prefect); time each stage."""
-    from tasks.cluster import cluster
-    from tasks.featurize import featurize
-    from tasks.ingest import expand_inputs, fingerprint_files, ingest
-    from tasks.score import score
+    from quadflow.tasks.cluster import cluster
+    from quadflow.tasks.featurize import featurize
+    from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
+    from quadflow.tasks.score import score
 
     files = fingerprint_files(expand_inputs(settings.ingest.inputs))
     targets = fingerprint_files(expand_inputs(settings.ingest.targets))
@@ -383,10 +383,10 @@ class PoolData:
 
 def load_pool_data(refs: PipelineRefs, settings: Settings) -> PoolData:
     """Read ids, tokens, texts, clusters, neighbours, scores and n-gram counts of the task pool."""
-    from tasks.cluster import load_assignments, load_neighbors
-    from tasks.featurize import load_ngrams
-    from tasks.score import load_scores
-    from tasks.scorers.dsir import DSIR
+    from quadflow.tasks.cluster import load_assignments, load_neighbors
+    from quadflow.tasks.featurize import load_ngrams
+    from quadflow.tasks.score import load_scores
+    from quadflow.tasks.scorers.dsir import DSIR
 
     with connect(refs.store, read_only=True) as con:
         meta = pl.from_arrow(query_sql(con, "bench_read_pool", {"key": refs.docs.key}).fetch_arrow_table())
@@ -447,10 +447,10 @@ def run_method(method: MethodSpec, seed: int | None, data: PoolData, settings: S
                domain: frozenset[str], probe: Callable[[], Any] | None = None) -> Selection:
     """Run one in-pipeline method (everything but the external package) on the task pool.
 
-    `probe` makes a fresh on-demand probe scorer (`tasks.select.Probe`) for a bandit whose
+    `probe` makes a fresh on-demand probe scorer (`quadflow.tasks.select.Probe`) for a bandit whose
     scorer is not pool-wide (quad-influence); each run gets its own, so its cost is its own.
     """
-    from tasks.select import fill_budget, run_selector
+    from quadflow.tasks.select import fill_budget, run_selector
 
     budget = settings.select.budget_tokens
     t0 = time.perf_counter()
@@ -543,8 +543,8 @@ def fit_influence(refs: PipelineRefs, settings: Settings, overrides: dict, path:
     one recorded in the sidecar `path`.json. Returns the settings, the score_info-style params and
     whether they were reused.
     """
-    from tasks.score import ensure_influence_state
-    from tasks.scorers.influence import VERSION
+    from quadflow.tasks.score import ensure_influence_state
+    from quadflow.tasks.scorers.influence import VERSION
 
     inf = influence_settings(settings, overrides)
     sidecar = path.with_name(path.name + ".json")
@@ -569,8 +569,8 @@ def fit_influence(refs: PipelineRefs, settings: Settings, overrides: dict, path:
 
 def influence_probe_factory(inf: InfluenceSettings, params: dict, path: Path, data: PoolData) -> Callable[[], Any]:
     """Fresh `Probe`s over one loaded scorer: each scores a round's probed texts (cut as the select stage cuts them)."""
-    from tasks.scorers.influence.fitted import device_of, load_fitted, torch_threads
-    from tasks.select import Probe
+    from quadflow.tasks.scorers.influence.fitted import device_of, load_fitted, torch_threads
+    from quadflow.tasks.select import Probe
 
     scorer, _ = load_fitted(path, device=device_of(inf))
     max_chars = int(params["max_chars"])
@@ -591,7 +591,7 @@ def influence_probe_factory(inf: InfluenceSettings, params: dict, path: Path, da
 def evaluate(sel: Selection, data: PoolData, heldout: list[str], vocab: Vocab, domain: frozenset[str],
              budget: int) -> dict[str, Any]:
     """Quality, closeness to the target, diversity and mix of one selection (one results row)."""
-    from tasks.featurize import hashed_ngrams
+    from quadflow.tasks.featurize import hashed_ngrams
 
     t0 = time.perf_counter()
     lm = evaluate_selection(sel.texts, heldout, vocab)

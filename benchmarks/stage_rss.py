@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     import benchmarks.stages as bs
-    from tasks.cluster import cluster
-    from tasks.featurize import featurize
-    from tasks.ingest import expand_inputs, fingerprint_files, ingest
-    from tasks.score import score
+    from quadflow.tasks.cluster import cluster
+    from quadflow.tasks.featurize import featurize
+    from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
+    from quadflow.tasks.score import score
 
     settings = build_settings(args.config)
     src = Path(settings.store)

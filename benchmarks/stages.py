@@ -57,13 +57,13 @@ def main() -> None:
     ap.add_argument("--json", help="write the measurements here")
     args = ap.parse_args()
 
-    from tasks.cluster import cluster
-    from tasks.export import export
-    from tasks.featurize import featurize
-    from tasks.ingest import expand_inputs, fingerprint_files, ingest
-    from tasks.report import report
-    from tasks.score import score
-    from tasks.select import select
+    from quadflow.tasks.cluster import cluster
+    from quadflow.tasks.export import export
+    from quadflow.tasks.featurize import featurize
+    from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
+    from quadflow.tasks.report import report
+    from quadflow.tasks.score import score
+    from quadflow.tasks.select import select
 
     settings = build_settings(args.config)
     rows: list[dict] = []

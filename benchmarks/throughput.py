@@ -227,14 +227,14 @@ def run_quadflow(timer: Timer, size: str, pool: Path, target: Path, work: Path, 
     """Every stage through its task function, then the two like-for-like cores on texts in memory."""
     from quadflow.settings import build_settings
     from quadflow.store import connect, open_store, query_sql
-    from tasks.cluster import cluster
-    from tasks.export import export
-    from tasks.featurize import featurize, hashed_ngrams, load_ngrams
-    from tasks.ingest import expand_inputs, fingerprint_files, ingest
-    from tasks.report import report
-    from tasks.score import score
-    from tasks.scorers import ScoreInput, get_scorer
-    from tasks.scorers.dsir import DSIR
+    from quadflow.tasks.cluster import cluster
+    from quadflow.tasks.export import export
+    from quadflow.tasks.featurize import featurize, hashed_ngrams, load_ngrams
+    from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
+    from quadflow.tasks.report import report
+    from quadflow.tasks.score import score
+    from quadflow.tasks.scorers import ScoreInput, get_scorer
+    from quadflow.tasks.scorers.dsir import DSIR
 
     store_path = work / "quadflow.duckdb"
     for p in (store_path, store_path.with_name(store_path.name + ".wal")):
@@ -261,7 +261,7 @@ def run_quadflow(timer: Timer, size: str, pool: Path, target: Path, work: Path, 
     f = timer(size, q, "featurize", docs, mb, featurize.fn, s.featurize, d, s.seed)
     c = timer(size, q, "cluster", docs, mb, cluster.fn, s.cluster, f, s.seed)
     sc = timer(size, q, "score", docs, mb, score.fn, s.score, d, f, s.seed)
-    from tasks.select import select
+    from quadflow.tasks.select import select
 
     sel = timer(size, q, "select (quad)", docs, mb, select.fn, s.select, d, f, c, sc, s.seed)
     ex = timer(size, q, "export", docs, mb, export.fn, s, files, targets, d, c, sc, sel)

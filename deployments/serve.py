@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:  # `python deployments/serve.py` from a checkout t
 
 from prefect import serve  # noqa: E402
 
-from flows.partitions import PARTITION_DEPLOYMENT, backfill, curate_partition, nightly  # noqa: E402
+from quadflow.flows.partitions import PARTITION_DEPLOYMENT, backfill, curate_partition, nightly  # noqa: E402
 from quadflow.settings import ConfigError, Settings, build_settings  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "deployments" / "nightly.yaml"

@@ -11,13 +11,13 @@ from quadflow.settings import IngestSettings, RunSettings, Settings
 from quadflow.shards import check_flow_runner, task_runner
 from quadflow.store import StoreRef, open_store
 from quadflow.tasking import IO_RETRIES
-from tasks.cluster import cluster
-from tasks.export import export
-from tasks.featurize import featurize
-from tasks.ingest import ingest, resolve_files
-from tasks.report import report
-from tasks.score import score
-from tasks.select import select
+from quadflow.tasks.cluster import cluster
+from quadflow.tasks.export import export
+from quadflow.tasks.featurize import featurize
+from quadflow.tasks.ingest import ingest, resolve_files
+from quadflow.tasks.report import report
+from quadflow.tasks.score import score
+from quadflow.tasks.select import select
 
 
 @task(name="open-store", cache_policy=NO_CACHE)

@@ -23,7 +23,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.curate import run_curate
+from quadflow.flows.curate import run_curate
 from quadflow.locking import DEFAULT_TIMEOUT, default_owner, store_lock
 from quadflow.partitions import (
     lock_path,

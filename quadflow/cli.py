@@ -127,7 +127,7 @@ def _prefect_api() -> Iterator[None]:
 def _check_paths(settings: Settings) -> None:
     """Fail on a missing or unreadable input, or an unreachable bucket, before a Prefect server start."""
     from quadflow import objectstore as ob
-    from tasks.ingest import list_inputs
+    from quadflow.tasks.ingest import list_inputs
 
     s = settings.ingest
     c = ob.client(settings.objectstore) if any(
@@ -142,7 +142,7 @@ def _check_paths(settings: Settings) -> None:
 def _run(settings: Settings, lock_timeout: float = 3600.0) -> int:
     _check_paths(settings)
     _prepare_environment()
-    from flows.curate import run_curate
+    from quadflow.flows.curate import run_curate
     from quadflow.locking import default_owner, store_lock
     from quadflow.partitions import lock_path
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = _rebase_demo_inputs(settings)
             return _run(settings)
         if args.command == "report":
-            from tasks.report import report_from_store
+            from quadflow.tasks.report import report_from_store
 
             result = report_from_store(args.store, args.output)
             print(f"report: {result.report_path}")
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _verify(output: str, endpoint_url: str | None) -> int:
     from quadflow.objectstore import ObjectStoreSettings
-    from tasks.export import OutputError, verify_output
+    from quadflow.tasks.export import OutputError, verify_output
 
     try:
         settings = ObjectStoreSettings(endpoint_url=endpoint_url)

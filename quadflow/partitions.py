@@ -147,7 +147,7 @@ def lock_path(settings: Settings) -> Path:
 
 def _current_inputs(settings: Settings) -> list[tuple[str, int]]:
     """(path or URL, size) of the inputs there now: a stat or a listing, no reading."""
-    from tasks.ingest import expand_inputs, resolve_files
+    from quadflow.tasks.ingest import expand_inputs, resolve_files
 
     local = [p for p in settings.ingest.inputs if not ob.is_s3(p)]
     remote = [p for p in settings.ingest.inputs if ob.is_s3(p)]
@@ -164,7 +164,7 @@ def not_done_reason(settings: Settings) -> str | None:
     exactly these settings, and the pool files it lists are the ones there now (path and size),
     so a partition that received a late file is due again.
     """
-    from tasks.export import OutputError, verify_output
+    from quadflow.tasks.export import OutputError, verify_output
 
     try:
         manifest = verify_output(settings.export.output, settings.objectstore)
@@ -194,7 +194,7 @@ def is_done(settings: Settings) -> bool:
 
 def manifest_counts(settings: Settings) -> dict[str, Any]:
     """docs, tokens and manifest path of a published output (after verifying it)."""
-    from tasks.export import MANIFEST, verify_output
+    from quadflow.tasks.export import MANIFEST, verify_output
 
     manifest = verify_output(settings.export.output, settings.objectstore)
     counts = manifest.get("counts", {})

@@ -112,7 +112,7 @@ def influence_available() -> bool:
 
 def _require_influence(what: str) -> None:
     if not influence_available():
-        from tasks.scorers.influence.errors import TORCH_HINT
+        from quadflow.tasks.scorers.influence.errors import TORCH_HINT
 
         raise ValueError(f"{what}: {TORCH_HINT}")
 

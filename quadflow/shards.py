@@ -336,7 +336,7 @@ def task_runner(run: RunSettings):
 
 def check_flow_runner(run: RunSettings) -> None:
     """Warn when the flow run's task runner is not the one `run.runner` names (a direct `curate(...)` call
-    uses the flow's default; `flows.curate.run_curate`, the CLI and the partition flows apply the setting)."""
+    uses the flow's default; `quadflow.flows.curate.run_curate`, the CLI and the partition flows apply the setting)."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -345,4 +345,4 @@ def check_flow_runner(run: RunSettings) -> None:
     want, have = type(task_runner(run)).__name__, type(ctx.task_runner).__name__
     if want != have:
         get_logger().warning(f"run.runner = {run.runner!r} asks for {want}, but this flow run's shard tasks run on "
-                             f"{have}: start it with flows.curate.run_curate(settings) (as the CLI does)")
+                             f"{have}: start it with quadflow.flows.curate.run_curate(settings) (as the CLI does)")

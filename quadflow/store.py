@@ -21,7 +21,9 @@ from typing import Any, Iterator
 import duckdb
 import polars as pl
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+# Installed, the queries live in quadflow/sql; in the source tree (and editable installs) in top-level sql/.
+_HERE = Path(__file__).resolve().parent
+SQL_DIR = _HERE / "sql" if (_HERE / "sql").is_dir() else _HERE.parent / "sql"
 _SQL_NAME = re.compile(r"^[a-z]+_[a-z0-9_]+$")
 
 

@@ -28,7 +28,7 @@ from quadflow.settings import ClusterSettings
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
 
-from tasks.featurize import sample_rows
+from quadflow.tasks.featurize import sample_rows
 
 VERSION = f"cluster-2/sklearn-{sklearn.__version__}"
 

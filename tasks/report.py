@@ -24,7 +24,7 @@ from quadflow.metrics import OTHER, cluster_coverage, entropy, kl_divergence, so
 from quadflow.settings import ConfigError, Settings
 from quadflow.store import StageRef, StoreRef, connect, query_sql
 from quadflow.tasking import stage_task
-from tasks.export import MANIFEST, ExportResult, atomic_write_bytes
+from quadflow.tasks.export import MANIFEST, ExportResult, atomic_write_bytes
 
 ARTIFACT_KEY = "quadflow-report"
 REPORT_DIR = "report"

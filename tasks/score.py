@@ -49,10 +49,10 @@ from quadflow.shards import (Shard, ShardResult, clean_parts, parts_dir, plan_sh
                              worker_name, write_parquet_atomic)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
-from tasks.featurize import _list_column, load_ngrams, role_counts
-from tasks.scorers import FitInput, ScoreInput, Scorer, get_scorer
-from tasks.scorers.combine import combine, combine_ranks, combined_version, resolve_weights
-from tasks.scorers.combine import VERSION as COMBINE_VERSION
+from quadflow.tasks.featurize import _list_column, load_ngrams, role_counts
+from quadflow.tasks.scorers import FitInput, ScoreInput, Scorer, get_scorer
+from quadflow.tasks.scorers.combine import combine, combine_ranks, combined_version, resolve_weights
+from quadflow.tasks.scorers.combine import VERSION as COMBINE_VERSION
 
 VERSION = "score-2"
 PARAMS_META = "quadflow.score.params"  # output part metadata: each scorer's params for this shard
@@ -82,7 +82,7 @@ def check_targets(names: list[str], has_targets: bool) -> None:
 def check_influence(names: list[str]) -> None:
     """Asking for the influence scorer without torch is a configuration error, found before any work."""
     if INFLUENCE in names and not qsettings.influence_available():
-        from tasks.scorers.influence.errors import TORCH_HINT
+        from quadflow.tasks.scorers.influence.errors import TORCH_HINT
 
         raise ConfigError(TORCH_HINT)
 
@@ -236,10 +236,10 @@ def ensure_influence_state(con: Any, settings: InfluenceSettings, docs_key: str,
                            random_state: int, path: Path, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the influence scorer and save its state to `path`, or reuse the file when it is the one
     `reuse` (an earlier score_info row for the same key) describes; returns the score_info params."""
-    from tasks.scorers.influence import InfluenceUnavailable
+    from quadflow.tasks.scorers.influence import InfluenceUnavailable
 
     try:
-        from tasks.scorers.influence.fitted import STATE_FORMAT, fit_influence, save_fitted, sha256_file, text_limits
+        from quadflow.tasks.scorers.influence.fitted import STATE_FORMAT, fit_influence, save_fitted, sha256_file, text_limits
     except InfluenceUnavailable as e:
         raise ConfigError(str(e)) from None
     log = get_logger()

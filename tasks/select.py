@@ -34,8 +34,8 @@ from quadflow.log import get_logger
 from quadflow.settings import ConfigError, InfluenceSettings, SelectSettings
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
-from tasks.featurize import load_ngrams
-from tasks.scorers.dsir import DSIR, gumbel_keys
+from quadflow.tasks.featurize import load_ngrams
+from quadflow.tasks.scorers.dsir import DSIR, gumbel_keys
 
 VERSION = "select-1"
 INFLUENCE = "influence"  # the on-demand probe scorer (score stage: fitted only)
@@ -633,15 +633,15 @@ def _warn_unused_influence(con, settings: SelectSettings, scores_key: str) -> No
 def _influence_probe(con, docs: StageRef, scores: StageRef, n_pool: int) -> tuple[Probe, dict[str, Any]]:
     """An on-demand influence probe: the score stage's fitted state, loaded once (refitted if the file is
     gone), scoring each round's probed documents in one batched query and one batched call."""
-    from tasks.score import ensure_influence_state, influence_state_path
-    from tasks.scorers.influence import InfluenceUnavailable
+    from quadflow.tasks.score import ensure_influence_state, influence_state_path
+    from quadflow.tasks.scorers.influence import InfluenceUnavailable
 
     params = _scorer_info(con, scores.key, INFLUENCE)
     if params is None:
         raise ConfigError(f"select.probe_scorer = 'influence', but score partition {scores.key!r} has no fitted "
                           "influence scorer: add 'influence' to score.scorers")
     try:
-        from tasks.scorers.influence.fitted import device_of, load_fitted, sha256_file, torch_threads
+        from quadflow.tasks.scorers.influence.fitted import device_of, load_fitted, sha256_file, torch_threads
     except InfluenceUnavailable as e:
         raise ConfigError(str(e)) from None
     settings = InfluenceSettings.model_validate(params["settings"])

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.select import (
+from quadflow.tasks.select import (
     FILL_ROUND,
     QuadBandit,
     fill_budget,

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
-import tasks.cluster as cluster_mod
+import quadflow.tasks.cluster as cluster_mod
 from quadflow.settings import ClusterSettings
 from quadflow.store import StageRef, connect, open_store, run_sql
-from tasks.cluster import Clusterer, assign, auto_k, cluster, load_assignments, load_neighbors, neighbor_graph
-from tasks.featurize import sample_rows, vectors_batch
+from quadflow.tasks.cluster import Clusterer, assign, auto_k, cluster, load_assignments, load_neighbors, neighbor_graph
+from quadflow.tasks.featurize import sample_rows, vectors_batch
 
 
 def unit(x):

@@ -234,7 +234,7 @@ def _result(run) -> Any:
 
 
 def _check_published(outcome: dict[str, Any]) -> None:
-    from tasks.export import verify_output
+    from quadflow.tasks.export import verify_output
 
     manifest = verify_output(outcome["output"])
     assert manifest["counts"]["selected_docs"] == outcome["docs"] > 0
@@ -398,7 +398,7 @@ def test_forced_backfill_reruns_every_partition(stack, nightly_run):
 
 
 def test_a_run_that_cannot_get_the_store_lock_fails_naming_the_holder(stack):
-    from flows.partitions import curate_locked, curate_partition
+    from quadflow.flows.partitions import curate_locked, curate_partition
     from quadflow.locking import store_lock
     from quadflow.partitions import lock_path, partition_settings
 

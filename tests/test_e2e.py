@@ -58,7 +58,7 @@ def _settings(tmp: Path, store: Path, output: Path, extra_inputs=(), **score):
 
 
 def _run(settings):
-    from flows.curate import curate
+    from quadflow.flows.curate import curate
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 

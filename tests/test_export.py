@@ -7,10 +7,10 @@ import duckdb
 import polars as pl
 import pytest
 
-import tasks.export as ex
+import quadflow.tasks.export as ex
 from quadflow.settings import build_settings
 from quadflow.store import StageRef, open_store
-from tasks.export import OutputError, export, jsonl_record, pivot_scores, verify_output
+from quadflow.tasks.export import OutputError, export, jsonl_record, pivot_scores, verify_output
 
 # Upstream tables as ARCHITECTURE.md documents them (written here by hand; other stages own them).
 UPSTREAM_DDL = """

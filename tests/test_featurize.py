@@ -15,7 +15,7 @@ from sklearn.feature_extraction.text import HashingVectorizer
 
 from quadflow.settings import FeaturizeSettings
 from quadflow.store import StageRef, connect, open_store
-from tasks.featurize import (
+from quadflow.tasks.featurize import (
     LSA,
     batch_bounds,
     featurize,
@@ -116,7 +116,7 @@ def test_hashing_is_deterministic_across_processes():
     texts = ["Determinism matters: the same text, the same buckets.", "zweite Zeile"]
     here = hashed_ngrams(texts, 2**18, 1000)
     code = (
-        "from tasks.featurize import hashed_ngrams;"
+        "from quadflow.tasks.featurize import hashed_ngrams;"
         f"x = hashed_ngrams({texts!r}, 2**18, 1000);"
         "print(x.indices.tolist(), x.data.tolist())"
     )

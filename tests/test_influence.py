@@ -43,7 +43,7 @@ def _math_sdpa(q, k, v, is_causal=False, **_):
 
 def _tiny_model(seed: int = 0, scale: float = 1.0):
     """1 block, d_model 8, 16-word vocabulary: 256 parameters in the attention projections."""
-    from tasks.scorers.influence import ProxyConfig, ProxyLM
+    from quadflow.tasks.scorers.influence import ProxyConfig, ProxyLM
 
     torch.manual_seed(seed)
     cfg = ProxyConfig(n_layers=1, d_model=8, n_heads=2, seq_len=16, tokenizer="hashed-words", word_buckets=13)
@@ -60,7 +60,7 @@ class _LinearLM(nn.Module if nn is not None else object):
 
     def __init__(self, bias: bool = True, d: int = 3, seed: int = 0):
         super().__init__()
-        from tasks.scorers.influence.tokens import HashedWordTokenizer
+        from quadflow.tasks.scorers.influence.tokens import HashedWordTokenizer
 
         torch.manual_seed(seed)
         self.tokenizer = HashedWordTokenizer(5)
@@ -77,7 +77,7 @@ class _Explicit:
     """Autograd-only reference implementation over the chosen layers' weights (row-major, layer order)."""
 
     def __init__(self, model, layers, max_chunks: int = 2):
-        from tasks.scorers.influence.tokens import chunk_spans, document_tokens
+        from quadflow.tasks.scorers.influence.tokens import chunk_spans, document_tokens
 
         self.model, self.max_chunks = model, max_chunks
         self.mods = [model.get_submodule(n) for n in layers]
@@ -180,19 +180,19 @@ def test_unavailable_without_torch(monkeypatch):
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
-    for mod in [m for m in sys.modules if m.startswith("tasks.scorers.influence")]:
+    for mod in [m for m in sys.modules if m.startswith("quadflow.tasks.scorers.influence")]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setattr(builtins, "__import__", no_torch)
 
-    pkg = importlib.import_module("tasks.scorers.influence")  # importing alone must work
+    pkg = importlib.import_module("quadflow.tasks.scorers.influence")  # importing alone must work
     with pytest.raises(ImportError) as err:
         pkg.InfluenceScorer  # noqa: B018 - using it is what must fail
     assert isinstance(err.value, pkg.InfluenceUnavailable)
     assert str(err.value) == "the influence scorer needs torch: pip install -e '.[influence]'"
     with pytest.raises(pkg.InfluenceUnavailable, match="pip install -e"):
-        from tasks.scorers.influence import train_proxy  # noqa: F401
+        from quadflow.tasks.scorers.influence import train_proxy  # noqa: F401
     with pytest.raises(pkg.InfluenceUnavailable, match="needs torch"):
-        importlib.import_module("tasks.scorers.influence.scorer")
+        importlib.import_module("quadflow.tasks.scorers.influence.scorer")
 
 
 # ---------------------------------------------------------------- tokens and batches
@@ -205,7 +205,7 @@ def test_unavailable_without_torch(monkeypatch):
     batch_tokens=st.integers(1, 64),
 )
 def test_batches_predict_every_kept_target_once_and_keep_documents_whole(lengths, seq_len, batch_tokens):
-    from tasks.scorers.influence.tokens import IGNORE, make_batches
+    from quadflow.tasks.scorers.influence.tokens import IGNORE, make_batches
 
     docs = [np.arange(n + 2, dtype=np.int64) + 1000 * i for i, n in enumerate(lengths)]  # [BOS, ..., EOS]
     seen = {i: [] for i in range(len(docs))}
@@ -224,7 +224,7 @@ def test_batches_predict_every_kept_target_once_and_keep_documents_whole(lengths
 
 
 def test_hashed_word_tokenizer_is_stable_and_uses_the_budget_token_rule():
-    from tasks.scorers.influence.tokens import HashedWordTokenizer, document_tokens
+    from quadflow.tasks.scorers.influence.tokens import HashedWordTokenizer, document_tokens
 
     tok = HashedWordTokenizer(1000)
     ids = tok.encode("Hello, hello world!")
@@ -240,7 +240,7 @@ def test_hashed_word_tokenizer_is_stable_and_uses_the_budget_token_rule():
 
 @needs_torch
 def test_document_gradients_match_autograd_on_padded_multichunk_batches():
-    from tasks.scorers.influence.curvature import document_gradients, tokenize_documents
+    from quadflow.tasks.scorers.influence.curvature import document_gradients, tokenize_documents
 
     model = _tiny_model(seed=1)
     layers = [f"blocks.0.{n}" for n in ATTN]
@@ -260,7 +260,7 @@ def test_document_gradients_match_autograd_on_padded_multichunk_batches():
 
 @needs_torch
 def test_bias_gradient_sits_in_last_input_column():
-    from tasks.scorers.influence.curvature import document_gradients, tokenize_documents
+    from quadflow.tasks.scorers.influence.curvature import document_gradients, tokenize_documents
 
     model = _LinearLM(bias=True)
     texts = ["the cat", "a dog ran far", ""]
@@ -280,7 +280,7 @@ def test_bias_gradient_sits_in_last_input_column():
 def test_ihvp_exact_for_one_example_one_token(method):
     """One linear layer, one example with one target: F = vec(G) vec(G)^T = (a a^T) (x) (g g^T) exactly,
     so both K-FAC and EK-FAC must reproduce the damped solve to rounding error."""
-    from tasks.scorers.influence import fit_factors, ihvp
+    from quadflow.tasks.scorers.influence import fit_factors, ihvp
 
     model = _LinearLM(bias=True, seed=3)
     factors = fit_factors(model, [""], ["proj"], fisher="empirical")  # [BOS] -> EOS: one target
@@ -300,7 +300,7 @@ def test_ihvp_exact_for_one_example_one_token(method):
 def test_ekfac_exact_when_fisher_is_diagonal_in_kronecker_basis_and_kfac_is_not():
     """Per-example gradients g a^T with a, g on fixed orthonormal bases but magnitudes that don't factor:
     F is diagonal in Q_A (x) Q_S with eigenvalues that are not products, so EK-FAC is exact, K-FAC not."""
-    from tasks.scorers.influence import factors_from_activations, ihvp
+    from quadflow.tasks.scorers.influence import factors_from_activations, ihvp
 
     gen = torch.Generator().manual_seed(0)
     Ra = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=gen))[0]
@@ -344,8 +344,8 @@ def test_ekfac_on_a_transformer_is_the_best_fit_in_its_basis_and_a_useful_precon
       layer, against 0.30-0.59 for the unpreconditioned gradient. Bars: >= 0.55 per layer and a gain
       over no preconditioning in every layer; a wrong inverse (multiplying, or a transposed basis)
       falls below the unpreconditioned baseline."""
-    from tasks.scorers.influence import fit_factors, ihvp
-    from tasks.scorers.influence.curvature import document_gradients, tokenize_documents
+    from quadflow.tasks.scorers.influence import fit_factors, ihvp
+    from quadflow.tasks.scorers.influence.curvature import document_gradients, tokenize_documents
 
     model = _tiny_model(seed=0, scale=10.0)
     layers = [f"blocks.0.{n}" for n in ATTN]
@@ -374,7 +374,7 @@ def test_ekfac_on_a_transformer_is_the_best_fit_in_its_basis_and_a_useful_precon
 
 @needs_torch
 def test_factors_round_trip_through_a_file(tmp_path):
-    from tasks.scorers.influence import fit_factors, ihvp, load_factors, save_factors
+    from quadflow.tasks.scorers.influence import fit_factors, ihvp, load_factors, save_factors
 
     model = _LinearLM(bias=True)
     for ekfac in (True, False):
@@ -391,7 +391,7 @@ def test_factors_round_trip_through_a_file(tmp_path):
 def test_sampled_fisher_estimates_the_gauss_newton_matrix():
     """Labels drawn from the model make S an unbiased estimate of diag(p) - p p^T (the GGN of softmax
     cross-entropy); observed labels would give the rank-one (p - e_y)(p - e_y)^T instead."""
-    from tasks.scorers.influence import fit_factors
+    from quadflow.tasks.scorers.influence import fit_factors
 
     model = _LinearLM(bias=True, seed=0)
     with torch.no_grad():
@@ -439,8 +439,8 @@ def test_influence_ranks_documents_like_a_real_gauss_newton_step(one_step_proble
     Measured over 3 seeds of this fixture, Spearman: EK-FAC 0.74-0.92, K-FAC 0.64-0.90, unpreconditioned
     gradient dot product (TracIn) 0.21-0.63, exact block-diagonal GN (the ceiling of any per-layer
     approximation) 0.91-0.94. Bars: EK-FAC > 0.7, K-FAC > 0.6, and both beat TracIn by 0.15."""
-    from tasks.scorers.influence import InfluenceScorer
-    from tasks.scorers.influence.curvature import damping_value
+    from quadflow.tasks.scorers.influence import InfluenceScorer
+    from quadflow.tasks.scorers.influence.curvature import damping_value
 
     model, layers, ex, fit, ref, cands, GN = one_step_problem
     scorer = InfluenceScorer(model, method=method, device="cpu", random_state=0).fit(ref, fit_texts=fit)
@@ -464,7 +464,7 @@ def test_influence_ranks_documents_like_a_real_gauss_newton_step(one_step_proble
 def test_ekfac_score_is_the_first_order_loss_drop_of_its_own_step(one_step_problem):
     """With the scorer's own preconditioner the score must equal d/d(eta) of the reference-loss drop:
     checks the sign convention (higher = lowers the reference loss) and the scale, not just ranks."""
-    from tasks.scorers.influence import InfluenceScorer, ihvp
+    from quadflow.tasks.scorers.influence import InfluenceScorer, ihvp
 
     model, layers, ex, fit, ref, cands, _ = one_step_problem
     scorer = InfluenceScorer(model, method="ekfac", device="cpu").fit(ref, fit_texts=fit)
@@ -485,7 +485,7 @@ def test_ekfac_score_is_the_first_order_loss_drop_of_its_own_step(one_step_probl
 
 @needs_torch
 def test_cosine_ranks_documents_like_a_normalized_sgd_step(one_step_problem):
-    from tasks.scorers.influence import InfluenceScorer
+    from quadflow.tasks.scorers.influence import InfluenceScorer
 
     model, layers, ex, _, ref, cands, _ = one_step_problem
     scores = InfluenceScorer(model, method="cosine", device="cpu").fit(ref).score(cands)
@@ -509,7 +509,7 @@ def test_countsketch_preserves_inner_products_within_the_jl_bound():
     """P(|<Pu,Pv> - <u,v>| >= eps |u||v|) <= 2 / (k eps^2) for every fixed pair (Chebyshev on the
     CountSketch variance). 400 seeds per pair; the observed failure rate must stay under the bound
     (the binomial 99.9% upper quantile of 400 draws at the bound is still below 2x it)."""
-    from tasks.scorers.influence import CountSketch, jl_failure_bound
+    from quadflow.tasks.scorers.influence import CountSketch, jl_failure_bound
 
     k, eps, trials = 256, 0.3, 400
     bound = jl_failure_bound(k, eps)  # 0.087
@@ -536,7 +536,7 @@ def test_countsketch_preserves_inner_products_within_the_jl_bound():
 def test_projected_scores_track_exact_scores(method):
     """With a projection the scorer sketches whitened gradients, so the sketch error is relative to
     |w(g_ref)| |w(g_z)| (the influence's own Cauchy-Schwarz scale), not to the preconditioner's range."""
-    from tasks.scorers.influence import InfluenceScorer
+    from quadflow.tasks.scorers.influence import InfluenceScorer
 
     model = _tiny_model(seed=2, scale=3.0)
     rng = np.random.default_rng(3)
@@ -555,7 +555,7 @@ def test_projected_scores_track_exact_scores(method):
 
 @needs_torch
 def test_scores_are_deterministic_in_input_order_and_seeded():
-    from tasks.scorers.influence import InfluenceScorer
+    from quadflow.tasks.scorers.influence import InfluenceScorer
 
     model = _tiny_model(seed=4, scale=5.0)
     rng = np.random.default_rng(5)
@@ -579,7 +579,7 @@ def test_scores_are_deterministic_in_input_order_and_seeded():
 
 @needs_torch
 def test_scorer_rejects_bad_parameters_and_unfitted_use():
-    from tasks.scorers.influence import InfluenceScorer
+    from quadflow.tasks.scorers.influence import InfluenceScorer
 
     model = _tiny_model()
     with pytest.raises(ValueError, match="'newton'"):
@@ -597,7 +597,7 @@ def test_scorer_rejects_bad_parameters_and_unfitted_use():
 
 @needs_torch
 def test_layer_selection_attention_and_mlp():
-    from tasks.scorers.influence import resolve_layers
+    from quadflow.tasks.scorers.influence import resolve_layers
 
     model = _tiny_model()
     assert resolve_layers(model, "attention") == [f"blocks.0.{n}" for n in ATTN]
@@ -612,7 +612,7 @@ def test_layer_selection_attention_and_mlp():
 
 @needs_torch
 def test_train_proxy_is_seeded_learns_and_round_trips(tmp_path):
-    from tasks.scorers.influence import ProxyConfig, load_proxy, save_proxy, train_proxy
+    from quadflow.tasks.scorers.influence import ProxyConfig, load_proxy, save_proxy, train_proxy
 
     texts = ["the quick brown fox jumps over the lazy dog. " * 4] * 20 + ["pack my box with five dozen jugs"] * 20
     cfg = ProxyConfig(n_layers=1, d_model=16, n_heads=2, seq_len=32, steps=40, batch_size=8, warmup_steps=5)
@@ -630,7 +630,7 @@ def test_train_proxy_is_seeded_learns_and_round_trips(tmp_path):
 
 @needs_torch
 def test_load_proxy_errors_name_the_path_and_the_missing_package(tmp_path, monkeypatch):
-    from tasks.scorers.influence import InfluenceUnavailable, load_proxy
+    from quadflow.tasks.scorers.influence import InfluenceUnavailable, load_proxy
 
     with pytest.raises(FileNotFoundError, match="missing"):
         load_proxy(tmp_path / "missing")
@@ -645,7 +645,7 @@ def test_load_proxy_errors_name_the_path_and_the_missing_package(tmp_path, monke
 @needs_torch
 def test_hugging_face_checkpoint_is_loaded_from_disk_only_and_scored(tmp_path, monkeypatch):
     """A stand-in transformers module: checks the glue (local files only, logits, attention layers)."""
-    from tasks.scorers.influence import HFCausalLM, InfluenceScorer, load_proxy
+    from quadflow.tasks.scorers.influence import HFCausalLM, InfluenceScorer, load_proxy
 
     calls = []
 

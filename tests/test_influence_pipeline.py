@@ -19,7 +19,7 @@ from quadflow.settings import (ClusterSettings, ConfigError, FeaturizeSettings, 
                                build_settings)
 from quadflow.store import StageRef, connect, open_store
 from quadflow.text import count_tokens
-from tasks.select import Probe
+from quadflow.tasks.select import Probe
 from tests.conftest import SAMPLE_POOL, SAMPLE_TARGET
 
 torch = pytest.importorskip("torch", reason="the influence scorer needs torch: pip install -e '.[influence]'")
@@ -47,8 +47,8 @@ def _sample(path: Path, n: int, skip: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     """A store with an ingest partition (real sample texts) and the real featurize and cluster stages run on it."""
-    from tasks.cluster import cluster
-    from tasks.featurize import featurize
+    from quadflow.tasks.cluster import cluster
+    from quadflow.tasks.featurize import featurize
 
     tmp = tmp_path_factory.mktemp("influence-pipeline")
     store = open_store(tmp / "store.duckdb")
@@ -72,7 +72,7 @@ def upstream(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(upstream):
-    from tasks.score import score
+    from quadflow.tasks.score import score
 
     settings = ScoreSettings(scorers=SCORERS, influence=TINY)
     ref = score.fn(settings, upstream["docs"], upstream["features"], 0)
@@ -90,7 +90,7 @@ def _influence_params(store, key) -> dict:
 
 
 def _select(scored, seed=0, **kw):
-    from tasks.select import select
+    from quadflow.tasks.select import select
 
     s = SelectSettings(**{"budget_tokens": int(scored["tokens"].sum() * 0.15), "arms_per_round": 4, "probes": 3,
                           "block_docs": 8, "calibration_blocks": 8, "probe_scorer": "influence", **kw})
@@ -131,7 +131,7 @@ def test_probe_scores_each_document_once_and_returns_its_scores(rounds):
 
 
 def test_score_stage_fits_and_saves_the_state_and_scores_no_pool_rows(scored):
-    from tasks.scorers.influence.fitted import load_fitted, sha256_file
+    from quadflow.tasks.scorers.influence.fitted import load_fitted, sha256_file
 
     store, key = scored["store"], scored["scores"].key
     by_scorer = dict(_rows(store, "select scorer, count(*) from score_docs where key = ? group by scorer", [key]))
@@ -151,7 +151,7 @@ def test_score_stage_fits_and_saves_the_state_and_scores_no_pool_rows(scored):
 
 
 def test_score_stage_reuses_a_valid_state_and_recreates_a_missing_one(scored):
-    from tasks.score import score
+    from quadflow.tasks.score import score
 
     store, key = scored["store"], scored["scores"].key
     path = Path(_influence_params(store, key)["path"])
@@ -168,7 +168,7 @@ def test_score_stage_reuses_a_valid_state_and_recreates_a_missing_one(scored):
 
 
 def test_select_scores_only_the_probed_documents_with_influence(scored):
-    from tasks.scorers.influence.fitted import load_fitted
+    from quadflow.tasks.scorers.influence.fitted import load_fitted
 
     store = scored["store"]
     ref = _select(scored)
@@ -226,7 +226,7 @@ def test_pool_wide_probe_scorer_is_looked_up_and_a_missing_one_is_named(scored):
 
 
 def test_influence_only_scores_nothing_pool_wide_and_needs_influence_probes(upstream):
-    from tasks.score import score
+    from quadflow.tasks.score import score
 
     ref = score.fn(ScoreSettings(scorers=["influence"], influence=TINY), upstream["docs"], upstream["features"], 1)
     assert ref.rows == 0
@@ -238,7 +238,7 @@ def test_influence_only_scores_nothing_pool_wide_and_needs_influence_probes(upst
 
 
 def test_report_shows_documents_scored_by_the_probe_scorer(scored):
-    from tasks.report import ReportData, build_report
+    from quadflow.tasks.report import ReportData, build_report
 
     store = scored["store"]
     sel = _select(scored, seed=0)
@@ -266,7 +266,7 @@ def test_report_shows_documents_scored_by_the_probe_scorer(scored):
 def test_without_torch_asking_for_influence_is_a_config_error(upstream, monkeypatch, capsys):
     import quadflow.settings as qs
     from quadflow import cli
-    from tasks.score import score
+    from quadflow.tasks.score import score
 
     settings = ScoreSettings(scorers=["heuristic", "influence"], influence=TINY)  # built while torch is there
     monkeypatch.setattr(qs, "influence_available", lambda: False)
@@ -291,7 +291,7 @@ def test_without_torch_asking_for_influence_is_a_config_error(upstream, monkeypa
 
 @pytest.mark.e2e
 def test_curate_flow_with_influence_probes(prefect_server, tmp_path):
-    from flows.curate import curate
+    from quadflow.flows.curate import curate
 
     pool, target = tmp_path / "pool.jsonl", tmp_path / "target.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in _sample(SAMPLE_POOL, 400, skip=1000)))

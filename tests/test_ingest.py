@@ -20,8 +20,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 from quadflow.settings import ConfigError, IngestSettings
 from quadflow.store import open_store
 from quadflow.text import content_hash, count_tokens
-from tasks import ingest as ing
-from tasks.ingest import (
+from quadflow.tasks import ingest as ing
+from quadflow.tasks.ingest import (
     Deduplicator,
     FileFingerprint,
     InputError,

@@ -22,7 +22,7 @@ from quadflow.partitions import (
     settings_digest,
 )
 from quadflow.settings import ConfigError, Settings, build_settings
-from tasks.export import sha256_file, write_manifest
+from quadflow.tasks.export import sha256_file, write_manifest
 
 D19, D20, D21 = date(2026, 11, 19), date(2026, 11, 20), date(2026, 11, 21)
 
@@ -48,7 +48,7 @@ def _settings(tmp_path: Path, *roots: Path, budget: int = 30_000) -> Settings:
 
 def _publish_fake(ps: Settings, rows: int = 3, tokens: int = 120) -> Path:
     """What export leaves behind: a selection file and a manifest recording settings and inputs."""
-    from tasks.ingest import expand_inputs
+    from quadflow.tasks.ingest import expand_inputs
 
     out = Path(ps.export.output)
     out.mkdir(parents=True)

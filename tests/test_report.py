@@ -9,7 +9,7 @@ import pytest
 
 from quadflow.metrics import kl_divergence
 from quadflow.settings import ConfigError
-from tasks.report import ReportData, build_report, headline, publish_artifacts, report, report_from_store
+from quadflow.tasks.report import ReportData, build_report, headline, publish_artifacts, report, report_from_store
 from tests.test_export import K, N_POOL, SELECTED, build_store, run_export
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -144,7 +144,7 @@ def test_report_leaves_other_stages_tables_alone(published):
 def test_score_plots_sample_a_big_pool_while_the_table_counts_all_of_it(published, monkeypatch):
     """Above SCORE_SAMPLE pool documents the plots draw a seeded hash sample (plus every selected
     document), so the report's memory does not grow with the pool; counts and means stay exact."""
-    import tasks.report as rep
+    import quadflow.tasks.report as rep
     from quadflow.store import connect
 
     w = published["world"]

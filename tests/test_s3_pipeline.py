@@ -26,8 +26,8 @@ from quadflow import objectstore as ob
 from quadflow.cli import main
 from quadflow.settings import IngestSettings, build_settings
 from quadflow.store import open_store
-from tasks.export import OutputError, verify_output
-from tasks.ingest import (
+from quadflow.tasks.export import OutputError, verify_output
+from quadflow.tasks.ingest import (
     FileFingerprint,
     InputError,
     ObjectRead,
@@ -103,7 +103,7 @@ class World:
 
     def run(self, settings, expect_ok: bool = True):
         """Run curate; return (state, {stage: state name}, result or exception)."""
-        from flows.curate import curate
+        from quadflow.flows.curate import curate
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 

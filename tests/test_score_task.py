@@ -13,8 +13,8 @@ from sklearn.feature_extraction.text import HashingVectorizer
 
 from quadflow.settings import ConfigError, ScoreSettings
 from quadflow.store import StageRef, connect, open_store
-from tasks.featurize import load_ngrams
-from tasks.score import load_scores, score
+from quadflow.tasks.featurize import load_ngrams
+from quadflow.tasks.score import load_scores, score
 
 N_BUCKETS = 256
 

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from scipy import sparse
 
 from quadflow.settings import ConfigError, ScoreSettings
-from tasks.scorers import REGISTRY, ScoreInput, Scorer, Scores, get_scorer
-from tasks.scorers.classifier import ClassifierScorer, HashedNgramClassifier, hashed_features
-from tasks.scorers.combine import combine, combined_version, percentile_ranks, resolve_weights
-from tasks.scorers.dsir import DSIR, DSIRScorer, gumbel_keys
-from tasks.scorers.heuristic import RULES, HeuristicScorer, apply_rules, heuristic_scores, text_stats
+from quadflow.tasks.scorers import REGISTRY, ScoreInput, Scorer, Scores, get_scorer
+from quadflow.tasks.scorers.classifier import ClassifierScorer, HashedNgramClassifier, hashed_features
+from quadflow.tasks.scorers.combine import combine, combined_version, percentile_ranks, resolve_weights
+from quadflow.tasks.scorers.dsir import DSIR, DSIRScorer, gumbel_keys
+from quadflow.tasks.scorers.heuristic import RULES, HeuristicScorer, apply_rules, heuristic_scores, text_stats
 
 RULE_NAMES = {r.name for r in RULES}
 

@@ -9,7 +9,7 @@ import pytest
 
 from quadflow.settings import SelectSettings
 from quadflow.store import StageRef, open_store
-from tasks.select import select
+from quadflow.tasks.select import select
 
 N_POOL, N_TARGET, K, BUCKETS = 600, 40, 6, 64
 

@@ -14,11 +14,11 @@ from hypothesis import given, settings as hsettings, strategies as st
 from quadflow.settings import FeaturizeSettings, RunSettings, ScoreSettings
 from quadflow.shards import Shard, part_rows, plan_shards, write_parquet_atomic
 from quadflow.store import StageRef, connect, open_store
-from tasks import featurize as featurize_mod
-from tasks import score as score_mod
-from tasks.featurize import featurize
-from tasks.ingest import Deduplicator, StoreDeduplicator
-from tasks.score import score
+from quadflow.tasks import featurize as featurize_mod
+from quadflow.tasks import score as score_mod
+from quadflow.tasks.featurize import featurize
+from quadflow.tasks.ingest import Deduplicator, StoreDeduplicator
+from quadflow.tasks.score import score
 from tests.test_score_task import PROSE, _pool
 
 FEAT = FeaturizeSettings(n_features=2048, dsir_buckets=256, dim=8, svd_sample=100, max_chars=400)
@@ -98,9 +98,9 @@ def test_results_do_not_depend_on_the_shard_size(tmp_path):
     assert a == b
     assert len(b["scores"]) == 45 * 4  # 3 scorers + combined, each document once
     # ... and the same as the whole pool scored in memory
-    from tasks.featurize import load_ngrams
-    from tasks.score import build_scorers, score_pool
-    from tasks.scorers import ScoreInput
+    from quadflow.tasks.featurize import load_ngrams
+    from quadflow.tasks.score import build_scorers, score_pool
+    from quadflow.tasks.scorers import ScoreInput
     with connect(whole.store, read_only=True) as con:
         texts = pl.Series("text", [t for (t,) in con.execute(
             "select text from ingest_docs where role = 'pool' order by doc_idx").fetchall()])
@@ -229,8 +229,8 @@ def _ingest_tables(store, key):
 
 def test_a_crashed_ingest_resumes_at_the_first_input_it_had_not_committed(tmp_path, monkeypatch):
     from quadflow.settings import IngestSettings
-    from tasks import ingest as ingest_mod
-    from tasks.ingest import expand_inputs, fingerprint_files, ingest
+    from quadflow.tasks import ingest as ingest_mod
+    from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
 
     pool = _corpus(tmp_path)
     settings = IngestSettings(inputs=[str(pool)], batch_rows=1)

@@ -175,7 +175,7 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def _tokenizer(config: TransformerLMConfig):
-    from tasks.scorers.influence.tokens import make_tokenizer
+    from quadflow.tasks.scorers.influence.tokens import make_tokenizer
 
     return make_tokenizer(config.tokenizer, config.word_buckets)
 
@@ -199,7 +199,7 @@ class EvalSet:
 def encode_eval(texts: Sequence[str | None], config: TransformerLMConfig, random_state: int = 0) -> EvalSet:
     """Cut each held-out document ([BOS, tokens, EOS]) into chunks of seq_len targets; above max_eval_tokens,
     keep a seeded random subset of the chunks (every position equally likely, so the mean loss is unbiased)."""
-    from tasks.scorers.influence.tokens import chunk_spans
+    from quadflow.tasks.scorers.influence.tokens import chunk_spans
 
     tok = _tokenizer(config)
     chunks = []
@@ -247,7 +247,7 @@ class TransformerLM:
         import torch
         import torch.nn.functional as F
 
-        from tasks.scorers.influence.proxy import ProxyConfig, ProxyLM, n_params
+        from quadflow.tasks.scorers.influence.proxy import ProxyConfig, ProxyLM, n_params
 
         cfg = self._config()
         start = time.perf_counter()
@@ -312,7 +312,7 @@ class TransformerLM:
         import torch
         import torch.nn.functional as F
 
-        from tasks.scorers.influence.tokens import IGNORE, make_batches
+        from quadflow.tasks.scorers.influence.tokens import IGNORE, make_batches
 
         if not hasattr(self, "model_"):
             raise RuntimeError("TransformerLM is not fitted; call fit(selected_texts) first")

@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import normalize
 
-from tasks.scorers import FitInput, ScoreInput, Scorer, Scores, register
+from quadflow.tasks.scorers import FitInput, ScoreInput, Scorer, Scores, register
 
 VERSION = "classifier-1"
 _SCORE_ROWS = 65_536  # documents featurized per decision_function call

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from tasks.scorers import FitInput, ScoreInput, Scorer, Scores, register
+from quadflow.tasks.scorers import FitInput, ScoreInput, Scorer, Scores, register
 
 VERSION = "dsir-2"  # 2: bucket totals summed exactly in float64 (were float32)
 

@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from quadflow.log import Progress
-from tasks.scorers import ScoreInput, Scorer, Scores, register
+from quadflow.tasks.scorers import ScoreInput, Scorer, Scores, register
 
 VERSION = "heuristic-1"
 

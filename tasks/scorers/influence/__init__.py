@@ -5,7 +5,7 @@ the cheaper projected-gradient cosine (LESS / TracIn).
 torch is optional: this package imports without it, and using any of its torch-backed names
 raises InfluenceUnavailable (an ImportError) with the install hint.
 
-    from tasks.scorers.influence import InfluenceScorer, train_proxy, ProxyConfig
+    from quadflow.tasks.scorers.influence import InfluenceScorer, train_proxy, ProxyConfig
     proxy = train_proxy(pool_texts, ProxyConfig(), seed=0)
     scorer = InfluenceScorer(proxy, method="ekfac").fit(reference_texts, fit_texts=pool_sample)
     scores = scorer.score(candidate_texts)  # float64, higher = lowers the reference loss more
@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from tasks.scorers import Scorer, ScoreInput, Scores, register
+from quadflow.tasks.scorers import Scorer, ScoreInput, Scores, register
 
 from .errors import TORCH_HINT, InfluenceUnavailable, require_torch
 

@@ -1,4 +1,4 @@
-"""Throughput of the influence scorer on real documents: python -m tasks.scorers.influence.bench POOL.jsonl[.zst|.gz]
+"""Throughput of the influence scorer on real documents: python -m benchmarks.influence_throughput POOL.jsonl[.zst|.gz]
 
 Trains the proxy on a seeded sample, fits each method on reference / fit documents and times
 scoring random pool documents (what Quad's probes are). Prints one JSON line per measurement.

@@ -1,6 +1,6 @@
 """Selection quality of the bandit probing with influence, against the same bandit probing with DSIR and random.
 
-    python -m tasks.scorers.influence.bench_selection --task runs/eval-tasks/python-docs --docs 30000 \\
+    python -m benchmarks.influence_selection --task runs/eval-tasks/python-docs --docs 30000 \\
         --out runs/influence/python-docs
 
 The task (benchmarks/eval/tasks.py: a target domain cut out of the pool, a target sample and a
@@ -59,15 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.eval.metrics import check_protocol, evaluate_selection
     from benchmarks.eval.tasks import load_task, task_vocab
     from benchmarks.stages import PeakRSS
-    from flows.curate import resolve_inputs
+    from quadflow.flows.curate import resolve_inputs
     from quadflow.metrics import kl_divergence
     from quadflow.settings import build_settings
     from quadflow.store import connect, open_store, query_sql
-    from tasks.cluster import cluster
-    from tasks.featurize import featurize, load_ngrams
-    from tasks.ingest import ingest
-    from tasks.score import score
-    from tasks.select import select
+    from quadflow.tasks.cluster import cluster
+    from quadflow.tasks.featurize import featurize, load_ngrams
+    from quadflow.tasks.ingest import ingest
+    from quadflow.tasks.score import score
+    from quadflow.tasks.select import select
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", required=True, help="task directory built by benchmarks.build_tasks")
