@@ -206,6 +206,23 @@ def test_task_splits_are_disjoint_and_complete(tmp_path, source):
     assert meta["target_in_pool"] is False
 
 
+def test_transfer_task_removes_the_whole_domain_from_the_pool(tmp_path, source):
+    path, records = source
+    spec = TaskSpec("py-transfer", ("pydoc",), target_frac=0.5, heldout_frac=0.5, transfer=True)
+    (meta,) = build_tasks(path, tmp_path / "tasks", [spec], seed=1)
+    task = load_task(tmp_path / "tasks" / "py-transfer")
+    pool = list(read_jsonl(task.pool_path))
+    assert not [r for r in pool if r["source"] == "pydoc"] and meta["counts"]["pool_domain_docs"] == 0
+    assert "mirror:0" not in {r["id"] for r in pool}  # a copy of a domain text, from another source
+    c = meta["counts"]
+    assert c["target_docs"] + c["heldout_docs"] == len({r["text"] for r in records if r["source"] == "pydoc"})
+    assert c["pool_docs"] == sum(r["source"] == t for r in records for t in ("pgdoc", "dict"))
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        TaskSpec("bad", ("pydoc",), target_frac=0.6, heldout_frac=0.5, transfer=True)
+    with pytest.raises(ValueError, match="leave part of the domain"):
+        TaskSpec("bad", ("pydoc",), target_frac=0.5, heldout_frac=0.5)
+
+
 def test_copies_of_heldout_text_leave_the_pool(tmp_path, source):
     path, _ = source
     # pydoc:0, pydoc:dup and mirror:0 hold one normalized text; seed 4 sends it to the held-out set
