@@ -49,8 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--selector", choices=SELECTORS, help="quad (default), random, topk or dsir")
     run.add_argument("--scorer", action="append", dest="scorers", choices=SCORERS,
                      help="scorer (repeatable; combined by weighted mean percentile rank)")
+    run.add_argument("--blocks", choices=("ranked", "random"),
+                     help="quad's blocks: ranked (default, two-level Quad) or random (Quad as published)")
     run.add_argument("--probe-scorer", choices=("combined", *SCORERS),
-                     help="score the bandit probes with (default combined; influence scores only probed docs)")
+                     help="score the bandit probes with (default: the rank score, the classifier when it ran; "
+                          "influence scores only probed docs)")
     run.add_argument("--clusters", type=int, help="number of clusters (default: about sqrt(pool size))")
     run.add_argument("--seed", type=int, help="seed for every random step (default 0)")
     run.add_argument("--text-field", help="field holding the document text (default 'text')")
@@ -88,7 +91,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "cluster": {"k": args.clusters},
         "score": {"scorers": args.scorers},
         "select": {"selector": args.selector, "budget_tokens": args.budget_tokens,
-                   "probe_scorer": args.probe_scorer},
+                   "probe_scorer": args.probe_scorer, "blocks": args.blocks},
         "export": {"output": args.output, "format": args.format},
         "objectstore": {"endpoint_url": args.endpoint_url},
         "run": {"runner": args.runner, "workers": args.workers, "shard_docs": args.shard_docs, "parts": args.parts},

@@ -167,7 +167,7 @@ class InfluenceSettings(Section):
 class ScoreSettings(Section):
     scorers: list[Literal["heuristic", "dsir", "classifier", "influence"]] | None = Field(
         None,
-        description="Scorers to run. auto: heuristic+dsir with a target set, heuristic without. "
+        description="Scorers to run. auto: dsir+classifier with a target set, heuristic without. "
         "Scores are combined as the weighted mean of each scorer's percentile rank in the pool. 'influence' "
         "is fitted here but scores only the documents the bandit probes (select.probe_scorer = 'influence'), "
         "so it is not part of the combined score.",
@@ -176,8 +176,12 @@ class ScoreSettings(Section):
     weights: dict[str, float] = Field(
         default_factory=dict, description="Weight per scorer in the combined score (default 1 each)."
     )
-    classifier_negatives: int = Field(
-        5, ge=1, description="Random pool documents per target document used as classifier negatives."
+    classifier_negative_docs: int = Field(
+        5000, ge=1, description="Pool documents sampled (seeded) as the classifier's negatives, capped by the pool."
+    )
+    classifier_negatives_by: Literal["tokens", "documents"] = Field(
+        "tokens", description="Sample the classifier's negatives in proportion to their tokens (a document's "
+        "chance is its share of the pool's text) or uniformly over documents.",
     )
 
     @field_validator("weights")
@@ -200,7 +204,7 @@ class ScoreSettings(Section):
     def resolved(self, has_targets: bool) -> list[str]:
         """The scorers to run, with 'auto' resolved."""
         if self.scorers is None:
-            return ["heuristic", "dsir"] if has_targets else ["heuristic"]
+            return ["dsir", "classifier"] if has_targets else ["heuristic"]
         return list(dict.fromkeys(self.scorers))
 
 
@@ -209,35 +213,70 @@ class SelectSettings(Section):
         "quad", description="quad (cluster bandit) or a baseline: random, topk, dsir."
     )
     budget_tokens: int = Field(1_000_000, gt=0, description="Token budget of the selection.")
+    blocks: Literal["ranked", "random"] = Field(
+        "ranked", description="quad's blocks. ranked (two-level Quad): a pulled cluster offers its best candidates "
+        "by utility (rank score tiers, then a novelty discount against what is already selected), and the bandit "
+        "decides how many of each cluster's blocks to accept; random: Quad as published, a random block of the "
+        "cluster's shuffled documents (block_docs, tau_quantile and calibration_blocks apply).",
+    )
+    rank_scorer: Literal["combined", "heuristic", "dsir", "classifier"] | None = Field(
+        None, description="Pool-wide score that orders documents and sets the candidate tiers (ranked blocks). "
+        "auto: classifier when it ran (it knows how the target's own documents score), else combined.",
+    )
     arms_per_round: int = Field(50, ge=1, description="B: clusters pulled per round.")
     probes: int = Field(10, ge=1, description="m: documents probed per pulled cluster.")
+    rounds: int = Field(
+        30, ge=1, le=10_000, description="Ranked blocks: rounds the budget is spread over; each round's bar "
+        "admits budget / rounds tokens, so the novelty discount is updated that often.",
+    )
+    candidate_multiple: float = Field(
+        8.0, ge=1, le=1000, description="Ranked blocks: candidates are the best documents by rank score holding this "
+        "many times the budget in tokens.",
+    )
+    target_quantile: float = Field(
+        0.25, ge=0, lt=1, description="Ranked blocks: a pool document is of the target's own kind when its classifier "
+        "score reaches the score this (token-weighted) share of the target's documents fall below, out of fold.",
+    )
+    max_doc_share: float = Field(
+        0.03, gt=0, le=1, description="Ranked blocks: related documents (not of the target's kind) longer than this "
+        "share of the budget are left to the fill, so no single document crowds out the rest.",
+    )
+    diversity: bool = Field(
+        True, description="Ranked blocks: order candidates by novelty (the KL drop toward the target each would bring, "
+        "a discount against what is already selected); false: by rank score alone.",
+    )
+    novelty_prior: float = Field(
+        0.1, gt=0, le=100, description="Ranked blocks: the selection's n-gram distribution is smoothed with this many "
+        "budgets' worth of pool text, so the first documents are not judged against an empty selection.",
+    )
     block_docs: int | None = Field(
-        None, ge=1, description="b: documents per accepted block; auto: mean cluster size / 8, at most "
+        None, ge=1, description="Random blocks: b, documents per accepted block; auto: mean cluster size / 8, at most "
         "budget / (10 * B * mean doc tokens), at least probes."
     )
     max_rounds: int = Field(200, ge=1, description="Bandit rounds before the fill phase.")
     tau: float | None = Field(
-        None, description="Acceptance threshold on the mean probe score; auto: tau_quantile of "
-        "calibration probe means."
+        None, description="Acceptance threshold on the mean probe score; auto: tau_quantile of the calibration "
+        "probe means."
     )
     tau_quantile: float | None = Field(
-        None, ge=0, le=1, description="Quantile of calibration probe means used for auto tau; "
-        "auto: 1 - budget / pool tokens, within [0.5, 0.9].")
+        None, ge=0, le=1, description="Quantile of calibration probe means used for auto tau; auto: ranked blocks "
+        "0 when the probes look up the rank score (exact) and 0.5 otherwise; random blocks 1 - budget / pool "
+        "tokens, within [0.5, 0.9].")
     alpha: float | None = Field(
         None, ge=0, description="UCB exploration weight; auto: std of calibration probe means."
     )
     calibration_blocks: int = Field(
-        64, ge=2, description="Random probe groups (of m documents) drawn to calibrate tau and alpha."
+        64, ge=2, description="Random blocks: random probe groups (of m documents) drawn to calibrate tau and alpha."
     )
-    probe_scorer: Literal["combined", "heuristic", "dsir", "classifier", "influence"] = Field(
-        "combined", description="Score the bandit's probes by: a pool-wide score of the score stage (combined or "
-        "one scorer), or 'influence', computed on demand for the probed documents only (needs 'influence' "
-        "in score.scorers). random/topk/dsir ignore it.",
+    probe_scorer: Literal["combined", "heuristic", "dsir", "classifier", "influence"] | None = Field(
+        None, description="Score the bandit's probes by: a pool-wide score of the score stage (combined or one "
+        "scorer), or 'influence', computed on demand for the probed documents only (needs 'influence' in "
+        "score.scorers). auto: the rank score (ranked blocks), combined (random blocks). random/topk/dsir ignore it.",
     )
 
     @field_validator("probe_scorer")
     @classmethod
-    def _influence_needs_torch(cls, v: str) -> str:
+    def _influence_needs_torch(cls, v: str | None) -> str | None:
         if v == "influence":
             _require_influence("probe scorer 'influence'")
         return v
@@ -300,10 +339,11 @@ class Settings(BaseModel):
         if not [s for s in scorers if s != "influence"]:
             raise ValueError("score.scorers = ['influence'] alone leaves no pool-wide score to combine: "
                              "add heuristic, dsir or classifier")
-        probe = self.select.probe_scorer
-        if probe != "combined" and probe not in scorers:
-            raise ValueError(f"select.probe_scorer = {probe!r} is not among score.scorers = {scorers}: "
-                             "add it with --scorer")
+        for name in ("probe_scorer", "rank_scorer"):
+            chosen = getattr(self.select, name)
+            if chosen not in (None, "combined") and chosen not in scorers:
+                raise ValueError(f"select.{name} = {chosen!r} is not among score.scorers = {scorers}: "
+                                 "add it with --scorer")
         return self
 
 

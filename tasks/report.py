@@ -220,8 +220,11 @@ def build_report(data: ReportData) -> str:
         ["budget filled", _pct(h["fill_fraction"])],
     ])
     if data.reasons is not None and data.reasons.height:
-        lines += ["Why the selected documents were taken (`quad_block`: accepted bandit block; "
-                  "`quad_fill`: filled after the bandit stopped short of the budget):", ""]
+        lines += ["Why the selected documents were taken (two-level quad: `quad_target_kind`, a document that "
+                  "scores like the target's own; `quad_likely_target_kind`, the next best, up to the mass of that "
+                  "kind the target's scores imply; `quad_related`, chosen for what it adds toward the target; "
+                  "quad with random blocks: `quad_block`, an accepted block; either: `quad_fill`, filled after "
+                  "the bandit stopped short of the budget):", ""]
         lines += _table(["reason", "documents", "tokens"],
                         [[r["reason"], int(r["docs"]), int(r["tokens"])] for r in data.reasons.iter_rows(named=True)])
 
