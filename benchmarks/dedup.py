@@ -18,14 +18,14 @@ the same component as that document (after exact dedup, a copy is represented by
 document with its text). A dropped document is classified by how it relates to the document kept
 for its component: the same planted family (same perturbed root), the same source document
 perturbed independently (both derive from one source text with 2-5% of words edited each), source
-documents that are near duplicates in the source pool itself (difflib ratio >= 0.9 on normalized
-text, e.g. one man page shipped by two packages), or none of these (a false positive).
+documents that are near duplicates in the source pool itself (exact Jaccard similarity >= 0.8 of the
+two source texts' word 3-gram sets, e.g. one man page shipped by two packages), or none of these (a
+false positive).
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import resource
@@ -40,7 +40,7 @@ import polars as pl
 
 REPO = Path(__file__).resolve().parents[1]
 FILE_DOCS = 100_000
-SOURCE_RATIO = 0.9  # difflib ratio of two normalized source texts above which they count as one document
+SOURCE_JACCARD = 0.8  # exact word 3-gram Jaccard similarity of two source texts above which they count as one document
 
 
 def _cpu() -> float:
@@ -112,6 +112,11 @@ def _positions(con, docs_key: str, first_doc: dict[str, int]) -> pl.DataFrame:
     return rows.join(kept.select("doc_id", "doc_idx"), on="doc_id").select("position", "doc_idx").sort("position")
 
 
+def _trigrams(text: str) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i:i + 3]) for i in range(max(len(words) - 2, 1))}
+
+
 def score_against_truth(con, docs_key: str, dedup_key: str, truth: pl.DataFrame, first_doc: dict[str, int],
                         source_texts: list[str] | None) -> dict:
     """Recall of the planted near duplicates and the dropped documents by relation to their kept document."""
@@ -155,8 +160,8 @@ def score_against_truth(con, docs_key: str, dedup_key: str, truth: pl.DataFrame,
     near_source = np.zeros(dropped.size, dtype=bool)
     if source_texts is not None:
         for i in rest:
-            a, b = (normalize(source_texts[source[root[p]]])[:4000] for p in (pa_[i], pb_[i]))
-            near_source[i] = difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= SOURCE_RATIO
+            a, b = (_trigrams(normalize(source_texts[source[root[p]]])) for p in (pa_[i], pb_[i]))
+            near_source[i] = len(a & b) >= SOURCE_JACCARD * max(len(a | b), 1)
     other = ~family & ~same_source & ~near_source
     total = max(int(dropped.size), 1)
     return {

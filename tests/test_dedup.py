@@ -385,3 +385,28 @@ def test_the_selection_never_holds_two_members_of_a_component(prefect_server, pl
 
     off = run("off", enabled=False)  # without dedup the same budget takes both members of every component
     assert set(drops["doc_id"]) <= set(pl.read_parquet(off["selection"])["id"]) and off["docs"] == pool
+
+
+def test_the_benchmark_scores_dedup_against_the_generators_ground_truth(planted_pool, tmp_path):
+    from benchmarks import make_scale_pool as msp
+    from benchmarks.dedup import run_dedup_stage, score_against_truth
+    from quadflow.settings import IngestSettings
+    from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
+
+    spec = msp.ScaleSpec(docs=1000, docs_per_file=1000, seed=4, near_dup_rate=0.3)
+    msp.write_ground_truth(SAMPLE_POOL, spec, tmp_path / "truth.parquet")
+    truth = pl.read_parquet(tmp_path / "truth.parquet")
+    assert truth.height == 1000 and (truth["kind"] == "near_duplicate").sum() > 250
+    near = truth.filter(pl.col("kind") == "near_duplicate")
+    assert (near["target"] < near["position"]).all() and (truth["root"] <= truth["position"]).all()
+
+    inputs = [str(planted_pool / "pool")]
+    ingest.fn(IngestSettings(inputs=inputs), fingerprint_files(expand_inputs(inputs)), (), open_store(tmp_path / "q.duckdb"))
+    stage = run_dedup_stage(tmp_path / "q.duckdb")
+    with connect(open_store(tmp_path / "q.duckdb"), read_only=True) as con:
+        q = score_against_truth(con, stage["docs_key"], stage["ref"].key, truth, {"part-00000.jsonl.zst": 0},
+                                msp.load_source(SAMPLE_POOL).texts)
+    assert q["planted_near_duplicates"] == near.height
+    assert q["dropped"] == stage["ref"].rows == sum(q[k] for k in ("dropped_same_planted_family", "dropped_same_source_document",
+                                                                   "dropped_near_duplicate_sources", "dropped_other"))
+    assert q["recall"] >= 0.95 and q["precision"] >= 0.98, q
