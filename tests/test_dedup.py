@@ -343,7 +343,7 @@ def planted_pool(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_the_selection_never_holds_two_members_of_a_component(prefect_server, planted_pool):
-    from quadflow.flows.curate import curate
+    from quadflow.flows.curate import run_curate
 
     def run(name: str, **dedup):
         s = build_settings(overrides={
@@ -351,8 +351,8 @@ def test_the_selection_never_holds_two_members_of_a_component(prefect_server, pl
             "ingest": {"inputs": [str(planted_pool / "pool")], "targets": [str(SAMPLE_TARGET)]},
             "dedup": dedup, "cluster": {"k": 8},
             "select": {"selector": "quad", "budget_tokens": 10**9},  # room for everything the selector is offered
-            "export": {"output": str(planted_pool / name)}})
-        state = curate(settings=s, return_state=True)
+            "export": {"output": str(planted_pool / name)}, "run": {"runner": "threads"}})  # no worker start-up
+        state = run_curate(s, return_state=True)
         assert state.is_completed(), state
         return state.result()
 
