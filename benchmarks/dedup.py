@@ -2,6 +2,7 @@
 pipeline, peak RSS, and the MinHash implementations side by side.
 
     # planted duplicates (benchmarks/make_scale_pool.py --truth), the first N documents of a pool in 100k-doc files
+    # (--dedup '{...}' for other DedupSettings)
     python benchmarks/dedup.py quality --pool runs/scale-5m --truth runs/scale-5m/truth.parquet --docs 1000000 \
         --work runs/dedup-1m
     # quadflow's dedup stage and datatrove's four MinHash stages on the same documents, in one run
@@ -184,6 +185,7 @@ def score_against_truth(con, docs_key: str, dedup_key: str, truth: pl.DataFrame,
 
 def quality(args) -> dict:
     from benchmarks.make_scale_pool import load_source
+    from quadflow.settings import DedupSettings
     from quadflow.store import connect, open_store
 
     manifest = json.loads((Path(args.pool) / "MANIFEST.json").read_text())
@@ -198,7 +200,9 @@ def quality(args) -> dict:
         out["ingest_seconds"] = None
     else:
         out["ingest_seconds"] = _child_ingest([str(f) for f in files], store_path)
-    stage = run_dedup_stage(store_path, shard_docs=args.shard_docs)
+    settings = DedupSettings.model_validate(json.loads(args.dedup or "{}"))
+    out["settings"] = settings.model_dump()
+    stage = run_dedup_stage(store_path, settings, shard_docs=args.shard_docs)
     ref = stage.pop("ref")
     out.update(stage, dedup_key=ref.key)
     print(json.dumps({k: v for k, v in out.items()}), flush=True)
@@ -372,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--work", required=True)
     q.add_argument("--shard-docs", type=int, default=50_000)
     q.add_argument("--reuse-store", action="store_true", help="skip ingest when the work store exists")
+    q.add_argument("--dedup", help='DedupSettings as JSON, e.g. FineWeb\'s 5-grams on every document: '
+                   '\'{"words_per_shingle_word": 1, "short_words": 0, "min_words": 1}\'')
     t = sub.add_parser("throughput")
     t.add_argument("--input", required=True)
     t.add_argument("--work", required=True)

@@ -125,12 +125,13 @@ def optimal_lsh_shape(threshold: float, permutations: int) -> tuple[int, int]:
     areas of the S-curve 1 - (1 - s^rows)^bands around threshold (datasketch's MinHashLSH rule)."""
     import numpy as np
 
+    lo, hi = np.linspace(0, threshold, 201), np.linspace(threshold, 1, 201)  # midpoint sums of the two areas
+    mid_lo, mid_hi = (lo[1:] + lo[:-1]) / 2, (hi[1:] + hi[:-1]) / 2
     best, shape = float("inf"), (1, permutations)
     for bands in range(1, permutations + 1):
         for rows in range(1, permutations // bands + 1):
-            lo, hi = np.linspace(0, threshold, 200), np.linspace(threshold, 1, 200)
-            fp = np.trapezoid(1 - (1 - lo**rows) ** bands, lo)
-            fn = np.trapezoid((1 - hi**rows) ** bands, hi)
+            fp = (1 - (1 - mid_lo**rows) ** bands).sum() * (threshold / 200)
+            fn = ((1 - mid_hi**rows) ** bands).sum() * ((1 - threshold) / 200)
             if fp + fn < best:
                 best, shape = fp + fn, (bands, rows)
     return shape

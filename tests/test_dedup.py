@@ -175,6 +175,20 @@ def test_the_selector_sees_only_kept_documents_and_its_positions_map_back_to_the
     assert (frames["selection"]["cluster"].to_numpy() == clusters[frames["selection"]["doc_idx"].to_numpy()]).all()
 
 
+def test_settings_resolve_the_lsh_shape_and_name_bad_values(capsys):
+    from quadflow.cli import main
+    from quadflow.settings import ConfigError
+
+    assert DedupSettings().lsh_shape() == (14, 8)  # FineWeb's
+    bands, rows = DedupSettings(threshold=0.5).lsh_shape()
+    assert bands * rows <= 112 and abs((1 / bands) ** (1 / rows) - 0.5) < 0.1
+    with pytest.raises(ConfigError, match=r"dedup.threshold = 0.8 and dedup.bands = 10"):
+        build_settings(overrides={"ingest": {"inputs": ["x"]}, "dedup": {"threshold": 0.8, "bands": 10}})
+    assert main(["run", "--input", "x", "--no-dedup", "--semantic-dedup", "--show-settings"]) == 0
+    shown = capsys.readouterr().out
+    assert '"enabled": false' in shown and '"semantic": true' in shown
+
+
 # --------------------------------------------------------------------------------------------
 # Tasks on a DuckDB file
 # --------------------------------------------------------------------------------------------
