@@ -164,7 +164,7 @@ def _print_result(result: dict) -> None:
     s = result.get("summary", {})
     print()
     print(f"selected {result['docs']:,} documents, {result['tokens']:,} tokens")
-    for name in ("fill_fraction", "kl_reduction", "cluster_coverage", "quarantined"):
+    for name in ("fill_fraction", "kl_reduction", "cluster_coverage", "quarantined", "near_duplicates"):
         if name in s:
             print(f"  {name}: {s[name]}")
     print(f"selection: {result['selection']}")
