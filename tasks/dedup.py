@@ -13,7 +13,7 @@ connected components (union-find, `components`). Keys come from one of two match
   the word sequence and of each sequence with one word deleted. Two documents share one exactly
   when they are one word apart (a substitution, insertion or deletion) — the precision MinHash
   cannot have on ten words, where a changed word is 10% of the document and templated entries
-  (dictionary definitions) differ by two. MinHash starts two words below short_words, so a
+  (dictionary definitions) differ by two. MinHash starts at short_words - 1 words, so a
   document whose copy gained or lost a word meets it in at least one matcher.
 
 Words: NFKC, lower case, digits mapped to 0 and punctuation removed (as datatrove's text
