@@ -6,6 +6,7 @@ pipeline, peak RSS, and the MinHash implementations side by side.
     python benchmarks/dedup.py quality --pool runs/scale-5m --truth runs/scale-5m/truth.parquet --docs 1000000 \
         --work runs/dedup-1m
     # quadflow's dedup stage and datatrove's four MinHash stages on the same documents, in one run
+    # (--workers 1: datatrove in this process; --docs N: the pool's first N documents)
     python benchmarks/dedup.py throughput --input ../shared/data/debian-pool-v1.jsonl.zst --work runs/dedup-tp
     # MinHash signatures only: this repo's numpy code, rensa, datasketch (when installed) on the same shingles
     python benchmarks/dedup.py libraries --input ../shared/data/debian-pool-v1.jsonl.zst --docs 20000
@@ -48,6 +49,51 @@ def _cpu() -> float:
     """CPU seconds of this process (every thread) and its finished children."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class TreeCPU:
+    """CPU seconds of this process and every descendant, sampled (psutil) while a block runs.
+
+    getrusage misses datatrove's workers: they are children of multiprocess's fork server, which
+    is not waited for. A descendant's last sample counts, so one that exits between samples loses
+    at most `every` seconds of its CPU time.
+    """
+
+    def __init__(self, every: float = 0.2):
+        self.every = every
+
+    def __enter__(self) -> "TreeCPU":
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self._seen: dict[int, float] = {}
+        self._start = sum(self._me.cpu_times()[:2])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import psutil
+
+        for child in self._me.children(recursive=True):
+            try:
+                t = child.cpu_times()
+                self._seen[(child.pid, child.create_time())] = t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+        self.seconds = sum(self._me.cpu_times()[:2]) - self._start + sum(self._seen.values())
 
 
 def _load() -> str:
@@ -250,13 +296,22 @@ def _datatrove_minhash(data_dir: Path, work: Path, workers: int) -> dict:
     }
     out = {"version": version("datatrove"), "stages": {}}
     for name, executor in stages.items():
-        cpu0, t0 = _cpu(), time.perf_counter()
-        executor.run()
-        out["stages"][name] = {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu() - cpu0, 1)}
+        t0 = time.perf_counter()
+        with TreeCPU() as cpu:
+            executor.run()
+        out["stages"][name] = {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu.seconds, 1)}
     stats = json.loads((work / "logs4" / "stats.json").read_text())
     dropped = [s for s in stats if "MinHash stage 4" in s.get("name", "")]
     out["dropped"] = int(dropped[0]["stats"].get("dropped", 0)) if dropped else None
     return out
+
+
+def _keep_first(store_path: Path, docs: int) -> None:
+    """Cut the ingested pool to its first `docs` documents (doc_idx stays dense)."""
+    import duckdb
+
+    with duckdb.connect(str(store_path)) as con:
+        con.execute("delete from ingest_docs where role = 'pool' and doc_idx >= ?", [docs])
 
 
 def throughput(args) -> dict:
@@ -268,10 +323,12 @@ def throughput(args) -> dict:
     store_path = work / "quadflow.duckdb"
     out: dict = {"input": args.input, "workers": args.workers, "load_before": _load()}
     out["ingest_seconds"] = _child_ingest([args.input], store_path)
+    if args.docs:  # the first N documents of the pool: a store holding only those, so both tools see the same
+        _keep_first(store_path, args.docs)
     with connect(open_store(store_path), read_only=True) as con:
         key = con.execute("select key from ingest_runs order by created_at desc limit 1").fetchone()[0]
-        rows = con.execute("select doc_idx, text from ingest_docs where key = ? and role = 'pool' order by doc_idx",
-                           [key]).fetchall()
+        rows = con.execute("select doc_idx, text from ingest_docs where key = ? and role = 'pool' order by doc_idx "
+                           "limit ?", [key, args.docs or 2**62]).fetchall()
     docs = len(rows)
     with tempfile.TemporaryDirectory(prefix="dedup-bench-", dir=work) as tmp:  # the same documents for datatrove
         data = Path(tmp) / "data"
@@ -383,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--work", required=True)
     t.add_argument("--workers", type=int, default=2, help="datatrove's worker processes")
     t.add_argument("--shard-docs", type=int, default=50_000)
+    t.add_argument("--docs", type=int, help="only the first N documents of the pool (default: all)")
     lib = sub.add_parser("libraries")
     lib.add_argument("--input", required=True)
     lib.add_argument("--docs", type=int, default=20_000)
