@@ -61,6 +61,82 @@ class IngestSettings(Section):
     )
 
 
+class DedupSettings(Section):
+    """Near-duplicate removal between ingest and select (tasks/dedup.py); the selection keeps one document per component."""
+
+    enabled: bool = Field(
+        True, description="Fuzzy dedup of the pool: MinHash LSH on word shingles, plus one-word-edit neighbourhoods for "
+        "short documents; one document (the first by doc_idx) is kept per connected component of candidate pairs.",
+    )
+    shingle_size: int = Field(
+        5, ge=1, le=8, description="Words per shingle for long documents (FineWeb: 5). A document of W words uses "
+        "min(shingle_size, max(2, W // words_per_shingle_word)) so one changed word changes about a tenth of its shingles.",
+    )
+    words_per_shingle_word: int = Field(
+        10, ge=1, description="Shorter documents get shorter shingles: one shingle word per this many document words.",
+    )
+    permutations: int = Field(112, ge=2, le=1024, description="MinHash values per document (FineWeb: 112).")
+    bands: int | None = Field(
+        None, ge=1, description="LSH bands (rows per band = permutations // bands); auto: 14 (FineWeb's 14 x 8, "
+        "candidate threshold ~0.72), or chosen from threshold when that is set.",
+    )
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Jaccard similarity the LSH should separate at: bands and rows are then chosen "
+        "(bands x rows <= permutations) to minimise the false-positive plus false-negative area around it, as "
+        "datasketch does; leave bands unset.",
+    )
+    short_words: int = Field(
+        20, ge=0, description="Documents of min_words..short_words words are matched by their one-word-edit "
+        "neighbourhood (exact: same words but one substituted, inserted or deleted) instead of MinHash, which has "
+        "too few shingles to tell a one-word edit from a different short document; 0 turns this off.",
+    )
+    min_words: int = Field(
+        3, ge=1, description="Documents with fewer words are left to ingest's exact dedup (one word apart is not a duplicate).",
+    )
+    semantic: bool = Field(
+        False, description="Semantic dedup (SemDeDup) after cluster: inside each k-means cluster, documents whose "
+        "vectors have cosine similarity above 1 - semantic_eps are one component; one is kept.",
+    )
+    semantic_eps: float = Field(
+        0.01, gt=0, lt=1, description="SemDeDup's epsilon: pairs with cosine similarity > 1 - eps are duplicates "
+        "(0.01 is NeMo Curator's tightest default; tune it on the vectors in use, see README).",
+    )
+
+    @model_validator(mode="after")
+    def _lsh_shape(self) -> "DedupSettings":
+        if self.threshold is not None and self.bands is not None:
+            raise ValueError(f"dedup.threshold = {self.threshold} and dedup.bands = {self.bands}: set one of them")
+        if self.bands is not None and self.bands > self.permutations:
+            raise ValueError(f"dedup.bands = {self.bands} exceeds dedup.permutations = {self.permutations}")
+        if self.short_words and self.short_words < self.min_words:
+            raise ValueError(f"dedup.short_words = {self.short_words} is below dedup.min_words = {self.min_words}")
+        return self
+
+    def lsh_shape(self) -> tuple[int, int]:
+        """(bands, rows per band) of the LSH, with 'auto' resolved."""
+        if self.threshold is not None:
+            return optimal_lsh_shape(self.threshold, self.permutations)
+        bands = self.bands if self.bands is not None else min(14, self.permutations)
+        return bands, self.permutations // bands
+
+
+def optimal_lsh_shape(threshold: float, permutations: int) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= permutations minimising the equally weighted false-positive and false-negative
+    areas of the S-curve 1 - (1 - s^rows)^bands around threshold (datasketch's MinHashLSH rule)."""
+    import numpy as np
+
+    lo, hi = np.linspace(0, threshold, 201), np.linspace(threshold, 1, 201)  # midpoint sums of the two areas
+    mid_lo, mid_hi = (lo[1:] + lo[:-1]) / 2, (hi[1:] + hi[:-1]) / 2
+    best, shape = float("inf"), (1, permutations)
+    for bands in range(1, permutations + 1):
+        for rows in range(1, permutations // bands + 1):
+            fp = (1 - (1 - mid_lo**rows) ** bands).sum() * (threshold / 200)
+            fn = ((1 - mid_hi**rows) ** bands).sum() * ((1 - threshold) / 200)
+            if fp + fn < best:
+                best, shape = fp + fn, (bands, rows)
+    return shape
+
+
 class FeaturizeSettings(Section):
     n_features: int = Field(
         2**18, ge=1024, description="Hashed word 1-2-gram space for the TF-IDF vectors."
@@ -316,6 +392,7 @@ class Settings(BaseModel):
     store: str = Field("quadflow.duckdb", description="DuckDB file holding every intermediate result.")
     seed: int = Field(0, description="Seed for every random step.")
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
     featurize: FeaturizeSettings = Field(default_factory=FeaturizeSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)

@@ -81,6 +81,8 @@ class ReportData:
     # scorer -> (pool docs, pool mean) over the whole pool; `scores` then holds a seeded sample of
     # at most SCORE_SAMPLE pool documents (for the plots), so the report's memory is not the pool's
     score_stats: dict[str, tuple[int, float | None]] | None = None
+    # dedup reason -> (pool documents dropped, components they belong to), from the partitions select used
+    dedup: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def headline(data: ReportData) -> dict[str, Any]:
         "clusters_covered": int(np.unique(covered).size),
         "clusters": data.k,
         "quarantined": int(sum(data.quarantined.values())),
+        "near_duplicates": int(sum(n for n, _ in data.dedup.values())),
         "quarantined_by_reason": dict(data.quarantined),
         "duplicates": data.duplicates,
         "rounds": int(data.rounds.height),
@@ -261,13 +264,19 @@ def build_report(data: ReportData) -> str:
         f"![Cluster sizes, pool vs selected]({PLOT_CLUSTERS})", "",
     ]
 
-    lines += ["## Data thrown away at ingest", ""]
+    lines += ["## Data thrown away: quarantine and duplicates", ""]
     if data.quarantined:
         lines += ["Quarantined records by reason:", ""]
         lines += _table(["reason", "records"], [[r, n] for r, n in data.quarantined.items()])
     else:
         lines += ["Quarantined records: none.", ""]
     lines += [f"Exact duplicates dropped from the pool: {data.duplicates:,}.", ""]
+    if data.dedup:
+        lines += ["Near duplicates left out of the selection (every component keeps its first document; "
+                  "`near_duplicate`: MinHash LSH or one word apart, `semantic_duplicate`: SemDeDup inside a cluster):", ""]
+        lines += _table(["reason", "documents", "components"], [[r, n, c] for r, (n, c) in data.dedup.items()])
+    else:
+        lines += ["Near duplicates left out of the selection: none (or dedup was off).", ""]
 
     lines += ["## Scores", ""]
     if data.scores:
@@ -497,6 +506,9 @@ def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, e
                         f.filter(pl.col("selected"))["score"].to_numpy().astype(np.float64))
     probes = query_sql(con, "report_probes", p).pl().row(0, named=True)
     info = dict(query_sql(con, "report_info", p).fetchall())
+    dedup_keys = [k for k in (info.get("dedup_keys") or "").split(",") if k]
+    dedup = {r: (int(n), int(c)) for r, n, c in query_sql(con, "report_dedup", {"keys": dedup_keys}).fetchall()
+             } if dedup_keys else {}
     if not settings.ingest.targets or counts["target_docs"] == 0:
         ngrams, note = None, "no target"
     elif keys.features is None:
@@ -514,7 +526,7 @@ def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, e
         rounds=query_sql(con, "report_rounds", p).pl(),
         probes={k_: int(v or 0) for k_, v in probes.items()}, info=info,
         sources=query_sql(con, "report_sources", p).pl(), ngrams=ngrams, kl_note=note,
-        output=output, export_key=export_key, reasons=query_sql(con, "report_reasons", p).pl(),
+        output=output, export_key=export_key, reasons=query_sql(con, "report_reasons", p).pl(), dedup=dedup,
     )
 
 

@@ -895,11 +895,38 @@ _TABLES = {"rounds": "select_insert_rounds", "probes": "select_insert_probes",
            "selection": "select_insert_selection", "arms": "select_insert_arms", "info": "select_insert_info"}
 
 
+def run_on_kept(keep: np.ndarray, settings: SelectSettings, seed: int, tokens: np.ndarray, clusters: np.ndarray,
+                **kwargs: Any) -> dict[str, pl.DataFrame]:
+    """run_selector on the documents `keep` marks (dedup dropped the rest), its doc_idx mapped back to the pool's.
+
+    Every per-document input (tokens, clusters, scores, log_weights, rank_scores, novelty rows, probe) is cut to the kept
+    documents, so the selector never sees two members of one near-duplicate component.
+    """
+    kept = np.flatnonzero(keep)  # (n_kept,) pool doc_idx of each position the selector sees
+    if kept.size == tokens.size:
+        return run_selector(settings, seed, tokens, clusters, **kwargs)
+    for name in ("scores", "log_weights", "rank_scores"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = np.asarray(kwargs[name])[kept]
+    if kwargs.get("novelty") is not None:
+        nov = kwargs["novelty"]
+        kwargs["novelty"] = Novelty(nov.target_totals, nov.pool_totals, lambda idx: nov.rows(kept[idx]))
+    if kwargs.get("probe") is not None:
+        inner = kwargs["probe"]
+        kwargs["probe"] = Probe(lambda idx: inner.score_fn(kept[idx]), kept.size, pool_wide=inner.pool_wide)
+    frames = run_selector(settings, seed, tokens[kept], clusters[kept], **kwargs)
+    return {name: frame.with_columns(doc_idx=pl.Series(kept[frame["doc_idx"].to_numpy()], dtype=frame.schema["doc_idx"]))
+            if "doc_idx" in frame.columns else frame for name, frame in frames.items()}
+
+
 @stage_task("select")
 def select(settings: SelectSettings, docs: StageRef, features: StageRef, clusters: StageRef,
-           scores: StageRef, seed: int) -> StageRef:
-    """Select within the token budget and record every round, probe and accepted block."""
-    key = stage_key("select", VERSION, settings, docs, features, clusters, scores, seed)
+           scores: StageRef, seed: int, dedup: tuple[StageRef, ...] = ()) -> StageRef:
+    """Select within the token budget and record every round, probe and accepted block.
+
+    `dedup`: the dedup partitions (fuzzy, semantic) whose dropped documents the selector never sees.
+    """
+    key = stage_key("select", VERSION, settings, docs, features, clusters, scores, seed, *dedup)
     log = get_logger()
     with connect(docs.store) as con:
         tokens = _by_doc(query_sql(con, "select_read_tokens", {"key": docs.key}), "n_tokens", "ingest_docs")
@@ -925,7 +952,12 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
             kwargs["gamma"] = row[0]
         if settings.selector == "dsir":
             kwargs["log_weights"] = _dsir_log_weights(con, features.key, n=tokens.size)
-        frames = run_selector(settings, seed, tokens, labels, **kwargs)
+        keep = np.ones(tokens.size, dtype=bool)
+        if dedup:
+            dropped = query_sql(con, "select_read_dropped", {"keys": [d.key for d in dedup]}).fetchnumpy()["doc_idx"]
+            keep[np.asarray(dropped, dtype=np.int64)] = False
+            extra.update(dedup_keys=",".join(d.key for d in dedup), docs_dropped_by_dedup=int(tokens.size - keep.sum()))
+        frames = run_on_kept(keep, settings, seed, tokens, labels, **kwargs)
         if extra:
             frames["info"] = pl.concat([frames["info"], pl.DataFrame(
                 {"name": list(extra), "value": [str(v) for v in extra.values()]}, schema=frames["info"].schema)])

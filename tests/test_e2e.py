@@ -14,7 +14,7 @@ from tests.conftest import SAMPLE_POOL, SAMPLE_TARGET
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ("ingest", "featurize", "cluster", "score", "select", "export", "report")
+STAGES = ("ingest", "dedup", "featurize", "cluster", "semdedup", "score", "select", "export", "report")
 BUDGET = 100_000
 
 GOOD_DOC = (
@@ -163,7 +163,7 @@ def test_changing_a_scorer_setting_recomputes_only_scoring_onwards(first_run):
     settings = first_run["settings"]
     changed = settings.model_copy(update={"score": settings.score.model_copy(update={"classifier_negative_docs": 3})})
     _, states = _run(changed)
-    for stage in ("ingest", "featurize", "cluster"):
+    for stage in ("ingest", "dedup", "featurize", "cluster", "semdedup"):
         assert states[stage] == "Cached", (stage, states)
     for stage in ("score", "select", "export", "report"):
         assert states[stage] == "Completed", (stage, states)
