@@ -124,6 +124,7 @@ class MethodSpec:
     reference: bool = False  # a ceiling that reads labels selectors never see, not a competitor
     select: tuple[tuple[str, Any], ...] = ()  # quad: select settings that differ from the run's
     one_cluster: bool = False  # quad: every document in one cluster (the ablation without the cluster stage)
+    dedup: bool = True  # select from the pool less dedup's drops, as a default run does
 
 
 # Per-document selectors: the baselines `quad` (quadflow's default run) must beat.
@@ -137,6 +138,7 @@ METHODS = (
     MethodSpec("quad-no-diversity", "quad", seeded=True, select=(("diversity", False),)),
     MethodSpec("quad-one-cluster", "quad", seeded=True, one_cluster=True),
     MethodSpec("quad-paper", "quad", "classifier", seeded=True, select=(("blocks", "random"),)),
+    MethodSpec("quad-no-dedup", "quad", seeded=True, dedup=False),
     MethodSpec(f"quad-{INFLUENCE}", "quad", INFLUENCE, seeded=True),  # only where torch is importable
     MethodSpec("dsir-package", "package"),
     MethodSpec("oracle-domain", "oracle", seeded=True, reference=True),
@@ -235,6 +237,7 @@ class PipelineRefs:
     features: StageRef
     clusters: StageRef
     scores: StageRef
+    dedup: tuple[StageRef, ...] = ()  # near-duplicate and semantic dedup partitions (what the default run drops)
 
 
 _REF_TABLES = {  # how each stage fingerprints its partition (the tasks' own make_ref calls)
@@ -242,6 +245,8 @@ _REF_TABLES = {  # how each stage fingerprints its partition (the tasks' own mak
     "featurize": ("featurize_vectors", ["role", "doc_idx", "vec"]),
     "cluster": ("cluster_assignments", ["doc_idx", "cluster"]),
     "score": ("score_docs", ["doc_idx", "scorer", "score"]),
+    "dedup": ("dedup_duplicates", ["doc_idx", "component", "representative", "reason"]),
+    "semdedup": ("dedup_duplicates", ["doc_idx", "component", "representative", "reason"]),
 }
 
 
@@ -261,12 +266,14 @@ def pipeline_settings(store: Path, pool: Path, target: Path, budget: int, overri
 
 def _versions() -> dict[str, str]:
     import quadflow.tasks.cluster
+    import quadflow.tasks.dedup
     import quadflow.tasks.featurize
     import quadflow.tasks.ingest
     import quadflow.tasks.score
 
     return {"ingest": quadflow.tasks.ingest.VERSION, "featurize": quadflow.tasks.featurize.VERSION,
-            "cluster": quadflow.tasks.cluster.VERSION, "score": quadflow.tasks.score.VERSION}
+            "cluster": quadflow.tasks.cluster.VERSION, "score": quadflow.tasks.score.VERSION,
+            "dedup": quadflow.tasks.dedup.VERSION, "semdedup": quadflow.tasks.dedup.SEMANTIC_VERSION}
 
 
 def _ref_from(d: dict) -> StageRef:
@@ -291,7 +298,8 @@ def _reusable(state_path: Path, want: dict) -> tuple[PipelineRefs, list[dict]] |
                     return None
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, duckdb.Error):
         return None  # a missing, damaged or replaced record or store: recompute
-    return (PipelineRefs(store, refs["ingest"], refs["featurize"], refs["cluster"], refs["score"]),
+    return (PipelineRefs(store, refs["ingest"], refs["featurize"], refs["cluster"], refs["score"],
+                         (refs["dedup"], refs["semdedup"])),
             state["timings"])
 
 
@@ -299,6 +307,7 @@ def run_pipeline(settings: Settings, state_path: Path, force: bool = False,
                  log: Callable[[str], None] = print) -> tuple[PipelineRefs, list[dict]]:
     """Ingest, featurize, cluster and score the task pool (task functions, no Prefect); time each stage."""
     from quadflow.tasks.cluster import cluster
+    from quadflow.tasks.dedup import dedup, semdedup
     from quadflow.tasks.featurize import featurize
     from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
     from quadflow.tasks.score import score
@@ -331,15 +340,17 @@ def run_pipeline(settings: Settings, state_path: Path, force: bool = False,
 
     try:
         docs = timed("ingest", ingest.fn, settings.ingest, files, targets, store)
+        near = timed("dedup", dedup.fn, settings.dedup, docs, settings.seed)
         feats = timed("featurize", featurize.fn, settings.featurize, docs, settings.seed)
         clus = timed("cluster", cluster.fn, settings.cluster, feats, settings.seed)
+        semantic = timed("semdedup", semdedup.fn, settings.dedup, near, feats, clus)
         scores = timed("score", score.fn, settings.score, docs, feats, settings.seed)
     finally:
         sampler.stop()
-    refs = PipelineRefs(store, docs, feats, clus, scores)
+    refs = PipelineRefs(store, docs, feats, clus, scores, (near, semantic))
     state = {"inputs": want, "timings": timings,
              "refs": {"ingest": asdict(docs), "featurize": asdict(feats), "cluster": asdict(clus),
-                      "score": asdict(scores)}}
+                      "score": asdict(scores), "dedup": asdict(near), "semdedup": asdict(semantic)}}
     state_path.write_text(json.dumps(state, indent=2) + "\n")
     return refs, timings
 
@@ -370,6 +381,7 @@ class PoolData:
     max_chars: int
     ngrams: Any = None  # (n, buckets) CSR hashed 1-2-gram counts of every pool document (quad's novelty)
     classifier_params: dict | None = None  # the classifier's score_info params (quad's target tiers)
+    keep: np.ndarray | None = None  # (n,) bool: not dropped by dedup (the pool a default run's selector sees)
 
     def __post_init__(self):
         self._by_id = {str(x): i for i, x in enumerate(self.ids.tolist())}
@@ -414,6 +426,9 @@ def load_pool_data(refs: PipelineRefs, settings: Settings) -> PoolData:
         pool = load_ngrams(con, refs.features.key, "pool")
         target = load_ngrams(con, refs.features.key, "target")
         row = query_sql(con, "select_read_scorer_info", {"key": refs.scores.key, "scorer": "classifier"}).fetchone()
+        keep = np.ones(n, dtype=bool)
+        if refs.dedup:
+            keep[query_sql(con, "select_read_dropped", {"keys": [r.key for r in refs.dedup]}).fetchnumpy()["doc_idx"]] = False
     log_weights = np.asarray(DSIR().fit(target, pool).log_weights(pool), dtype=np.float64)
     return PoolData(
         doc_id=meta["doc_id"].to_numpy(), ids=meta["source_id"].cast(pl.String).to_numpy(),
@@ -423,7 +438,7 @@ def load_pool_data(refs: PipelineRefs, settings: Settings) -> PoolData:
         pool_ngrams=np.asarray(pool.sum(axis=0), dtype=np.float64).ravel(),
         target_ngrams=np.asarray(target.sum(axis=0), dtype=np.float64).ravel(),
         n_buckets=pool.shape[1], max_chars=settings.featurize.max_chars, ngrams=pool,
-        classifier_params=None if row is None else json.loads(row[0]),
+        classifier_params=None if row is None else json.loads(row[0]), keep=keep,
     )
 
 
@@ -462,12 +477,14 @@ def run_method(method: MethodSpec, seed: int | None, data: PoolData, settings: S
     `probe` makes a fresh on-demand probe scorer (`quadflow.tasks.select.Probe`) for a bandit whose
     scorer is not pool-wide (quad-influence); each run gets its own, so its cost is its own.
     """
-    from quadflow.tasks.select import Novelty, fill_budget, quad_inputs, run_selector
+    from quadflow.tasks.select import Novelty, fill_budget, quad_inputs, run_on_kept
 
     budget = settings.select.budget_tokens
     t0 = time.perf_counter()
     if method.kind in ("oracle", "oracle_clusters"):
         order = np.random.default_rng(seed).permutation(data.tokens.size)  # seeded order within ties
+        if method.dedup and data.keep is not None:
+            order = order[data.keep[order]]
         in_domain = np.isin(data.sources, list(domain))
         if method.kind == "oracle":  # in-domain documents first, then the rest
             rank = np.argsort(~in_domain[order], kind="stable")
@@ -500,7 +517,8 @@ def run_method(method: MethodSpec, seed: int | None, data: PoolData, settings: S
             kwargs.update(neighbors=None, gamma=None)
     if method.kind == "dsir":
         kwargs["log_weights"] = data.log_weights
-    frames = run_selector(section, settings.seed if seed is None else seed, data.tokens, clusters, **kwargs)
+    keep = data.keep if method.dedup and data.keep is not None else np.ones(data.tokens.size, dtype=bool)
+    frames = run_on_kept(keep, section, settings.seed if seed is None else seed, data.tokens, clusters, **kwargs)
     seconds = time.perf_counter() - t0
     return _from_store(method, seed, data, frames["selection"]["doc_idx"].to_numpy(), seconds, frames)
 
