@@ -207,6 +207,22 @@ def mix_rows(data: ReportData, top: int = TOP_SOURCES) -> list[tuple[str, float,
     return rows
 
 
+def _block_rows(info: dict[str, Any]) -> list[list[Any]]:
+    """How big a block is: documents per block (random blocks) or the tiers and the round's bar (ranked)."""
+    if info.get("blocks") != "ranked":
+        return [["block size (docs)", _info_value(info.get("block_docs"))]]
+    theta = info.get("theta")
+    return [
+        ["tokens admitted per round (the bar)", _info_value(info.get("round_tokens"))],
+        ["rank scorer", _info_value(info.get("rank_scorer"))],
+        ["score of the target's own kind (theta)", "n/a (no classifier)" if theta in (None, "None") else
+         _info_value(theta)],
+        ["pool tokens of the target's kind / likely / related candidates",
+         " / ".join(f"{_info_value(info.get(k)):,}" if isinstance(_info_value(info.get(k)), int) else "n/a"
+                    for k in ("target_kind_tokens", "likely_target_kind_tokens", "related_tokens"))],
+    ]
+
+
 def build_report(data: ReportData) -> str:
     """The report as markdown; PNGs are linked relative to report.md (same directory)."""
     h = headline(data)
@@ -310,7 +326,7 @@ def build_report(data: ReportData) -> str:
             *_probe_scorer_rows(data),
             ["tau", _info_value(data.info.get("tau"))],
             ["alpha", _info_value(data.info.get("alpha"))],
-            ["block size (docs)", _info_value(data.info.get("block_docs"))],
+            *_block_rows(data.info),
         ])
         lines += [f"![Mean reward and acceptance by round]({PLOT_ROUNDS})", ""]
     if data.info:
