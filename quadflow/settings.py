@@ -313,6 +313,10 @@ class SelectSettings(Section):
         0.25, ge=0, lt=1, description="Ranked blocks: a pool document is of the target's own kind when its classifier "
         "score reaches the score this (token-weighted) share of the target's documents fall below, out of fold.",
     )
+    likely_quantile: float = Field(
+        0.02, ge=0, lt=1, description="Ranked blocks: ... and likely of that kind (taken next, by score) when it "
+        "reaches the score only this share of the target's documents fall below.",
+    )
     max_doc_share: float = Field(
         0.03, gt=0, le=1, description="Ranked blocks: related documents (not of the target's kind) longer than this "
         "share of the budget are left to the fill, so no single document crowds out the rest.",

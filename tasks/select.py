@@ -469,37 +469,30 @@ def novelty_gain(counts: sp.csr_matrix, tokens: np.ndarray, selected: np.ndarray
 
 
 def candidate_tiers(rank_scores: np.ndarray, tokens: np.ndarray, budget: int, multiple: float,
-                    theta: float | None, target_quantile: float, max_doc_share: float) -> tuple[np.ndarray, dict]:
+                    theta: float | None, theta_likely: float | None, max_doc_share: float) -> tuple[np.ndarray, dict]:
     """(n,) tier of every document and what decided it.
 
     Candidates are the best documents by rank score holding `multiple` x the budget in tokens. Among
-    them, SURE: scores at least theta, the score the target's own documents reach at `target_quantile`
-    (so SURE holds about 1 - target_quantile of the pool's documents of the target's kind); LIKELY: the
-    next best, up to the mass of that kind the quantile implies (SURE's tokens / (1 - target_quantile));
-    RELATED: the other candidates no longer than max_doc_share of the budget. Without theta (no
-    classifier fitted on a target) every candidate is RELATED.
+    them, SURE: scores at least theta, the score most of the target's own documents reach (out of
+    fold); LIKELY: at least theta_likely, a score nearly all of them reach; RELATED: the other
+    candidates no longer than max_doc_share of the budget. Without theta (no classifier fitted on a
+    target) every candidate is RELATED.
     """
     n = rank_scores.size
     order = np.lexsort((np.arange(n), -rank_scores))  # best first, ties by doc_idx
     cum = np.cumsum(tokens[order], dtype=np.int64)
     n_cand = min(n, int(np.searchsorted(cum, multiple * budget, side="left")) + 1)
+    cand = np.zeros(n, dtype=bool)
+    cand[order[:n_cand]] = True
     tier = np.full(n, OUTSIDE, dtype=np.int8)
-    tier[order[:n_cand]] = RELATED
-    tier[(tier == RELATED) & (tokens > max_doc_share * budget)] = OUTSIDE
-    info: dict[str, Any] = {"candidate_docs": n_cand, "theta": theta, "target_kind_tokens": 0,
-                            "likely_target_kind_tokens": 0}
+    tier[cand & (tokens <= max_doc_share * budget)] = RELATED
     if theta is not None:
-        sure = np.zeros(n, dtype=bool)
-        sure[order[:n_cand]] = rank_scores[order[:n_cand]] >= theta
-        mass = int(tokens[sure].sum())
-        implied = mass / max(1.0 - target_quantile, 1e-9)
-        n_likely = min(n_cand, int(np.searchsorted(cum, implied, side="right"))) if mass else 0
-        likely = np.zeros(n, dtype=bool)
-        likely[order[:n_likely]] = True
-        tier[likely & ~sure] = LIKELY
-        tier[sure] = SURE
-        info.update(target_kind_tokens=mass, likely_target_kind_tokens=int(tokens[likely & ~sure].sum()))
-    info["related_tokens"] = int(tokens[tier == RELATED].sum())
+        low = theta if theta_likely is None else min(theta, theta_likely)
+        tier[cand & (rank_scores >= low)] = LIKELY
+        tier[cand & (rank_scores >= theta)] = SURE
+    info: dict[str, Any] = {"candidate_docs": n_cand, "theta": theta, "theta_likely": theta_likely}
+    for name, t in (("target_kind_tokens", SURE), ("likely_target_kind_tokens", LIKELY), ("related_tokens", RELATED)):
+        info[name] = int(tokens[tier == t].sum())
     return tier, info
 
 
@@ -522,7 +515,7 @@ class TwoLevelQuad:
     """
 
     def __init__(self, arms_per_round: int = 50, probes: int = 10, rounds: int = 30, max_rounds: int = 200,
-                 candidate_multiple: float = 8.0, target_quantile: float = 0.25, max_doc_share: float = 1 / 30,
+                 candidate_multiple: float = 8.0, max_doc_share: float = 0.03,
                  novelty_prior: float = 0.1, diversity: bool = True, tau: float | None = None,
                  tau_quantile: float | None = None, alpha: float | None = None, random_state: int | None = 0):
         self.arms_per_round = arms_per_round
@@ -530,7 +523,6 @@ class TwoLevelQuad:
         self.rounds = rounds
         self.max_rounds = max_rounds
         self.candidate_multiple = candidate_multiple
-        self.target_quantile = target_quantile
         self.max_doc_share = max_doc_share
         self.novelty_prior = novelty_prior
         self.diversity = diversity
@@ -544,7 +536,7 @@ class TwoLevelQuad:
         """The bandit a run's select settings describe, seeded with the run's seed."""
         return cls(arms_per_round=settings.arms_per_round, probes=settings.probes, rounds=settings.rounds,
                    max_rounds=settings.max_rounds, candidate_multiple=settings.candidate_multiple,
-                   target_quantile=settings.target_quantile, max_doc_share=settings.max_doc_share,
+                   max_doc_share=settings.max_doc_share,
                    novelty_prior=settings.novelty_prior, diversity=settings.diversity, tau=settings.tau,
                    tau_quantile=settings.tau_quantile, alpha=settings.alpha, random_state=seed)
 
@@ -555,8 +547,6 @@ class TwoLevelQuad:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.candidate_multiple >= 1:
             raise ValueError(f"candidate_multiple must be >= 1, got {self.candidate_multiple!r}")
-        if not 0.0 <= self.target_quantile < 1.0:
-            raise ValueError(f"target_quantile must be in [0, 1), got {self.target_quantile!r}")
         if not 0.0 < self.max_doc_share <= 1.0:
             raise ValueError(f"max_doc_share must be in (0, 1], got {self.max_doc_share!r}")
         if not self.novelty_prior > 0:
@@ -569,8 +559,9 @@ class TwoLevelQuad:
             raise ValueError(f"tau must be None or finite, got {self.tau!r}")
 
     def fit(self, clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int, rank_scores: np.ndarray,
-            probe_fn: ProbeFn, novelty: Novelty, theta: float | None = None, probe_is_rank: bool = True,
-            neighbors: pl.DataFrame | None = None, gamma: float | None = None) -> "TwoLevelQuad":
+            probe_fn: ProbeFn, novelty: Novelty, theta: float | None = None, theta_likely: float | None = None,
+            probe_is_rank: bool = True, neighbors: pl.DataFrame | None = None,
+            gamma: float | None = None) -> "TwoLevelQuad":
         """Run the rounds to the budget; every round, probe and accepted block is kept as fitted state."""
         self._check_params()
         clusters, tokens = _checked_pool(clusters, tokens, budget_tokens)
@@ -588,7 +579,7 @@ class TwoLevelQuad:
         share = _neighbour_matrix(labels, neighbors, gamma)
 
         tier, self.tiers_ = candidate_tiers(rank_scores, tokens, budget, self.candidate_multiple, theta,
-                                            self.target_quantile, self.max_doc_share)
+                                            theta_likely, self.max_doc_share)
         cand = np.flatnonzero(tier < OUTSIDE)  # (c,) sorted doc_idx
         counts = sp.csr_matrix(novelty.rows(cand), dtype=np.float64)  # (c, V)
         if counts.shape[0] != cand.size:
@@ -813,13 +804,14 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
                  scores: np.ndarray | None = None, neighbors: pl.DataFrame | None = None,
                  gamma: float | None = None, log_weights: np.ndarray | None = None,
                  probe: Probe | None = None, rank_scores: np.ndarray | None = None,
-                 novelty: Novelty | None = None, theta: float | None = None) -> dict[str, pl.DataFrame]:
+                 novelty: Novelty | None = None, theta: float | None = None,
+                 theta_likely: float | None = None) -> dict[str, pl.DataFrame]:
     """Run the configured selector; frames for select_selection and select_info (+ rounds/probes/arms for quad).
 
     `scores`: the pool-wide score top-k takes and the bandit's probes look up (none for an on-demand
-    `probe`). Ranked blocks also need `rank_scores` and `novelty`, and `theta` (the score of the
-    target's own kind, from the classifier) for the target tiers; without `scores` or `probe` they
-    probe by looking up the rank score.
+    `probe`). Ranked blocks also need `rank_scores` and `novelty`, and `theta` / `theta_likely` (the
+    scores of the target's own kind, from the classifier) for the target tiers; without `scores` or
+    `probe` they probe by looking up the rank score.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     clusters = np.asarray(clusters, dtype=np.int64)
@@ -842,9 +834,9 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
             raise ValueError(f"the probe scorer covers {probe.n_docs} documents, the pool has {tokens.size}")
         if ranked:
             bandit = TwoLevelQuad.from_settings(settings, seed).fit(
-                clusters, tokens, budget, rank_scores, probe, novelty, theta, probe_is_rank, neighbors, gamma)
-            info.update({name: bandit.tiers_[name] for name in (
-                "theta", "candidate_docs", "target_kind_tokens", "likely_target_kind_tokens", "related_tokens")})
+                clusters, tokens, budget, rank_scores, probe, novelty, theta, theta_likely, probe_is_rank, neighbors,
+                gamma)
+            info.update(bandit.tiers_)
             info.update(round_tokens=bandit.round_tokens_, rank_scorer=settings.rank_scorer)
         else:
             bandit = QuadBandit.from_settings(settings, seed).fit(clusters, tokens, budget, probe, neighbors, gamma)
@@ -992,7 +984,7 @@ def quad_inputs(settings: SelectSettings, ran: Callable[[str], bool], pool_score
 
     `pool_scores(name)`: one pool-wide scorer's scores; `classifier_params()`: its score_info params
     (None if it did not run); `novelty()`: the n-gram distributions. Ranked blocks get rank scores,
-    novelty and, ranking by the classifier, theta (the score of the target's own kind); probes look up
+    novelty and, ranking by the classifier, theta and theta_likely (scores of the target's own kind); probes look up
     a pool-wide score unless they are the rank score itself or 'influence' (scored on demand).
     """
     from quadflow.tasks.scorers.classifier import target_quantile
@@ -1008,6 +1000,7 @@ def quad_inputs(settings: SelectSettings, ran: Callable[[str], bool], pool_score
                 raise ConfigError("select.rank_scorer = 'classifier', but the score stage did not run it: add it "
                                   "to score.scorers")
             kwargs["theta"] = target_quantile(params, settings.target_quantile)
+            kwargs["theta_likely"] = target_quantile(params, settings.likely_quantile)
     if settings.probe_scorer != INFLUENCE and (settings.blocks == "random"
                                                or settings.probe_scorer != settings.rank_scorer):
         kwargs["scores"] = pool_scores(settings.probe_scorer)

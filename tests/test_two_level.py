@@ -43,16 +43,18 @@ def test_novelty_prefers_what_the_selection_lacks():
     assert gain[1] > 0 > gain[0]  # more of what is already there moves the selection away from the target
 
 
-def test_tiers_split_candidates_by_the_target_score_and_its_implied_mass():
+def test_tiers_split_candidates_by_the_target_scores():
     scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
     tokens = np.array([10, 10, 10, 10, 10, 10, 60, 10, 10, 10])
     # budget 20, 4x -> candidates hold 80 tokens: docs 0..6 (the 7th crosses 80); doc 6 is over 0.5 x budget
-    tier, info = candidate_tiers(scores, tokens, 20, multiple=4, theta=7.5, target_quantile=0.5, max_doc_share=0.5)
-    # SURE: scores >= 7.5 (docs 0, 1: 20 tokens); at quantile 0.5 they are half the kind: LIKELY up to 40 tokens
+    tier, info = candidate_tiers(scores, tokens, 20, multiple=4, theta=7.5, theta_likely=5.5, max_doc_share=0.5)
     assert tier.tolist() == [SURE, SURE, LIKELY, LIKELY, RELATED, RELATED, OUTSIDE, OUTSIDE, OUTSIDE, OUTSIDE]
     assert info["candidate_docs"] == 7 and info["target_kind_tokens"] == 20
     assert info["likely_target_kind_tokens"] == 20 and info["related_tokens"] == 20
-    plain, info = candidate_tiers(scores, tokens, 20, multiple=4, theta=None, target_quantile=0.5, max_doc_share=3.0)
+    # the target's kind is never cut for length: a long document scoring like the target is SURE
+    long_sure, _ = candidate_tiers(scores, tokens, 20, multiple=4, theta=2.5, theta_likely=2.5, max_doc_share=0.5)
+    assert long_sure[6] == SURE
+    plain, info = candidate_tiers(scores, tokens, 20, multiple=4, theta=None, theta_likely=None, max_doc_share=3.0)
     assert (plain[:7] == RELATED).all() and (plain[7:] == OUTSIDE).all() and info["theta"] is None
 
 
@@ -96,8 +98,8 @@ def test_diversity_covers_both_halves_of_a_broad_target_where_rank_order_takes_o
 def test_documents_of_the_target_kind_all_go_in_when_they_fit():
     _, topic, tokens, scores, clusters, novelty = _pool()
     budget = int(tokens[topic <= 1].sum() * 1.2)  # room for every A and B document
-    q = TwoLevelQuad(rounds=10, target_quantile=0.0, random_state=0).fit(
-        clusters, tokens, budget, scores, Probe.lookup(scores), novelty, theta=1.5)
+    q = TwoLevelQuad(rounds=10, random_state=0).fit(
+        clusters, tokens, budget, scores, Probe.lookup(scores), novelty, theta=1.5, theta_likely=1.0)
     chosen = set(q.selected_.tolist())
     assert set(np.flatnonzero(topic <= 1).tolist()) <= chosen
     reasons = dict(zip(q.selected_.tolist(), q.reasons_.tolist()))
@@ -165,10 +167,12 @@ def test_quad_inputs_resolve_auto_scorers():
     got, kwargs = quad_inputs(SelectSettings(), ran=lambda name: name in pool, pool_scores=pool.__getitem__,
                               classifier_params=lambda: params, novelty=lambda: novelty)
     assert (got.rank_scorer, got.probe_scorer) == ("classifier", "classifier")
-    assert kwargs["theta"] == pytest.approx(0.25) and "scores" not in kwargs  # probes look up the rank score
+    assert kwargs["theta"] == pytest.approx(0.25) and kwargs["theta_likely"] == pytest.approx(0.02)
+    assert "scores" not in kwargs  # probes look up the rank score
     got, kwargs = quad_inputs(SelectSettings(probe_scorer="dsir"), ran=lambda name: name != "classifier",
                               pool_scores=pool.__getitem__, classifier_params=lambda: None, novelty=lambda: novelty)
     assert (got.rank_scorer, got.probe_scorer) == ("combined", "dsir") and "theta" not in kwargs
+    assert "theta_likely" not in kwargs
     assert kwargs["scores"] is pool["dsir"]
     got, kwargs = quad_inputs(SelectSettings(blocks="random"), ran=lambda name: True, pool_scores=pool.__getitem__,
                               classifier_params=lambda: params, novelty=lambda: novelty)
