@@ -35,8 +35,10 @@ import urllib3.exceptions
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from s3transfer.utils import ChunksizeAdjuster
+
+from quadflow.section import Section
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -67,10 +69,8 @@ _STREAM_ERRORS = (
 _CONNECT_ERRORS = (bce.EndpointConnectionError, bce.ConnectionError, bce.HTTPClientError)
 
 
-class ObjectStoreSettings(BaseModel):
+class ObjectStoreSettings(Section):
     """Where the object store is and how hard to try; credentials are never part of it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000; None: AWS S3 for the region."

@@ -109,3 +109,29 @@ def test_cli_probe_scorer_flag_reaches_the_settings(capsys):
                  "--probe-scorer", "dsir", "--show-settings"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["select"]["probe_scorer"] == "dsir"
+
+
+@pytest.mark.parametrize("override, setting", [
+    ({"select": {"budget_tokens": True}}, "select.budget_tokens = True"),  # YAML `true` is not 1 token
+    ({"cluster": {"k": False}}, "cluster.k = False"),
+    ({"objectstore": {"max_attempts": True}}, "objectstore.max_attempts = True"),
+    ({"select": {"tau": True}}, "select.tau = True"),
+    ({"score": {"weights": {"dsir": True}}}, "dsir = True is a boolean"),
+    ({"score": {"weights": {"heuristic": float("nan")}}}, "score.weights.heuristic = nan"),
+    ({"select": {"tau": float("nan")}}, "select.tau = nan"),
+    ({"select": {"alpha": float("inf")}}, "select.alpha = inf"),
+    ({"seed": -1}, "seed = -1"),
+    ({"seed": 2**32}, f"seed = {2**32}"),
+    ({"store": ""}, "store = ''"),
+    ({"store": "work/"}, "store = 'work/'"),
+])
+def test_numbers_are_numbers_and_in_range(override, setting):
+    with pytest.raises(ConfigError) as e:
+        build_settings(overrides={"ingest": {"inputs": ["x"], "targets": ["t"]}, **override})
+    assert setting in str(e.value)
+
+
+def test_booleans_stay_booleans_and_the_seed_range_is_numpys():
+    s = build_settings(overrides={"ingest": {"inputs": ["x"], "incremental": False}, "seed": 2**32 - 1,
+                                  "objectstore": {"verify_etag": False}})
+    assert s.ingest.incremental is False and s.objectstore.verify_etag is False and s.seed == 2**32 - 1
