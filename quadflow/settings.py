@@ -249,6 +249,10 @@ class ExportSettings(Section):
         "goes to report/ in the directory, or in the local copy of an s3:// output next to the store).",
     )
     format: Literal["parquet", "jsonl"] = Field("parquet", description="Selection file format.")
+    overwrite: bool = Field(
+        False, description="Publish into an output that quadflow did not create (a non-empty directory without "
+        "its marker) or that another store published to; without it such an output is refused, naming it.",
+    )
 
 
 class RunSettings(Section):

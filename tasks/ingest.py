@@ -215,6 +215,55 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return sorted(out)
 
 
+def would_read(patterns: list[str], path: str) -> str | None:
+    """The first input pattern that would list `path` (a local file or s3:// URL) as an input, or None.
+
+    Decided from names only, with the rules expand_inputs and the object listing apply (directories and
+    prefixes recursively, globs segment by segment, hidden names skipped below what the pattern names), so
+    it can be asked about files that do not exist yet, such as a run's own output.
+    """
+    for pattern in patterns:
+        if ob.is_s3(path) != ob.is_s3(pattern) or not _supported(path):
+            continue
+        if ob.is_s3(path):
+            bucket, key = ob.parse(path)
+            pbucket, pkey = ob.parse(pattern)
+            if bucket != pbucket:
+                continue
+            if any(c in pkey for c in "*?["):
+                base = ob.literal_prefix(pkey).rsplit("/", 1)[0] + "/" if "/" in ob.literal_prefix(pkey) else ""
+                hit = bool(ob.glob_to_regex(pkey).match(key)) and key.startswith(base)
+            elif pkey == "" or pkey.endswith("/"):
+                base, hit = pkey, key.startswith(pkey)
+            else:
+                base = pkey + "/"
+                hit = key == pkey or key.startswith(base)
+            if hit and (key == pkey or not any(seg.startswith(".") for seg in key[len(base):].split("/"))):
+                return pattern
+            continue
+        target = os.path.realpath(path)
+        expanded = os.path.expanduser(pattern)
+        if any(c in expanded for c in "*?["):
+            base = os.path.realpath(_literal_dir(os.path.abspath(expanded)))
+            rest = os.path.abspath(expanded)[len(os.path.abspath(_literal_dir(os.path.abspath(expanded)))):]
+            rel = os.path.relpath(target, base)
+            if rel.startswith(".."):
+                continue
+            segs = rel.split(os.sep)
+            regex = ob.glob_to_regex(rest.lstrip(os.sep).replace(os.sep, "/"))
+            if not any(seg.startswith(".") for seg in segs) and any(
+                    regex.match("/".join(segs[:i])) for i in range(1, len(segs) + 1)):
+                return pattern  # the file itself, or a directory above it (walked), matches
+            continue
+        root = os.path.realpath(expanded)
+        if target == root:
+            return pattern
+        rel = os.path.relpath(target, root)
+        if not rel.startswith("..") and not any(seg.startswith(".") for seg in rel.split(os.sep)):
+            return pattern
+    return None
+
+
 @dataclass(frozen=True)
 class FileFingerprint:
     """Identity of an input's content, so the ingest key moves when the content does.
