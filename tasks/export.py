@@ -669,7 +669,7 @@ def _objectstore_info(settings: Settings, files: tuple, targets: tuple, ingest: 
         return None
     ingest = ingest or {}
     return {
-        "endpoint_url": settings.objectstore.endpoint_url,
+        "endpoint_url": ob.endpoint_of(settings.objectstore),  # also when AWS_ENDPOINT_URL set it
         "region": settings.objectstore.region,
         "read": {"objects": ingest.get("objects_read", 0), "bytes": ingest.get("bytes_read", 0),
                  "retries": ingest.get("retries", 0)},
