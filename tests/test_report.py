@@ -162,3 +162,34 @@ def test_score_plots_sample_a_big_pool_while_the_table_counts_all_of_it(publishe
         assert np.array_equal(small, again.scores[name][0])  # seeded: the same sample every time
         n, mean = sampled.score_stats[name]
         assert n == N_POOL and mean == pytest.approx(pool.mean())  # the table: the whole pool
+
+
+HOLDER = """
+import sys, time
+import duckdb
+from quadflow.locking import store_lock
+with store_lock(sys.argv[1] + ".lock", owner="a run over the store"):
+    con = duckdb.connect(sys.argv[1])  # the store open for writing, as a run's stage has it
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
+    con.close()
+"""
+
+
+def test_report_command_waits_while_a_run_holds_the_store(published, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from quadflow.cli import main
+
+    store = published["world"]["store"].path
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, store, "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        # it used to open the store at once and die with DuckDB's "Could not set lock" traceback
+        assert main(["report", "--store", store, "--output", str(tmp_path)]) == 0
+    finally:
+        holder.wait(30)
+    err = capsys.readouterr().err
+    assert f"waiting for store lock {store}.lock held by a run over the store" in err
+    assert (tmp_path / "report" / "report.md").exists()

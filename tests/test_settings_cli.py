@@ -92,6 +92,8 @@ def test_cli_run_waits_for_a_held_store_lock_and_names_the_holder(tmp_path, caps
     assert code == 1
     err = capsys.readouterr().err
     assert "store lock" in err and "the nightly run" in err
+    # while it waits it says so (outside a flow run the logger had no handler: a waiting run printed nothing)
+    assert f"quadflow: waiting for store lock {store}.lock held by the nightly run" in err
 
 
 def test_probe_scorer_must_be_one_of_the_scorers():
@@ -135,3 +137,17 @@ def test_booleans_stay_booleans_and_the_seed_range_is_numpys():
     s = build_settings(overrides={"ingest": {"inputs": ["x"], "incremental": False}, "seed": 2**32 - 1,
                                   "objectstore": {"verify_etag": False}})
     assert s.ingest.incremental is False and s.objectstore.verify_etag is False and s.seed == 2**32 - 1
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_cli_lock_timeout_must_be_a_finite_number_of_seconds(value, tmp_path, capsys):
+    code = main(["run", "--input", str(SAMPLE_POOL), "--store", str(tmp_path / "s.duckdb"),
+                 "--output", str(tmp_path / "out"), "--lock-timeout", value])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--lock-timeout = {value}" in err and "Traceback" not in err
+
+
+def test_cli_store_that_is_a_directory_exits_2_naming_it(tmp_path, capsys):
+    code = main(["run", "--input", str(SAMPLE_POOL), "--store", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"store = '{tmp_path}'" in err and "is a directory" in err and "Traceback" not in err
