@@ -9,6 +9,7 @@ kernel refuses the writes; nothing is mocked.
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import resource
@@ -20,8 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
+from hypothesis import HealthCheck, event, example, given, settings as hsettings, strategies as st
 
 from quadflow.cli import main
+from quadflow.settings import ConfigError, IngestSettings
+from quadflow.store import connect, open_store
+from quadflow.tasks import ingest as ing
 from quadflow.tasks.export import verify_output
 from tests.conftest import SAMPLE_POOL
 
@@ -245,3 +250,83 @@ def test_a_failed_lsa_save_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the partial .tmp-*-lsa.npz is gone
     lsa.save(tmp_path / "lsa.npz")
     assert np.allclose(LSA.load(tmp_path / "lsa.npz").components_, lsa.components_)
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzz: whatever the bytes, every record is a document or quarantined with a reason; the run ends 0 or 2
+# --------------------------------------------------------------------------------------------
+
+_text = st.one_of(st.text(max_size=40), st.sampled_from(["", "   ", "\ud800", "a\udc80b", "\ufeffBOM", "x" * 300]))
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), _text)
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+                     max_leaves=12)
+_record = st.one_of(
+    st.binary(max_size=120),  # anything at all, newlines included
+    _json.map(lambda v: json.dumps(v).encode()),  # any JSON value, objects or not
+    st.fixed_dictionaries({"text": st.one_of(_text, _json)}, optional={"id": _json, "source": _json, "meta": _json})
+    .map(lambda d: json.dumps(d).encode()),  # records with every kind of text field
+    st.fixed_dictionaries({"text": _text}).map(lambda d: json.dumps(d, ensure_ascii=False).encode("utf-8", "replace")),
+    st.integers(100, 1100).map(_nested),  # nesting around the depth limit and past the parser's
+    st.builds(lambda b, cut: b[:cut], st.sampled_from(_sample_lines(20)), st.integers(0, 400)),  # cut records
+)
+_pool_bytes = st.lists(_record, max_size=25).map(lambda lines: b"\n".join(lines) + b"\n")
+
+
+def _expected_records(data: bytes) -> int:
+    """Records a JSONL reader must account for: non-blank lines (a UTF-8 BOM before the first is not content)."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:]
+    return sum(1 for ln in lines if ln and not ln.isspace())
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(data=_pool_bytes, compression=st.sampled_from(["", ".gz", ".zst"]))
+def test_fuzzed_input_is_ingested_or_quarantined_with_a_reason(tmp_path_factory, data, compression):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    path = tmp / f"pool.jsonl{compression}"
+    path.write_bytes(gzip.compress(data) if compression == ".gz" else
+                     zstandard.ZstdCompressor().compress(data) if compression == ".zst" else data)
+    settings = IngestSettings(inputs=[str(path)], max_doc_chars=200)
+    store = open_store(tmp / "s.duckdb")
+    try:
+        ref = ing.ingest.fn(settings, ing.resolve_files(settings.inputs), (), store)
+    except ConfigError as e:  # nothing usable: a named error (the CLI's exit 2), never anything else
+        assert "the pool holds no" in str(e)
+        key = None
+    else:
+        key = ref.key
+    with connect(store, read_only=True) as con:
+        key = key or con.execute("select key from ingest_files limit 1").fetchone()[0]
+        (records, ingested, quarantined, duplicates), = con.execute(
+            "select records, ingested, quarantined, duplicates from ingest_files where key = ?", [key]).fetchall()
+        reasons = con.execute("select reason, detail from ingest_quarantine where key = ?", [key]).fetchall()
+        docs = con.execute("select text, n_tokens from ingest_docs where key = ?", [key]).fetchall()
+    assert records == _expected_records(data) == ingested + quarantined + duplicates
+    assert (len(docs), len(reasons)) == (ingested, quarantined)
+    assert all(reason in ing.REASONS and detail for reason, detail in reasons), reasons
+    assert all(text.strip() and len(text) <= 200 for text, _ in docs)
+    for text, _ in docs:
+        text.encode("utf-8")  # kept text is valid Unicode (no lone surrogates)
+
+
+@hsettings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=_pool_bytes, good=st.integers(0, 4))
+@example(data=b"\x00\xff\n[]\n", good=0)  # nothing usable: exit 2
+@example(data=_nested(900) + b"\n" + b"\xef\xbb\xbf{}\n", good=3)  # a few documents among bad records: exit 0
+def test_fuzzed_pools_end_a_run_with_0_or_2(prefect_server, tmp_path_factory, data, good):
+    tmp = tmp_path_factory.mktemp("fuzz-run")
+    (tmp / "pool.jsonl").write_bytes(b"".join(line + b"\n" for line in _sample_lines(good)) + data)
+    # main() returns the exit status; any exception other than a named error escapes it and fails the test
+    code = main(["run", "--input", str(tmp / "pool.jsonl"), "--store", str(tmp / "s.duckdb"), "--output",
+                 str(tmp / "out"), "--budget-tokens", "500", "--scorer", "heuristic"])
+    event(f"exit {code}")
+    assert code in (0, 2)
+    if code == 0:
+        assert verify_output(tmp / "out")["counts"]["selected_docs"] > 0
+    if good:
+        assert code == 0
