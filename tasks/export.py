@@ -705,6 +705,8 @@ def _publish(con, settings: Settings, files: tuple, targets: tuple, store: Store
     """
     mpath = out / MANIFEST
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".publish-*"):  # left by a publish that was killed (we hold the directory's lock)
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".publish-") as tmp:
         staged = Path(tmp)
         counts, quarantined, written = _write_selection_file(con, settings, staged, stage_keys)

@@ -342,3 +342,13 @@ def test_an_output_beside_the_inputs_is_fine(world, tmp_path):
         "export": s.export.model_copy(update={"output": f"{tmp_path}/data/curated"}),
     })
     ex.check_output(settings, world["store"].path)  # *.jsonl does not reach into data/curated/
+
+
+def test_a_publish_clears_what_a_killed_publish_left_staged(world):
+    first = run_export(world)
+    out = Path(first.output)
+    (out / ".publish-killed").mkdir()
+    (out / ".publish-killed" / "selection.jsonl").write_bytes(b"half a selection")
+    s = world["settings"]
+    run_export(world, s.model_copy(update={"export": s.export.model_copy(update={"format": "jsonl"})}))
+    assert sorted(p.name for p in out.iterdir()) == [ex.MARKER, "manifest.json", "selection.jsonl"]
