@@ -119,16 +119,26 @@ class MethodSpec:
 
     name: str
     kind: str  # random | topk | dsir | quad | package | oracle | oracle_clusters
-    scorer: str | None = None
+    scorer: str | None = None  # top-k's score; quad's probe scorer (None: the run's default)
     seeded: bool = False
     reference: bool = False  # a ceiling that reads labels selectors never see, not a competitor
+    select: tuple[tuple[str, Any], ...] = ()  # quad: select settings that differ from the run's
+    one_cluster: bool = False  # quad: every document in one cluster (the ablation without the cluster stage)
+    dedup: bool = True  # select from the pool less dedup's drops, as a default run does
 
 
+# Per-document selectors: the baselines `quad` (quadflow's default run) must beat.
+PER_DOCUMENT = ("topk-heuristic", "topk-dsir", "topk-classifier", "topk-combined", "dsir-resample", "dsir-package")
 METHODS = (
     MethodSpec("random", "random", seeded=True),
     *(MethodSpec(f"topk-{s}", "topk", s) for s in (*SCORERS, COMBINED)),
     MethodSpec("dsir-resample", "dsir", seeded=True),
-    *(MethodSpec(f"quad-{s}", "quad", s, seeded=True) for s in (COMBINED, "dsir", "classifier", "heuristic")),
+    MethodSpec("quad", "quad", seeded=True),  # the default quadflow run: two-level Quad
+    # ablations of the default: no novelty discount, no clusters (one arm), the published random blocks
+    MethodSpec("quad-no-diversity", "quad", seeded=True, select=(("diversity", False),)),
+    MethodSpec("quad-one-cluster", "quad", seeded=True, one_cluster=True),
+    MethodSpec("quad-paper", "quad", "classifier", seeded=True, select=(("blocks", "random"),)),
+    MethodSpec("quad-no-dedup", "quad", seeded=True, dedup=False),
     MethodSpec(f"quad-{INFLUENCE}", "quad", INFLUENCE, seeded=True),  # only where torch is importable
     MethodSpec("dsir-package", "package"),
     MethodSpec("oracle-domain", "oracle", seeded=True, reference=True),
@@ -227,6 +237,7 @@ class PipelineRefs:
     features: StageRef
     clusters: StageRef
     scores: StageRef
+    dedup: tuple[StageRef, ...] = ()  # near-duplicate and semantic dedup partitions (what the default run drops)
 
 
 _REF_TABLES = {  # how each stage fingerprints its partition (the tasks' own make_ref calls)
@@ -234,6 +245,8 @@ _REF_TABLES = {  # how each stage fingerprints its partition (the tasks' own mak
     "featurize": ("featurize_vectors", ["role", "doc_idx", "vec"]),
     "cluster": ("cluster_assignments", ["doc_idx", "cluster"]),
     "score": ("score_docs", ["doc_idx", "scorer", "score"]),
+    "dedup": ("dedup_duplicates", ["doc_idx", "component", "representative", "reason"]),
+    "semdedup": ("dedup_duplicates", ["doc_idx", "component", "representative", "reason"]),
 }
 
 
@@ -253,12 +266,14 @@ def pipeline_settings(store: Path, pool: Path, target: Path, budget: int, overri
 
 def _versions() -> dict[str, str]:
     import quadflow.tasks.cluster
+    import quadflow.tasks.dedup
     import quadflow.tasks.featurize
     import quadflow.tasks.ingest
     import quadflow.tasks.score
 
     return {"ingest": quadflow.tasks.ingest.VERSION, "featurize": quadflow.tasks.featurize.VERSION,
-            "cluster": quadflow.tasks.cluster.VERSION, "score": quadflow.tasks.score.VERSION}
+            "cluster": quadflow.tasks.cluster.VERSION, "score": quadflow.tasks.score.VERSION,
+            "dedup": quadflow.tasks.dedup.VERSION, "semdedup": quadflow.tasks.dedup.SEMANTIC_VERSION}
 
 
 def _ref_from(d: dict) -> StageRef:
@@ -283,7 +298,8 @@ def _reusable(state_path: Path, want: dict) -> tuple[PipelineRefs, list[dict]] |
                     return None
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, duckdb.Error):
         return None  # a missing, damaged or replaced record or store: recompute
-    return (PipelineRefs(store, refs["ingest"], refs["featurize"], refs["cluster"], refs["score"]),
+    return (PipelineRefs(store, refs["ingest"], refs["featurize"], refs["cluster"], refs["score"],
+                         (refs["dedup"], refs["semdedup"])),
             state["timings"])
 
 
@@ -291,6 +307,7 @@ def run_pipeline(settings: Settings, state_path: Path, force: bool = False,
                  log: Callable[[str], None] = print) -> tuple[PipelineRefs, list[dict]]:
     """Ingest, featurize, cluster and score the task pool (task functions, no Prefect); time each stage."""
     from quadflow.tasks.cluster import cluster
+    from quadflow.tasks.dedup import dedup, semdedup
     from quadflow.tasks.featurize import featurize
     from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
     from quadflow.tasks.score import score
@@ -323,15 +340,17 @@ def run_pipeline(settings: Settings, state_path: Path, force: bool = False,
 
     try:
         docs = timed("ingest", ingest.fn, settings.ingest, files, targets, store)
+        near = timed("dedup", dedup.fn, settings.dedup, docs, settings.seed)
         feats = timed("featurize", featurize.fn, settings.featurize, docs, settings.seed)
         clus = timed("cluster", cluster.fn, settings.cluster, feats, settings.seed)
+        semantic = timed("semdedup", semdedup.fn, settings.dedup, near, feats, clus)
         scores = timed("score", score.fn, settings.score, docs, feats, settings.seed)
     finally:
         sampler.stop()
-    refs = PipelineRefs(store, docs, feats, clus, scores)
+    refs = PipelineRefs(store, docs, feats, clus, scores, (near, semantic))
     state = {"inputs": want, "timings": timings,
              "refs": {"ingest": asdict(docs), "featurize": asdict(feats), "cluster": asdict(clus),
-                      "score": asdict(scores)}}
+                      "score": asdict(scores), "dedup": asdict(near), "semdedup": asdict(semantic)}}
     state_path.write_text(json.dumps(state, indent=2) + "\n")
     return refs, timings
 
@@ -360,6 +379,9 @@ class PoolData:
     target_ngrams: np.ndarray  # (buckets,) the same for the target sample
     n_buckets: int
     max_chars: int
+    ngrams: Any = None  # (n, buckets) CSR hashed 1-2-gram counts of every pool document (quad's novelty)
+    classifier_params: dict | None = None  # the classifier's score_info params (quad's target tiers)
+    keep: np.ndarray | None = None  # (n,) bool: not dropped by dedup (the pool a default run's selector sees)
 
     def __post_init__(self):
         self._by_id = {str(x): i for i, x in enumerate(self.ids.tolist())}
@@ -403,6 +425,10 @@ def load_pool_data(refs: PipelineRefs, settings: Settings) -> PoolData:
         scores = {name: load_scores(con, refs.scores.key, name) for name in (*SCORERS, COMBINED)}
         pool = load_ngrams(con, refs.features.key, "pool")
         target = load_ngrams(con, refs.features.key, "target")
+        row = query_sql(con, "select_read_scorer_info", {"key": refs.scores.key, "scorer": "classifier"}).fetchone()
+        keep = np.ones(n, dtype=bool)
+        if refs.dedup:
+            keep[query_sql(con, "select_read_dropped", {"keys": [r.key for r in refs.dedup]}).fetchnumpy()["doc_idx"]] = False
     log_weights = np.asarray(DSIR().fit(target, pool).log_weights(pool), dtype=np.float64)
     return PoolData(
         doc_id=meta["doc_id"].to_numpy(), ids=meta["source_id"].cast(pl.String).to_numpy(),
@@ -411,7 +437,8 @@ def load_pool_data(refs: PipelineRefs, settings: Settings) -> PoolData:
         k=int(k), neighbors=neighbors, gamma=float(gamma), scores=scores, log_weights=log_weights,
         pool_ngrams=np.asarray(pool.sum(axis=0), dtype=np.float64).ravel(),
         target_ngrams=np.asarray(target.sum(axis=0), dtype=np.float64).ravel(),
-        n_buckets=pool.shape[1], max_chars=settings.featurize.max_chars,
+        n_buckets=pool.shape[1], max_chars=settings.featurize.max_chars, ngrams=pool,
+        classifier_params=None if row is None else json.loads(row[0]), keep=keep,
     )
 
 
@@ -450,12 +477,14 @@ def run_method(method: MethodSpec, seed: int | None, data: PoolData, settings: S
     `probe` makes a fresh on-demand probe scorer (`quadflow.tasks.select.Probe`) for a bandit whose
     scorer is not pool-wide (quad-influence); each run gets its own, so its cost is its own.
     """
-    from quadflow.tasks.select import fill_budget, run_selector
+    from quadflow.tasks.select import Novelty, fill_budget, quad_inputs, run_on_kept
 
     budget = settings.select.budget_tokens
     t0 = time.perf_counter()
     if method.kind in ("oracle", "oracle_clusters"):
         order = np.random.default_rng(seed).permutation(data.tokens.size)  # seeded order within ties
+        if method.dedup and data.keep is not None:
+            order = order[data.keep[order]]
         in_domain = np.isin(data.sources, list(domain))
         if method.kind == "oracle":  # in-domain documents first, then the rest
             rank = np.argsort(~in_domain[order], kind="stable")
@@ -467,20 +496,29 @@ def run_method(method: MethodSpec, seed: int | None, data: PoolData, settings: S
         chosen = fill_budget(order[rank], data.tokens, budget)
         return _from_store(method, seed, data, chosen, time.perf_counter() - t0)
     kwargs: dict[str, Any] = {}
-    update: dict[str, Any] = {"selector": method.kind}
-    if method.kind == "quad" and method.scorer == INFLUENCE:
-        if probe is None:
-            raise ValueError(f"method {method.name!r} probes on demand: give it a probe factory")
-        kwargs["probe"] = probe()
-    elif method.kind in ("topk", "quad"):
+    clusters = data.clusters
+    section = settings.select.model_copy(update={"selector": method.kind, **dict(method.select)})
+    if method.kind == "topk":
         kwargs["scores"] = data.scores[method.scorer]
     if method.kind == "quad":
+        if method.scorer is not None:
+            section = section.model_copy(update={"probe_scorer": method.scorer})
+        section, kwargs = quad_inputs(
+            section, ran=lambda name: name in data.scores, pool_scores=lambda name: data.scores[name],
+            classifier_params=lambda: data.classifier_params,
+            novelty=lambda: Novelty(data.target_ngrams, data.pool_ngrams, lambda idx: data.ngrams[idx]))
+        if section.probe_scorer == INFLUENCE:
+            if probe is None:
+                raise ValueError(f"method {method.name!r} probes on demand: give it a probe factory")
+            kwargs["probe"] = probe()
         kwargs.update(neighbors=data.neighbors, gamma=data.gamma)
-        update["probe_scorer"] = method.scorer  # what select_info records (the scores are passed above)
+        if method.one_cluster:
+            clusters = np.zeros_like(data.clusters)
+            kwargs.update(neighbors=None, gamma=None)
     if method.kind == "dsir":
         kwargs["log_weights"] = data.log_weights
-    section = settings.select.model_copy(update=update)
-    frames = run_selector(section, settings.seed if seed is None else seed, data.tokens, data.clusters, **kwargs)
+    keep = data.keep if method.dedup and data.keep is not None else np.ones(data.tokens.size, dtype=bool)
+    frames = run_on_kept(keep, section, settings.seed if seed is None else seed, data.tokens, clusters, **kwargs)
     seconds = time.perf_counter() - t0
     return _from_store(method, seed, data, frames["selection"]["doc_idx"].to_numpy(), seconds, frames)
 
@@ -634,7 +672,7 @@ def bandit_diagnostics(sel: Selection, data: PoolData, domain: frozenset[str]) -
     rounds, probes, chosen = f["rounds"], f["probes"], f["selection"]
     pulls = rounds.height
     fill = chosen.filter(pl.col("reason") == "quad_fill")["doc_idx"].to_numpy()
-    block = chosen.filter(pl.col("reason") == "quad_block")["doc_idx"].to_numpy()
+    block = chosen.filter(pl.col("reason") != "quad_fill")["doc_idx"].to_numpy()  # accepted in a round
     tokens = int(data.tokens[chosen["doc_idx"].to_numpy()].sum())
     # Probe noise vs cluster signal: the spread of probe scores inside one pulled block, against the
     # spread of block means across pulls. A block mean of m probes has noise within_sd / sqrt(m).
@@ -655,13 +693,16 @@ def bandit_diagnostics(sel: Selection, data: PoolData, domain: frozenset[str]) -
         "clusters_pulled": int(rounds["cluster"].n_unique()) if pulls else 0,
         "clusters_explored": (rounds["cluster"].n_unique() / data.k) if pulls else 0.0,
         "clusters_accepted": int(rounds.filter(pl.col("accepted"))["cluster"].n_unique()) if pulls else 0,
-        "tau": float(info["tau"]), "alpha": float(info["alpha"]), "block_docs": int(info["block_docs"]),
+        "tau": float(info["tau"]), "alpha": float(info["alpha"]), "block_docs": None if info["block_docs"] is None else int(info["block_docs"]),
         "docs_probed": int(info["docs_probed"]),
         "docs_scored": int(info["docs_scored"]), "probe_seconds": float(info["probe_seconds"]),
         "probe_within_sd": within_sd, "probe_between_sd": between,
         "probe_snr": between / (within_sd / math.sqrt(m)) if within_sd > 0 else None,
         "score_iqr": float(q75 - q25), "score_p90_p10": float(q90 - q10),
         "fill_share": float(data.tokens[fill].sum() / tokens) if tokens and fill.size else 0.0,
+        **{f"{tier}_share": float(data.tokens[chosen.filter(pl.col("reason") == f"quad_{tier}")["doc_idx"].to_numpy()]
+                                  .sum() / tokens) if tokens else 0.0
+           for tier in ("target_kind", "likely_target_kind", "related")},
         "block_domain_share": (in_domain_block / block_tokens) if block_tokens and domain else None,
     }
 
@@ -844,7 +885,8 @@ def summarize(rows: list[dict]) -> pl.DataFrame:
     """One row per (task, method): mean and spread over seeds of every number that matters."""
     frame = pl.DataFrame(rows, infer_schema_length=None)
     order = {name: i for i, name in enumerate(METHOD_NAMES)}
-    diag = [c for c in ("accept_rate", "clusters_explored", "rounds", "fill_share", "probe_snr",
+    diag = [c for c in ("accept_rate", "clusters_explored", "rounds", "fill_share", "probe_snr", "target_kind_share",
+                        "likely_target_kind_share", "related_share",
                         "block_domain_share", "tau", "probe_within_sd", "probe_between_sd", "score_iqr",
                         "docs_scored", "probe_seconds", "transformer_seconds")
             if c in frame.columns]
@@ -870,17 +912,21 @@ def summarize(rows: list[dict]) -> pl.DataFrame:
 
 
 def verdicts(summary: pl.DataFrame) -> list[dict]:
-    """Per task: does each Quad variant beat random and both DSIRs on held-out perplexity (means over seeds)?"""
+    """Per task: each Quad variant's held-out perplexity against random and the best per-document selector."""
     out = []
     for task in summary["task"].unique(maintain_order=True).to_list():
         s = summary.filter(pl.col("task") == task)
         ppl = dict(zip(s["method"].to_list(), s["ppl"].to_list()))
-        rivals = {m: ppl[m] for m in ("random", "dsir-resample", "dsir-package") if m in ppl}
-        for method in (m for m in METHOD_NAMES if m.startswith("quad-") and m in ppl):
-            out.append({"task": task, "method": method, "ppl": ppl[method], **{f"ppl_{m}": v for m, v in rivals.items()},
-                        "beats": {m: ppl[method] < v for m, v in rivals.items()},
-                        "best_overall": min((v, m) for m, v in ppl.items()
-                                            if not s.filter(pl.col("method") == m)["reference"][0])[1]})
+        per_doc = {m: ppl[m] for m in PER_DOCUMENT if m in ppl}
+        best = min(per_doc, key=per_doc.get) if per_doc else None
+        for method in (m for m in METHOD_NAMES if m.startswith("quad") and m in ppl):
+            row = {"task": task, "method": method, "ppl": ppl[method], "ppl_random": ppl.get("random"),
+                   "best_per_document": best, "ppl_best_per_document": per_doc.get(best),
+                   "best_overall": min((v, m) for m, v in ppl.items()
+                                       if not s.filter(pl.col("method") == m)["reference"][0])[1]}
+            # > 0: quad's held-out perplexity is that much lower than the best per-document selector's
+            row["gain_vs_best_per_document"] = (1 - ppl[method] / per_doc[best]) if best else None
+            out.append(row)
     return out
 
 
@@ -980,33 +1026,34 @@ def render_markdown(results: list[TaskResult], summary: pl.DataFrame, meta: dict
             lines += [f"Trigram vs transformer: rho = {_num(rho)} over {s.height} methods.", ""]
         if res.protocol != "ok":
             lines += ["```", res.protocol, "```", ""]
-    lines += ["## Does the Quad bandit beat random and DSIR?", ""]
-    vrows = []
-    for v in verdicts(summary):
-        beats = v["beats"]
-        vrows.append([v["task"], v["method"], _num(v["ppl"]), _num(v.get("ppl_random")),
-                      _num(v.get("ppl_dsir-resample")), _num(v.get("ppl_dsir-package")),
-                      "yes" if beats.get("random") else "no",
-                      "yes" if beats.get("dsir-resample") else "no",
-                      ("yes" if beats.get("dsir-package") else "no") if "dsir-package" in beats else "-",
-                      v["best_overall"]])
-    lines += _table(["task", "bandit", "ppl", "random", "dsir-resample", "dsir-package", "beats random",
-                     "beats dsir-resample", "beats dsir-package", "best method"], vrows) + [""]
+    lines += ["## Does quad beat the per-document selectors?", "",
+              "Held-out perplexity of each Quad variant against random and the best per-document selector of the "
+              f"task (of {', '.join(PER_DOCUMENT)}); gain: how much lower quad's perplexity is (positive: better).",
+              ""]
+    vrows = [[v["task"], v["method"], _num(v["ppl"]), _num(v["ppl_random"]), v["best_per_document"] or "-",
+              _num(v["ppl_best_per_document"]), "-" if v["gain_vs_best_per_document"] is None else f"{v['gain_vs_best_per_document']:+.1%}",
+              v["best_overall"]]
+             for v in verdicts(summary)]
+    lines += _table(["task", "method", "ppl", "random", "best per-document", "its ppl", "gain", "best method"],
+                    vrows) + [""]
     lines += ["## Bandit diagnostics", "",
               "accept: share of pulled blocks accepted; explored: clusters pulled at least once / k; fill: share "
-              "of the budget taken after the bandit stopped (not chosen by probes); domain (blocks): in-domain "
+              "of the budget taken after the bandit stopped (not chosen by probes); target kind / likely kind / "
+              "related: share of the budget each candidate tier of ranked blocks gave; domain (blocks): in-domain "
               "share of accepted blocks; probe SNR: sd of block means across pulls / (sd of probes within a "
               "block / sqrt(m)), below ~2 the probes cannot tell clusters apart; score IQR: of the pool's scores "
               "(of the probed documents' for influence); docs scored: documents the probe scorer computed a score "
               "for (the whole pool for a pool-wide score), in probe s seconds.", ""]
     drows = []
-    for r in summary.filter(pl.col("method").str.starts_with("quad-")).iter_rows(named=True):
+    for r in summary.filter(pl.col("method").str.starts_with("quad")).iter_rows(named=True):
         drows.append([r["task"], r["method"], _pct(r.get("accept_rate")), _pct(r.get("clusters_explored")),
                       _num(r.get("rounds"), 0), _pct(r.get("fill_share")), _pct(r.get("block_domain_share")),
-                      _num(r.get("probe_snr")), _num(r.get("tau"), 3), _num(r.get("score_iqr"), 3),
-                      _num(r.get("docs_scored"), 0), _num(r.get("probe_seconds"), 1)])
-    lines += _table(["task", "bandit", "accept", "explored", "rounds", "fill", "domain (blocks)", "probe SNR",
-                     "tau", "score IQR", "docs scored", "probe s"], drows) + [""]
+                      _pct(r.get("target_kind_share")), _pct(r.get("likely_target_kind_share")),
+                      _pct(r.get("related_share")), _num(r.get("probe_snr")), _num(r.get("tau"), 3),
+                      _num(r.get("score_iqr"), 3), _num(r.get("docs_scored"), 0), _num(r.get("probe_seconds"), 1)])
+    lines += _table(["task", "bandit", "accept", "explored", "rounds", "fill", "domain (blocks)", "target kind",
+                     "likely kind", "related", "probe SNR", "tau", "score IQR", "docs scored", "probe s"],
+                    drows) + [""]
     lines += ["## Pipeline stages (once per task pool)", ""]
     prow = []
     for res in results:
@@ -1032,7 +1079,7 @@ def plot_metric(summary: pl.DataFrame, column: str, sd: str | None, label: str, 
         methods = s["method"].to_list()
         y = np.arange(len(methods))
         vals = s[column].to_numpy().astype(float)
-        colors = ["#c44e52" if m.startswith("quad-") else "#8c8c8c" if m.startswith("oracle") else
+        colors = ["#c44e52" if m.startswith("quad") else "#8c8c8c" if m.startswith("oracle") else
                   "#dd8452" if "dsir" in m else "#4c72b0" for m in methods]
         xerr = None
         if column == "ppl":

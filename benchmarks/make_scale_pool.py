@@ -25,6 +25,10 @@ splitmix64 hash of (the seed's SeedSequence state, g, stream), so any part file 
 alone, a duplicate can copy any earlier document in any file by recomputing it, and a pool of
 N documents is the first N documents of a larger one with the same seed and source.
 
+With --truth FILE it also writes the planted duplicates as a Parquet side file (`ground_truth`):
+one row per position with its kind, the earlier position it copies, its perturbed root and that
+root's source document, the ground truth dedup benchmarks score against (benchmarks/dedup.py).
+
 Output: OUT_DIR/part-00000.jsonl.zst, ... (zstd level 3, --docs-per-file documents each; fields
 id, source, domain, lang, title, text) and OUT_DIR/MANIFEST.json (arguments, source size and
 sha256, per-file sha256 and counts, totals). Each part is written to a hidden temp name and
@@ -608,6 +612,49 @@ def make_scale_pool(source: str | Path, out_dir: str | Path, spec: ScaleSpec, wo
     return manifest
 
 
+KIND_NAMES = {PERTURBED: "perturbed", EXACT_DUP: "exact_duplicate", NEAR_DUP: "near_duplicate"}
+TRUTH_BATCH = 1_000_000
+
+
+def ground_truth(pool: SourcePool, spec: ScaleSpec, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Planted duplicates of positions [start, stop): kind, target (copied position, -1 for a perturbed
+    document), root (the perturbed document it derives from), source (the root's source document) and
+    near_edits (one-edit copies between it and its root); every array (n,)."""
+    planner = DocumentPlanner(pool, spec)
+    g = np.arange(start, stop, dtype=np.int64)
+    p, root, chains = planner.resolve(g)
+    return {"position": g, "kind": p["kind"].astype(np.int8),
+            "target": np.where(p["kind"] == PERTURBED, -1, p["target"]).astype(np.int64),
+            "root": root.astype(np.int64), "source": planner.plan(root)["src"].astype(np.int64),
+            "near_edits": np.fromiter(map(len, chains), dtype=np.int32, count=len(chains))}
+
+
+def write_ground_truth(source: str | Path, spec: ScaleSpec, path: str | Path) -> int:
+    """Write ground_truth for every position of the pool to a Parquet file (aside, then renamed); returns rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pool = load_source(source)
+    path = Path(path)
+    tmp = _temp_path(path)
+    writer = None
+    try:
+        for a in range(0, spec.docs, TRUTH_BATCH):
+            t = ground_truth(pool, spec, a, min(a + TRUTH_BATCH, spec.docs))
+            table = pa.table({**t, "kind": pa.array([KIND_NAMES[k] for k in t["kind"].tolist()], pa.string()),
+                              "id": pa.array([f"scale{spec.seed}-{g:010d}" for g in t["position"].tolist()])})
+            writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table)
+        writer.close()
+        writer = None
+        os.replace(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return spec.docs
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("source", help="jsonl or jsonl.zst file of records with a 'text' field")
@@ -618,10 +665,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dup-rate", type=float, default=0.05, help="fraction that are exact copies of an earlier document")
     ap.add_argument("--near-dup-rate", type=float, default=0.10, help="fraction that are one edit away from an earlier document")
     ap.add_argument("--workers", type=int, default=1, help="processes, one part at a time each (output is identical)")
+    ap.add_argument("--truth", metavar="FILE", help="also write the planted duplicates (ground truth) to this Parquet file")
     args = ap.parse_args(argv)
     spec = ScaleSpec(docs=args.docs, docs_per_file=args.docs_per_file, seed=args.seed,
                      dup_rate=args.dup_rate, near_dup_rate=args.near_dup_rate)
     manifest = make_scale_pool(args.source, args.out_dir, spec, workers=args.workers)
+    if args.truth:
+        write_ground_truth(args.source, spec, args.truth)
     c = manifest["counts"]
     print(f"{c['documents']:,} documents in {len(manifest['files'])} parts -> {args.out_dir} "
           f"({c['exact_duplicates']:,} exact duplicates, {c['near_duplicates']:,} near duplicates, "

@@ -1,4 +1,4 @@
-"""The `curate` flow: ingest -> featurize -> cluster -> score -> select -> export -> report."""
+"""The `curate` flow: ingest -> dedup -> featurize -> cluster (-> semdedup) -> score -> select -> export -> report."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from quadflow.shards import check_flow_runner, task_runner
 from quadflow.store import StoreRef, open_store
 from quadflow.tasking import IO_RETRIES
 from quadflow.tasks.cluster import cluster
+from quadflow.tasks.dedup import dedup, semdedup
 from quadflow.tasks.export import export
 from quadflow.tasks.featurize import featurize
 from quadflow.tasks.ingest import ingest, resolve_files
@@ -63,10 +64,12 @@ def curate(settings: Settings) -> dict:
     store = open_store_task(settings.store)
     files, targets = resolve_inputs(settings.ingest, settings.objectstore)
     docs = ingest(settings.ingest, files, targets, store, settings.objectstore)
+    near = dedup(settings.dedup, docs, settings.seed, settings.run)
     features = featurize(settings.featurize, docs, settings.seed, settings.run)
     clusters = cluster(settings.cluster, features, settings.seed)
+    semantic = semdedup(settings.dedup, near, features, clusters)
     scores = score(settings.score, docs, features, settings.seed, settings.run)
-    selection = select(settings.select, docs, features, clusters, scores, settings.seed)
+    selection = select(settings.select, docs, features, clusters, scores, settings.seed, dedup=(near, semantic))
     exported = export(settings, files, targets, docs, clusters, scores, selection, features=features)
     reported = report(settings, docs, features, clusters, scores, selection, exported)
     return {

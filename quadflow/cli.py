@@ -49,11 +49,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="only pool inputs under this date=YYYY-MM-DD/ partition (repeatable)")
     run.add_argument("--full-ingest", action="store_true",
                      help="read every input again instead of reusing unchanged ones already in the store")
+    run.add_argument("--no-dedup", action="store_true",
+                     help="keep near duplicates (fuzzy dedup is on by default; exact duplicates are always dropped)")
+    run.add_argument("--semantic-dedup", action="store_true",
+                     help="also drop semantic duplicates inside each cluster (SemDeDup, off by default)")
     run.add_argument("--selector", choices=SELECTORS, help="quad (default), random, topk or dsir")
     run.add_argument("--scorer", action="append", dest="scorers", choices=SCORERS,
                      help="scorer (repeatable; combined by weighted mean percentile rank)")
+    run.add_argument("--blocks", choices=("ranked", "random"),
+                     help="quad's blocks: ranked (default, two-level Quad) or random (Quad as published)")
     run.add_argument("--probe-scorer", choices=("combined", *SCORERS),
-                     help="score the bandit probes with (default combined; influence scores only probed docs)")
+                     help="score the bandit probes with (default: the rank score, the classifier when it ran; "
+                          "influence scores only probed docs)")
     run.add_argument("--clusters", type=int, help="number of clusters (default: about sqrt(pool size))")
     run.add_argument("--seed", type=int, help="seed for every random step (default 0)")
     run.add_argument("--text-field", help="field holding the document text (default 'text')")
@@ -93,10 +100,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "ingest": {"inputs": args.inputs, "targets": args.targets, "text_field": args.text_field,
                    "since": args.since, "partitions": args.partitions,
                    "incremental": False if args.full_ingest else None},
+        "dedup": {"enabled": False if args.no_dedup else None, "semantic": True if args.semantic_dedup else None},
         "cluster": {"k": args.clusters},
         "score": {"scorers": args.scorers},
         "select": {"selector": args.selector, "budget_tokens": args.budget_tokens,
-                   "probe_scorer": args.probe_scorer},
+                   "probe_scorer": args.probe_scorer, "blocks": args.blocks},
         "export": {"output": args.output, "format": args.format, "overwrite": args.overwrite},
         "objectstore": {"endpoint_url": args.endpoint_url},
         "run": {"runner": args.runner, "workers": args.workers, "shard_docs": args.shard_docs, "parts": args.parts},
@@ -185,7 +193,7 @@ def _print_result(result: dict) -> None:
     s = result.get("summary", {})
     print()
     print(f"selected {result['docs']:,} documents, {result['tokens']:,} tokens")
-    for name in ("fill_fraction", "kl_reduction", "cluster_coverage", "quarantined"):
+    for name in ("fill_fraction", "kl_reduction", "cluster_coverage", "quarantined", "near_duplicates"):
         if name in s:
             print(f"  {name}: {s[name]}")
     print(f"selection: {result['selection']}")

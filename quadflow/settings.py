@@ -61,6 +61,82 @@ class IngestSettings(Section):
     )
 
 
+class DedupSettings(Section):
+    """Near-duplicate removal between ingest and select (tasks/dedup.py); the selection keeps one document per component."""
+
+    enabled: bool = Field(
+        True, description="Fuzzy dedup of the pool: MinHash LSH on word shingles, plus one-word-edit neighbourhoods for "
+        "short documents; one document (the first by doc_idx) is kept per connected component of candidate pairs.",
+    )
+    shingle_size: int = Field(
+        5, ge=1, le=8, description="Words per shingle for long documents (FineWeb: 5). A document of W words uses "
+        "min(shingle_size, max(2, W // words_per_shingle_word)) so one changed word changes about a tenth of its shingles.",
+    )
+    words_per_shingle_word: int = Field(
+        10, ge=1, description="Shorter documents get shorter shingles: one shingle word per this many document words.",
+    )
+    permutations: int = Field(112, ge=2, le=1024, description="MinHash values per document (FineWeb: 112).")
+    bands: int | None = Field(
+        None, ge=1, description="LSH bands (rows per band = permutations // bands); auto: 14 (FineWeb's 14 x 8, "
+        "candidate threshold ~0.72), or chosen from threshold when that is set.",
+    )
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Jaccard similarity the LSH should separate at: bands and rows are then chosen "
+        "(bands x rows <= permutations) to minimise the false-positive plus false-negative area around it, as "
+        "datasketch does; leave bands unset.",
+    )
+    short_words: int = Field(
+        20, ge=0, description="Documents of min_words..short_words words are matched by their one-word-edit "
+        "neighbourhood (exact: same words but one substituted, inserted or deleted) instead of MinHash, which has "
+        "too few shingles to tell a one-word edit from a different short document; 0 turns this off.",
+    )
+    min_words: int = Field(
+        3, ge=1, description="Documents with fewer words are left to ingest's exact dedup (one word apart is not a duplicate).",
+    )
+    semantic: bool = Field(
+        False, description="Semantic dedup (SemDeDup) after cluster: inside each k-means cluster, documents whose "
+        "vectors have cosine similarity above 1 - semantic_eps are one component; one is kept.",
+    )
+    semantic_eps: float = Field(
+        0.01, gt=0, lt=1, description="SemDeDup's epsilon: pairs with cosine similarity > 1 - eps are duplicates "
+        "(0.01 is NeMo Curator's tightest default; tune it on the vectors in use, see README).",
+    )
+
+    @model_validator(mode="after")
+    def _lsh_shape(self) -> "DedupSettings":
+        if self.threshold is not None and self.bands is not None:
+            raise ValueError(f"dedup.threshold = {self.threshold} and dedup.bands = {self.bands}: set one of them")
+        if self.bands is not None and self.bands > self.permutations:
+            raise ValueError(f"dedup.bands = {self.bands} exceeds dedup.permutations = {self.permutations}")
+        if self.short_words and self.short_words < self.min_words:
+            raise ValueError(f"dedup.short_words = {self.short_words} is below dedup.min_words = {self.min_words}")
+        return self
+
+    def lsh_shape(self) -> tuple[int, int]:
+        """(bands, rows per band) of the LSH, with 'auto' resolved."""
+        if self.threshold is not None:
+            return optimal_lsh_shape(self.threshold, self.permutations)
+        bands = self.bands if self.bands is not None else min(14, self.permutations)
+        return bands, self.permutations // bands
+
+
+def optimal_lsh_shape(threshold: float, permutations: int) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= permutations minimising the equally weighted false-positive and false-negative
+    areas of the S-curve 1 - (1 - s^rows)^bands around threshold (datasketch's MinHashLSH rule)."""
+    import numpy as np
+
+    lo, hi = np.linspace(0, threshold, 201), np.linspace(threshold, 1, 201)  # midpoint sums of the two areas
+    mid_lo, mid_hi = (lo[1:] + lo[:-1]) / 2, (hi[1:] + hi[:-1]) / 2
+    best, shape = float("inf"), (1, permutations)
+    for bands in range(1, permutations + 1):
+        for rows in range(1, permutations // bands + 1):
+            fp = (1 - (1 - mid_lo**rows) ** bands).sum() * (threshold / 200)
+            fn = ((1 - mid_hi**rows) ** bands).sum() * ((1 - threshold) / 200)
+            if fp + fn < best:
+                best, shape = fp + fn, (bands, rows)
+    return shape
+
+
 class FeaturizeSettings(Section):
     n_features: int = Field(
         2**18, ge=1024, description="Hashed word 1-2-gram space for the TF-IDF vectors."
@@ -167,7 +243,7 @@ class InfluenceSettings(Section):
 class ScoreSettings(Section):
     scorers: list[Literal["heuristic", "dsir", "classifier", "influence"]] | None = Field(
         None,
-        description="Scorers to run. auto: heuristic+dsir with a target set, heuristic without. "
+        description="Scorers to run. auto: dsir+classifier with a target set, heuristic without. "
         "Scores are combined as the weighted mean of each scorer's percentile rank in the pool. 'influence' "
         "is fitted here but scores only the documents the bandit probes (select.probe_scorer = 'influence'), "
         "so it is not part of the combined score.",
@@ -176,8 +252,12 @@ class ScoreSettings(Section):
     weights: dict[str, float] = Field(
         default_factory=dict, description="Weight per scorer in the combined score (default 1 each)."
     )
-    classifier_negatives: int = Field(
-        5, ge=1, description="Random pool documents per target document used as classifier negatives."
+    classifier_negative_docs: int = Field(
+        5000, ge=1, description="Pool documents sampled (seeded) as the classifier's negatives, capped by the pool."
+    )
+    classifier_negatives_by: Literal["tokens", "documents"] = Field(
+        "tokens", description="Sample the classifier's negatives in proportion to their tokens (a document's "
+        "chance is its share of the pool's text) or uniformly over documents.",
     )
 
     @field_validator("weights")
@@ -200,7 +280,7 @@ class ScoreSettings(Section):
     def resolved(self, has_targets: bool) -> list[str]:
         """The scorers to run, with 'auto' resolved."""
         if self.scorers is None:
-            return ["heuristic", "dsir"] if has_targets else ["heuristic"]
+            return ["dsir", "classifier"] if has_targets else ["heuristic"]
         return list(dict.fromkeys(self.scorers))
 
 
@@ -209,35 +289,70 @@ class SelectSettings(Section):
         "quad", description="quad (cluster bandit) or a baseline: random, topk, dsir."
     )
     budget_tokens: int = Field(1_000_000, gt=0, description="Token budget of the selection.")
+    blocks: Literal["ranked", "random"] = Field(
+        "ranked", description="quad's blocks. ranked (two-level Quad): a pulled cluster offers its best candidates "
+        "by utility (rank score tiers, then a novelty discount against what is already selected), and the bandit "
+        "decides how many of each cluster's blocks to accept; random: Quad as published, a random block of the "
+        "cluster's shuffled documents (block_docs, tau_quantile and calibration_blocks apply).",
+    )
+    rank_scorer: Literal["combined", "heuristic", "dsir", "classifier"] | None = Field(
+        None, description="Pool-wide score that orders documents and sets the candidate tiers (ranked blocks). "
+        "auto: classifier when it ran (it knows how the target's own documents score), else combined.",
+    )
     arms_per_round: int = Field(50, ge=1, description="B: clusters pulled per round.")
     probes: int = Field(10, ge=1, description="m: documents probed per pulled cluster.")
+    rounds: int = Field(
+        30, ge=1, le=10_000, description="Ranked blocks: rounds the budget is spread over; each round's bar "
+        "admits budget / rounds tokens, so the novelty discount is updated that often.",
+    )
+    candidate_multiple: float = Field(
+        8.0, ge=1, le=1000, description="Ranked blocks: candidates are the best documents by rank score holding this "
+        "many times the budget in tokens.",
+    )
+    target_quantile: float = Field(
+        0.25, ge=0, lt=1, description="Ranked blocks: a pool document is of the target's own kind when its classifier "
+        "score reaches the score this (token-weighted) share of the target's documents fall below, out of fold.",
+    )
+    max_doc_share: float = Field(
+        0.03, gt=0, le=1, description="Ranked blocks: related documents (not of the target's kind) longer than this "
+        "share of the budget are left to the fill, so no single document crowds out the rest.",
+    )
+    diversity: bool = Field(
+        True, description="Ranked blocks: order candidates by novelty (the KL drop toward the target each would bring, "
+        "a discount against what is already selected); false: by rank score alone.",
+    )
+    novelty_prior: float = Field(
+        0.1, gt=0, le=100, description="Ranked blocks: the selection's n-gram distribution is smoothed with this many "
+        "budgets' worth of pool text, so the first documents are not judged against an empty selection.",
+    )
     block_docs: int | None = Field(
-        None, ge=1, description="b: documents per accepted block; auto: mean cluster size / 8, at most "
+        None, ge=1, description="Random blocks: b, documents per accepted block; auto: mean cluster size / 8, at most "
         "budget / (10 * B * mean doc tokens), at least probes."
     )
     max_rounds: int = Field(200, ge=1, description="Bandit rounds before the fill phase.")
     tau: float | None = Field(
-        None, description="Acceptance threshold on the mean probe score; auto: tau_quantile of "
-        "calibration probe means."
+        None, description="Acceptance threshold on the mean probe score; auto: tau_quantile of the calibration "
+        "probe means."
     )
     tau_quantile: float | None = Field(
-        None, ge=0, le=1, description="Quantile of calibration probe means used for auto tau; "
-        "auto: 1 - budget / pool tokens, within [0.5, 0.9].")
+        None, ge=0, le=1, description="Quantile of calibration probe means used for auto tau; auto: ranked blocks "
+        "0 when the probes look up the rank score (exact) and 0.5 otherwise; random blocks 1 - budget / pool "
+        "tokens, within [0.5, 0.9].")
     alpha: float | None = Field(
         None, ge=0, description="UCB exploration weight; auto: std of calibration probe means."
     )
     calibration_blocks: int = Field(
-        64, ge=2, description="Random probe groups (of m documents) drawn to calibrate tau and alpha."
+        64, ge=2, description="Random blocks: random probe groups (of m documents) drawn to calibrate tau and alpha."
     )
-    probe_scorer: Literal["combined", "heuristic", "dsir", "classifier", "influence"] = Field(
-        "combined", description="Score the bandit's probes by: a pool-wide score of the score stage (combined or "
-        "one scorer), or 'influence', computed on demand for the probed documents only (needs 'influence' "
-        "in score.scorers). random/topk/dsir ignore it.",
+    probe_scorer: Literal["combined", "heuristic", "dsir", "classifier", "influence"] | None = Field(
+        None, description="Score the bandit's probes by: a pool-wide score of the score stage (combined or one "
+        "scorer), or 'influence', computed on demand for the probed documents only (needs 'influence' in "
+        "score.scorers). auto: the rank score (ranked blocks), combined (random blocks). random/topk/dsir ignore it.",
     )
 
     @field_validator("probe_scorer")
     @classmethod
-    def _influence_needs_torch(cls, v: str) -> str:
+    def _influence_needs_torch(cls, v: str | None) -> str | None:
         if v == "influence":
             _require_influence("probe scorer 'influence'")
         return v
@@ -279,6 +394,7 @@ class Settings(Section):
     store: str = Field("quadflow.duckdb", description="DuckDB file holding every intermediate result.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for every random step (0 to 2**32 - 1).")
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
     featurize: FeaturizeSettings = Field(default_factory=FeaturizeSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
@@ -311,10 +427,11 @@ class Settings(Section):
         if not [s for s in scorers if s != "influence"]:
             raise ValueError("score.scorers = ['influence'] alone leaves no pool-wide score to combine: "
                              "add heuristic, dsir or classifier")
-        probe = self.select.probe_scorer
-        if probe != "combined" and probe not in scorers:
-            raise ValueError(f"select.probe_scorer = {probe!r} is not among score.scorers = {scorers}: "
-                             "add it with --scorer")
+        for name in ("probe_scorer", "rank_scorer"):
+            chosen = getattr(self.select, name)
+            if chosen not in (None, "combined") and chosen not in scorers:
+                raise ValueError(f"select.{name} = {chosen!r} is not among score.scorers = {scorers}: "
+                                 "add it with --scorer")
         return self
 
 

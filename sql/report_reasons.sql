@@ -1,4 +1,4 @@
--- Selected documents and tokens by selection reason (quad_block, quad_fill, random, topk, dsir).
+-- Selected documents and tokens by selection reason (quad_*, random, topk, dsir).
 -- grain: one row per reason (inputs: select_selection, ingest_docs)
 select
     s.reason,

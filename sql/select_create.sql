@@ -25,7 +25,7 @@ create table if not exists select_selection (
     rank bigint not null,            -- 0-based position in selection order
     cluster integer,                 -- the document's cluster
     round integer,                   -- bandit round that accepted it (null: fill, baselines)
-    reason varchar not null          -- quad_block, quad_fill, random, topk, dsir
+    reason varchar not null          -- quad_target_kind/_likely_target_kind/_related, quad_block, quad_fill, random, topk, dsir
 );
 create table if not exists select_arms (
     key varchar not null,

@@ -81,6 +81,8 @@ class ReportData:
     # scorer -> (pool docs, pool mean) over the whole pool; `scores` then holds a seeded sample of
     # at most SCORE_SAMPLE pool documents (for the plots), so the report's memory is not the pool's
     score_stats: dict[str, tuple[int, float | None]] | None = None
+    # dedup reason -> (pool documents dropped, components they belong to), from the partitions select used
+    dedup: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def headline(data: ReportData) -> dict[str, Any]:
         "clusters_covered": int(np.unique(covered).size),
         "clusters": data.k,
         "quarantined": int(sum(data.quarantined.values())),
+        "near_duplicates": int(sum(n for n, _ in data.dedup.values())),
         "quarantined_by_reason": dict(data.quarantined),
         "duplicates": data.duplicates,
         "rounds": int(data.rounds.height),
@@ -204,6 +207,22 @@ def mix_rows(data: ReportData, top: int = TOP_SOURCES) -> list[tuple[str, float,
     return rows
 
 
+def _block_rows(info: dict[str, Any]) -> list[list[Any]]:
+    """How big a block is: documents per block (random blocks) or the tiers and the round's bar (ranked)."""
+    if info.get("blocks") != "ranked":
+        return [["block size (docs)", _info_value(info.get("block_docs"))]]
+    theta = info.get("theta")
+    return [
+        ["tokens admitted per round (the bar)", _info_value(info.get("round_tokens"))],
+        ["rank scorer", _info_value(info.get("rank_scorer"))],
+        ["score of the target's own kind (theta)", "n/a (no classifier)" if theta in (None, "None") else
+         _info_value(theta)],
+        ["pool tokens of the target's kind / likely / related candidates",
+         " / ".join(f"{_info_value(info.get(k)):,}" if isinstance(_info_value(info.get(k)), int) else "n/a"
+                    for k in ("target_kind_tokens", "likely_target_kind_tokens", "related_tokens"))],
+    ]
+
+
 def build_report(data: ReportData) -> str:
     """The report as markdown; PNGs are linked relative to report.md (same directory)."""
     h = headline(data)
@@ -220,8 +239,11 @@ def build_report(data: ReportData) -> str:
         ["budget filled", _pct(h["fill_fraction"])],
     ])
     if data.reasons is not None and data.reasons.height:
-        lines += ["Why the selected documents were taken (`quad_block`: accepted bandit block; "
-                  "`quad_fill`: filled after the bandit stopped short of the budget):", ""]
+        lines += ["Why the selected documents were taken (two-level quad: `quad_target_kind`, a document that "
+                  "scores like the target's own; `quad_likely_target_kind`, the next best, up to the mass of that "
+                  "kind the target's scores imply; `quad_related`, chosen for what it adds toward the target; "
+                  "quad with random blocks: `quad_block`, an accepted block; either: `quad_fill`, filled after "
+                  "the bandit stopped short of the budget):", ""]
         lines += _table(["reason", "documents", "tokens"],
                         [[r["reason"], int(r["docs"]), int(r["tokens"])] for r in data.reasons.iter_rows(named=True)])
 
@@ -258,13 +280,19 @@ def build_report(data: ReportData) -> str:
         f"![Cluster sizes, pool vs selected]({PLOT_CLUSTERS})", "",
     ]
 
-    lines += ["## Data thrown away at ingest", ""]
+    lines += ["## Data thrown away: quarantine and duplicates", ""]
     if data.quarantined:
         lines += ["Quarantined records by reason:", ""]
         lines += _table(["reason", "records"], [[r, n] for r, n in data.quarantined.items()])
     else:
         lines += ["Quarantined records: none.", ""]
     lines += [f"Exact duplicates dropped from the pool: {data.duplicates:,}.", ""]
+    if data.dedup:
+        lines += ["Near duplicates left out of the selection (every component keeps its first document; "
+                  "`near_duplicate`: MinHash LSH or one word apart, `semantic_duplicate`: SemDeDup inside a cluster):", ""]
+        lines += _table(["reason", "documents", "components"], [[r, n, c] for r, (n, c) in data.dedup.items()])
+    else:
+        lines += ["Near duplicates left out of the selection: none (or dedup was off).", ""]
 
     lines += ["## Scores", ""]
     if data.scores:
@@ -298,7 +326,7 @@ def build_report(data: ReportData) -> str:
             *_probe_scorer_rows(data),
             ["tau", _info_value(data.info.get("tau"))],
             ["alpha", _info_value(data.info.get("alpha"))],
-            ["block size (docs)", _info_value(data.info.get("block_docs"))],
+            *_block_rows(data.info),
         ])
         lines += [f"![Mean reward and acceptance by round]({PLOT_ROUNDS})", ""]
     if data.info:
@@ -494,6 +522,9 @@ def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, e
                         f.filter(pl.col("selected"))["score"].to_numpy().astype(np.float64))
     probes = query_sql(con, "report_probes", p).pl().row(0, named=True)
     info = dict(query_sql(con, "report_info", p).fetchall())
+    dedup_keys = [k for k in (info.get("dedup_keys") or "").split(",") if k]
+    dedup = {r: (int(n), int(c)) for r, n, c in query_sql(con, "report_dedup", {"keys": dedup_keys}).fetchall()
+             } if dedup_keys else {}
     if not settings.ingest.targets or counts["target_docs"] == 0:
         ngrams, note = None, "no target"
     elif keys.features is None:
@@ -511,7 +542,7 @@ def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, e
         rounds=query_sql(con, "report_rounds", p).pl(),
         probes={k_: int(v or 0) for k_, v in probes.items()}, info=info,
         sources=query_sql(con, "report_sources", p).pl(), ngrams=ngrams, kl_note=note,
-        output=output, export_key=export_key, reasons=query_sql(con, "report_reasons", p).pl(),
+        output=output, export_key=export_key, reasons=query_sql(con, "report_reasons", p).pl(), dedup=dedup,
     )
 
 

@@ -275,11 +275,32 @@ def _csr(table: pa.Table, n_buckets: int) -> sp.csr_matrix:
     return sp.csr_matrix((counts.astype(np.float32), buckets.astype(np.int32), indptr), shape=(table.num_rows, n_buckets))
 
 
-def _fit_input(con: Any, scorers: list[Scorer], features_key: str, n_pool: int) -> FitInput:
+def _fit_input(con: Any, scorers: list[Scorer], docs_key: str, features_key: str, n_pool: int) -> FitInput:
     """Pool-wide statistics the scorers fit on, read from the store without loading the pool."""
     needs = set().union(*(s.needs for s in scorers))
     if not needs & {"ngrams", "target_ngrams"}:
         return FitInput(n_pool=n_pool)
+    n_buckets, totals = pool_ngram_totals(con, features_key)
+    empty = int(query_sql(con, "score_empty_docs", {"key": features_key}).fetchone()[0])
+
+    def pool_rows(idx: np.ndarray) -> sp.csr_matrix:
+        return read_pool_rows(con, features_key, idx, n_buckets)
+
+    target = load_ngrams(con, features_key, "target", n_buckets) if "target_ngrams" in needs else None
+    return FitInput(n_pool=n_pool, target_ngrams=target, pool_totals=totals, pool_rows=pool_rows, empty_docs=empty,
+                    pool_tokens=pool_tokens(con, docs_key, n_pool))
+
+
+def pool_tokens(con: Any, docs_key: str, n_pool: int) -> np.ndarray:
+    """(n_pool,) int64 token count of every pool document, by doc_idx."""
+    cols = query_sql(con, "select_read_tokens", {"key": docs_key}).fetchnumpy()
+    if not np.array_equal(np.asarray(cols["doc_idx"]), np.arange(n_pool)):
+        raise ValueError(f"ingest_docs {docs_key}/pool does not hold doc_idx 0..{n_pool - 1} exactly once")
+    return np.asarray(cols["n_tokens"], dtype=np.int64)
+
+
+def pool_ngram_totals(con: Any, features_key: str) -> tuple[int, np.ndarray]:
+    """(n_buckets, (n_buckets,) float64 exact totals of the pool's hashed n-gram counts), summed in the store."""
     info = query_sql(con, "featurize_info_load", {"key": features_key}).fetchone()
     if info is None:
         raise ValueError(f"no featurize_info row for key {features_key!r}: was featurize run?")
@@ -287,19 +308,18 @@ def _fit_input(con: Any, scorers: list[Scorer], features_key: str, n_pool: int) 
     totals = np.zeros(n_buckets, dtype=np.float64)
     cols = query_sql(con, "score_pool_totals", {"key": features_key}).fetchnumpy()
     totals[np.asarray(cols["bucket"], dtype=np.int64)] = np.asarray(cols["total"], dtype=np.float64)
-    empty = int(query_sql(con, "score_empty_docs", {"key": features_key}).fetchone()[0])
+    return n_buckets, totals
 
-    def pool_rows(idx: np.ndarray) -> sp.csr_matrix:
-        idx = np.asarray(idx, dtype=np.int64)
-        table = query_sql(con, "score_ngrams_at", {"key": features_key, "role": "pool",
-                                                   "idx": idx.tolist()}).fetch_arrow_table()
-        if not np.array_equal(table.column("doc_idx").to_numpy(), np.sort(idx)):
-            raise ValueError(f"featurize_ngrams {features_key}/pool lacks sampled documents")
-        rows = _csr(table, n_buckets)
-        return rows[np.argsort(np.argsort(idx))] if not np.all(np.diff(idx) >= 0) else rows
 
-    target = load_ngrams(con, features_key, "target", n_buckets) if "target_ngrams" in needs else None
-    return FitInput(n_pool=n_pool, target_ngrams=target, pool_totals=totals, pool_rows=pool_rows, empty_docs=empty)
+def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int) -> sp.csr_matrix:
+    """(len(idx), n_buckets) CSR n-gram counts of the pool documents idx, in the order of idx."""
+    idx = np.asarray(idx, dtype=np.int64)
+    table = query_sql(con, "score_ngrams_at", {"key": features_key, "role": "pool",
+                                               "idx": idx.tolist()}).fetch_arrow_table()
+    if not np.array_equal(table.column("doc_idx").to_numpy(), np.sort(idx)):
+        raise ValueError(f"featurize_ngrams {features_key}/pool lacks some of the {idx.size} requested documents")
+    rows = _csr(table, n_buckets)
+    return rows[np.argsort(np.argsort(idx))] if not np.all(np.diff(idx) >= 0) else rows
 
 
 def score_part(table: pa.Table, scorers: list[Scorer], n_buckets: int) -> tuple[pl.DataFrame, dict[str, dict]]:
@@ -353,7 +373,7 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
     log = get_logger()
     scorers = build_scorers(settings, wide, seed)
     start = time.perf_counter()
-    fit = _fit_input(con, scorers, features.key, n_pool)
+    fit = _fit_input(con, scorers, docs.key, features.key, n_pool)
     for scorer in scorers:
         scorer.fit(fit)
     n_buckets = int(fit.pool_totals.size) if fit.pool_totals is not None else 1

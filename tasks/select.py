@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -236,19 +237,7 @@ class QuadBandit:
             neighbors: pl.DataFrame | None = None, gamma: float | None = None) -> "QuadBandit":
         """Run the bandit to the budget; every round, probe and accepted block is kept as fitted state."""
         self._check_params()
-        clusters = np.asarray(clusters).ravel()
-        tokens = np.asarray(tokens).ravel()
-        if clusters.shape != tokens.shape:
-            raise ValueError(f"clusters has {clusters.size} entries, tokens {tokens.size}")
-        if clusters.size == 0:
-            raise ValueError("clusters is empty: there is nothing to select from")
-        if not np.issubdtype(clusters.dtype, np.integer):
-            raise ValueError(f"cluster labels must be integers, got dtype {clusters.dtype}")
-        if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0:
-            raise ValueError(f"tokens must be integers >= 0, got dtype {tokens.dtype}, min {tokens.min()!r}")
-        if budget_tokens < 0:
-            raise ValueError(f"budget_tokens must be >= 0, got {budget_tokens!r}")
-        tokens = tokens.astype(np.int64, copy=False)
+        clusters, tokens = _checked_pool(clusters, tokens, budget_tokens)
         n = clusters.size
         rng_shuffle, rng_calib, rng_ties, rng_probe = (
             np.random.default_rng(s) for s in np.random.SeedSequence(self.random_state).spawn(4)
@@ -435,6 +424,345 @@ class QuadBandit:
         return self
 
 
+# --------------------------------------------------------------------------------------------
+# Core: the two-level Quad bandit (clusters decide how many, documents decide which)
+# --------------------------------------------------------------------------------------------
+
+# Candidate tiers, taken in this order (reason codes of the documents each one contributes).
+SURE, LIKELY, RELATED, OUTSIDE = 0, 1, 2, 3
+TIER_REASONS = {SURE: "quad_target_kind", LIKELY: "quad_likely_target_kind", RELATED: "quad_related"}
+
+
+@dataclass(frozen=True)
+class Novelty:
+    """What the diversity discount measures against: the target's n-gram distribution and the documents'.
+
+    target_totals, pool_totals: (V,) summed hashed n-gram counts of the target set and of the pool
+    (without a target, the pool stands in for it: coverage of the pool); rows(idx) -> (len(idx), V)
+    CSR counts of the pool documents idx (sorted ascending).
+    """
+
+    target_totals: np.ndarray
+    pool_totals: np.ndarray
+    rows: Callable[[np.ndarray], sp.csr_matrix]
+
+
+def novelty_gain(counts: sp.csr_matrix, tokens: np.ndarray, selected: np.ndarray, p_target: np.ndarray,
+                 p_pool: np.ndarray, prior: float) -> np.ndarray:
+    """Exact drop of KL(target || selection) per token from adding each document alone: (n,) nats per token.
+
+    The selection's n-gram distribution is smoothed with `prior` pseudo-counts of the pool's, q(b) =
+    (n(b) + prior p_pool(b)) / (N + prior). Adding a document with counts c changes -sum_b p_T(b) log q(b)
+    by sum_b p_T(b) log(1 + c(b) / n'(b)) - log(1 + |c| / N'), with n' and N' the smoothed counts:
+    documents whose n-grams the target uses and the selection lacks gain most, repeats of what is
+    already taken gain little, and a long document's repeated n-grams count with diminishing returns.
+    """
+    n_prime = selected + prior * p_pool  # (V,)
+    total = float(selected.sum() + prior)
+    contrib = p_target[counts.indices] * np.log1p(counts.data / n_prime[counts.indices])  # (nnz,)
+    per_doc = np.zeros(counts.shape[0])
+    nonempty = np.diff(counts.indptr) > 0
+    if contrib.size:
+        per_doc[nonempty] = np.add.reduceat(contrib, counts.indptr[:-1][nonempty])
+    n_grams = np.asarray(counts.sum(axis=1)).ravel()
+    return (per_doc - np.log1p(n_grams / total)) / np.maximum(np.asarray(tokens, dtype=np.float64), 1.0)
+
+
+def candidate_tiers(rank_scores: np.ndarray, tokens: np.ndarray, budget: int, multiple: float,
+                    theta: float | None, target_quantile: float, max_doc_share: float) -> tuple[np.ndarray, dict]:
+    """(n,) tier of every document and what decided it.
+
+    Candidates are the best documents by rank score holding `multiple` x the budget in tokens. Among
+    them, SURE: scores at least theta, the score the target's own documents reach at `target_quantile`
+    (so SURE holds about 1 - target_quantile of the pool's documents of the target's kind); LIKELY: the
+    next best, up to the mass of that kind the quantile implies (SURE's tokens / (1 - target_quantile));
+    RELATED: the other candidates no longer than max_doc_share of the budget. Without theta (no
+    classifier fitted on a target) every candidate is RELATED.
+    """
+    n = rank_scores.size
+    order = np.lexsort((np.arange(n), -rank_scores))  # best first, ties by doc_idx
+    cum = np.cumsum(tokens[order], dtype=np.int64)
+    n_cand = min(n, int(np.searchsorted(cum, multiple * budget, side="left")) + 1)
+    tier = np.full(n, OUTSIDE, dtype=np.int8)
+    tier[order[:n_cand]] = RELATED
+    tier[(tier == RELATED) & (tokens > max_doc_share * budget)] = OUTSIDE
+    info: dict[str, Any] = {"candidate_docs": n_cand, "theta": theta, "target_kind_tokens": 0,
+                            "likely_target_kind_tokens": 0}
+    if theta is not None:
+        sure = np.zeros(n, dtype=bool)
+        sure[order[:n_cand]] = rank_scores[order[:n_cand]] >= theta
+        mass = int(tokens[sure].sum())
+        implied = mass / max(1.0 - target_quantile, 1e-9)
+        n_likely = min(n_cand, int(np.searchsorted(cum, implied, side="right"))) if mass else 0
+        likely = np.zeros(n, dtype=bool)
+        likely[order[:n_likely]] = True
+        tier[likely & ~sure] = LIKELY
+        tier[sure] = SURE
+        info.update(target_kind_tokens=mass, likely_target_kind_tokens=int(tokens[likely & ~sure].sum()))
+    info["related_tokens"] = int(tokens[tier == RELATED].sum())
+    return tier, info
+
+
+class TwoLevelQuad:
+    """Quad with two levels: the bandit decides how many documents a cluster gives, their utility which.
+
+    Every round the documents propose: each live candidate of the current tier gets a utility (the
+    novelty gain, a diversity discount against what is already selected; the LIKELY tier goes by rank
+    score), and the best of them holding budget / rounds tokens clear the round's bar. The clusters
+    dispose: each cluster with documents above the bar is an arm with that block on offer; the bandit
+    pulls at most `arms_per_round` of them by UCB (CS_j = R_j / T_j + alpha * sqrt(2 ln N / (T_j + 1))),
+    probes m documents of each pulled block with the probe scorer, and accepts the block when
+    r = mean(probes) - tau > 0. Rewards are shared with neighbouring clusters as in Quad. A round 0
+    probes every arm once to calibrate tau and alpha before anything is accepted.
+
+    With the default probe scorer (the rank score itself, looked up) probes are exact and tau sits at
+    the worst calibration mean, so the bar and the tiers decide; with an on-demand probe scorer
+    (influence) only probed documents are scored and blocks below tau (default: the median
+    calibration mean) are rejected, their cluster's reward and its neighbours' fall, and UCB moves on.
+    """
+
+    def __init__(self, arms_per_round: int = 50, probes: int = 10, rounds: int = 30, max_rounds: int = 200,
+                 candidate_multiple: float = 8.0, target_quantile: float = 0.25, max_doc_share: float = 1 / 30,
+                 novelty_prior: float = 0.1, diversity: bool = True, tau: float | None = None,
+                 tau_quantile: float | None = None, alpha: float | None = None, random_state: int | None = 0):
+        self.arms_per_round = arms_per_round
+        self.probes = probes
+        self.rounds = rounds
+        self.max_rounds = max_rounds
+        self.candidate_multiple = candidate_multiple
+        self.target_quantile = target_quantile
+        self.max_doc_share = max_doc_share
+        self.novelty_prior = novelty_prior
+        self.diversity = diversity
+        self.tau = tau
+        self.tau_quantile = tau_quantile
+        self.alpha = alpha
+        self.random_state = random_state
+
+    @classmethod
+    def from_settings(cls, settings: SelectSettings, seed: int) -> "TwoLevelQuad":
+        """The bandit a run's select settings describe, seeded with the run's seed."""
+        return cls(arms_per_round=settings.arms_per_round, probes=settings.probes, rounds=settings.rounds,
+                   max_rounds=settings.max_rounds, candidate_multiple=settings.candidate_multiple,
+                   target_quantile=settings.target_quantile, max_doc_share=settings.max_doc_share,
+                   novelty_prior=settings.novelty_prior, diversity=settings.diversity, tau=settings.tau,
+                   tau_quantile=settings.tau_quantile, alpha=settings.alpha, random_state=seed)
+
+    def _check_params(self) -> None:
+        for name in ("arms_per_round", "probes", "rounds", "max_rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.candidate_multiple >= 1:
+            raise ValueError(f"candidate_multiple must be >= 1, got {self.candidate_multiple!r}")
+        if not 0.0 <= self.target_quantile < 1.0:
+            raise ValueError(f"target_quantile must be in [0, 1), got {self.target_quantile!r}")
+        if not 0.0 < self.max_doc_share <= 1.0:
+            raise ValueError(f"max_doc_share must be in (0, 1], got {self.max_doc_share!r}")
+        if not self.novelty_prior > 0:
+            raise ValueError(f"novelty_prior must be > 0, got {self.novelty_prior!r}")
+        if self.tau_quantile is not None and not 0.0 <= self.tau_quantile <= 1.0:
+            raise ValueError(f"tau_quantile must be in [0, 1], got {self.tau_quantile!r}")
+        if self.alpha is not None and not self.alpha >= 0:
+            raise ValueError(f"alpha must be None or >= 0, got {self.alpha!r}")
+        if self.tau is not None and not np.isfinite(self.tau):
+            raise ValueError(f"tau must be None or finite, got {self.tau!r}")
+
+    def fit(self, clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int, rank_scores: np.ndarray,
+            probe_fn: ProbeFn, novelty: Novelty, theta: float | None = None, probe_is_rank: bool = True,
+            neighbors: pl.DataFrame | None = None, gamma: float | None = None) -> "TwoLevelQuad":
+        """Run the rounds to the budget; every round, probe and accepted block is kept as fitted state."""
+        self._check_params()
+        clusters, tokens = _checked_pool(clusters, tokens, budget_tokens)
+        rank_scores = np.asarray(rank_scores, dtype=np.float64).ravel()
+        if rank_scores.shape != tokens.shape:
+            raise ValueError(f"rank_scores has {rank_scores.size} entries, tokens {tokens.size}")
+        if not np.isfinite(rank_scores).all():
+            bad = int(np.flatnonzero(~np.isfinite(rank_scores))[0])
+            raise ValueError(f"rank score of doc {bad} is {float(rank_scores[bad])!r}; rank scores must be finite")
+        n, budget = tokens.size, int(budget_tokens)
+        rng_calib, rng_probe = (np.random.default_rng(s) for s in np.random.SeedSequence(self.random_state).spawn(2))
+        m = int(self.probes)
+        labels, arm_of_doc = np.unique(clusters, return_inverse=True)  # (k,), (n,)
+        k = labels.size
+        share = _neighbour_matrix(labels, neighbors, gamma)
+
+        tier, self.tiers_ = candidate_tiers(rank_scores, tokens, budget, self.candidate_multiple, theta,
+                                            self.target_quantile, self.max_doc_share)
+        cand = np.flatnonzero(tier < OUTSIDE)  # (c,) sorted doc_idx
+        counts = sp.csr_matrix(novelty.rows(cand), dtype=np.float64)  # (c, V)
+        if counts.shape[0] != cand.size:
+            raise ValueError(f"novelty.rows returned {counts.shape[0]} rows for {cand.size} candidates")
+        p_target = (np.asarray(novelty.target_totals, dtype=np.float64) + 1.0)
+        p_target /= p_target.sum()
+        p_pool = (np.asarray(novelty.pool_totals, dtype=np.float64) + 1.0)
+        p_pool /= p_pool.sum()
+        if p_target.shape != p_pool.shape or counts.shape[1] != p_pool.size:
+            raise ValueError(f"n-gram spaces differ: target {p_target.size}, pool {p_pool.size}, rows {counts.shape[1]}")
+        prior = float(self.novelty_prior) * max(budget, 1)
+        c_tier, c_tok, c_arm, c_rank = tier[cand], tokens[cand], arm_of_doc[cand], rank_scores[cand]
+        state = np.zeros(cand.size, dtype=np.int8)  # 0 live, 1 taken, 2 rejected
+        selected = np.zeros(p_pool.size)  # (V,) n-gram counts of the selection
+
+        # Round 0: probe every arm's candidates once; tau and alpha come from these means.
+        probe_rounds, probe_docs, probe_scores = [], [], []
+        arms_with = np.unique(c_arm)
+        calib_idx, calib_arm = [], []
+        for a in arms_with:
+            pos = np.flatnonzero(c_arm == a)
+            pick = rng_calib.choice(pos, size=min(m, pos.size), replace=False)
+            calib_idx.append(cand[np.sort(pick)])
+            calib_arm.append(np.full(pick.size, a))
+        flat = np.concatenate(calib_idx) if calib_idx else np.zeros(0, dtype=np.int64)
+        scores0 = _probe(probe_fn, flat) if flat.size else np.zeros(0)
+        arm0 = np.concatenate(calib_arm) if calib_arm else np.zeros(0, dtype=np.int64)
+        means0 = np.bincount(arm0, weights=scores0, minlength=k)[arms_with] / np.bincount(arm0, minlength=k)[arms_with]
+        q_tau = self.tau_quantile if self.tau_quantile is not None else (0.0 if probe_is_rank else 0.5)
+        tau = self.tau if self.tau is not None else (float(np.quantile(means0, q_tau)) if means0.size else 0.0)
+        alpha = self.alpha if self.alpha is not None else (float(np.std(means0)) if means0.size else 0.0)
+        probe_rounds.append(np.zeros(flat.size, dtype=np.int32))
+        probe_docs.append(flat)
+        probe_scores.append(scores0)
+        reward_sum = np.zeros(k)
+        pulls = np.zeros(k)
+        reward_sum[arms_with] = means0 - tau
+        pulls[arms_with] = 1.0
+        direct = np.zeros(k, dtype=np.int64)
+        total_pulls = int(arms_with.size)
+
+        remaining = budget
+        round_tokens = int(np.ceil(budget / int(self.rounds)))
+        rows: dict[str, list[Any]] = {c: [] for c in ROUNDS_SCHEMA}
+        sel_docs, sel_rounds, sel_reasons = [], [], []
+        stop, n_rounds = "max_rounds", 0
+        for rnd in range(1, int(self.max_rounds) + 1):
+            if budget - remaining >= FULL_FRACTION * budget:
+                stop = "budget_full"
+                break
+            live = (state == 0) & (c_tok <= remaining)
+            if not live.any():
+                stop = "no_candidates"
+                break
+            t_min = int(c_tier[live].min())
+            pos = np.flatnonzero(live & (c_tier == t_min))  # positions into cand
+            if t_min == LIKELY or not self.diversity:
+                key = c_rank[pos]
+            else:
+                key = novelty_gain(counts[pos], c_tok[pos], selected, p_target, p_pool, prior)
+            walk = pos[np.lexsort((cand[pos], -key))]  # best utility first, ties by doc_idx
+            csum = np.cumsum(c_tok[walk])
+            proposal = walk[: int(np.searchsorted(csum, round_tokens, side="left")) + 1]
+            proposal = proposal[np.cumsum(c_tok[proposal]) <= remaining] if csum[-1] > remaining else proposal
+            if proposal.size == 0:
+                proposal = walk[:1]
+            n_rounds = rnd
+            offered = np.unique(c_arm[proposal])
+            ucb = ucb_scores(reward_sum, pulls, total_pulls, alpha)  # (k,)
+            pulled = offered[np.lexsort((labels[offered], -ucb[offered]))][: int(self.arms_per_round)]
+            blocks = [proposal[c_arm[proposal] == a] for a in pulled]
+            picks = [b[np.sort(rng_probe.choice(b.size, size=min(m, b.size), replace=False))] for b in blocks]
+            flat_pos = np.concatenate(picks)
+            scores = _probe(probe_fn, cand[flat_pos])
+            sizes = np.array([p.size for p in picks])
+            means = np.add.reduceat(scores, np.concatenate([[0], np.cumsum(sizes)[:-1]])) / sizes
+            rewards = means - tau
+            for a, block, mean, r in zip(pulled, blocks, means, rewards):
+                took_tokens = 0
+                if r > 0:
+                    fits = block[np.cumsum(c_tok[block]) <= remaining]
+                    state[fits] = 1
+                    took_tokens = int(c_tok[fits].sum())
+                    remaining -= took_tokens
+                    if fits.size:
+                        selected += np.asarray(counts[fits].sum(axis=0)).ravel()
+                        sel_docs.append(cand[fits])
+                        sel_rounds.append(np.full(fits.size, rnd, dtype=np.int64))
+                        sel_reasons.append(np.array([TIER_REASONS[int(t)] for t in c_tier[fits]], dtype=object))
+                else:
+                    state[block] = 2
+                rows["round"].append(rnd)
+                rows["cluster"].append(int(labels[a]))
+                rows["ucb"].append(float(ucb[a]))
+                rows["mean_probe"].append(float(mean))
+                rows["reward"].append(float(r))
+                rows["accepted"].append(bool(r > 0))
+                rows["block_start"].append(int(direct[a]))
+                rows["block_docs"].append(int(block.size))
+                rows["tokens_accepted"].append(took_tokens)
+            probe_rounds.append(np.full(flat_pos.size, rnd, dtype=np.int32))
+            probe_docs.append(cand[flat_pos])
+            probe_scores.append(scores)
+            reward_sum[pulled] += rewards
+            pulls[pulled] += 1.0
+            direct[pulled] += 1
+            total_pulls += pulled.size
+            r_vec = np.zeros(k)
+            r_vec[pulled] = rewards
+            hit = np.zeros(k)
+            hit[pulled] = 1.0
+            reward_sum += share.T @ r_vec
+            pulls += share.T @ hit
+        else:
+            stop = "budget_full" if budget - remaining >= FULL_FRACTION * budget else "max_rounds"
+
+        # Fill: what the rounds left of the budget goes to the best remaining documents by rank score,
+        # documents of rejected blocks last.
+        n_fill = 0
+        if remaining > 0 and budget - remaining < FULL_FRACTION * budget:
+            taken = np.zeros(n, dtype=bool)
+            for d in sel_docs:
+                taken[d] = True
+            rejected = np.zeros(n, dtype=bool)
+            rejected[cand[state == 2]] = True
+            order = np.lexsort((np.arange(n), -rank_scores, rejected))
+            took = fill_budget(order[~taken[order]], tokens, remaining)
+            remaining -= int(tokens[took].sum())
+            sel_docs.append(took)
+            sel_rounds.append(np.full(took.size, FILL_ROUND, dtype=np.int64))
+            sel_reasons.append(np.full(took.size, REASON_FILL, dtype=object))
+            n_fill = int(took.size)
+
+        self.selected_ = np.concatenate(sel_docs) if sel_docs else np.zeros(0, dtype=np.int64)
+        self.rounds_of_ = np.concatenate(sel_rounds) if sel_rounds else np.zeros(0, dtype=np.int64)
+        self.reasons_ = np.concatenate(sel_reasons) if sel_reasons else np.zeros(0, dtype=object)
+        self.rounds_ = pl.DataFrame(rows, schema=ROUNDS_SCHEMA)
+        p_docs = np.concatenate(probe_docs)
+        self.probes_ = pl.DataFrame({
+            "round": np.concatenate(probe_rounds), "cluster": clusters[p_docs].astype(np.int64),
+            "doc_idx": p_docs.astype(np.int64), "score": np.concatenate(probe_scores),
+        }, schema=PROBES_SCHEMA)
+        size = np.bincount(c_arm, minlength=k).astype(np.int64)
+        cursor = np.bincount(c_arm[state == 1], minlength=k).astype(np.int64)
+        live_left = np.bincount(c_arm[state == 0], minlength=k)
+        self.arms_ = pl.DataFrame({
+            "cluster": labels.astype(np.int64), "reward_sum": reward_sum, "pulls": pulls, "direct_pulls": direct,
+            "cursor": cursor, "size": size, "exhausted": live_left == 0,
+        }, schema=ARMS_SCHEMA)
+        self.tau_, self.alpha_, self.tau_quantile_ = float(tau), float(alpha), float(q_tau)
+        self.n_rounds_, self.n_fill_, self.stop_reason_ = n_rounds, n_fill, stop
+        self.n_probed_ = int(np.unique(p_docs).size)
+        self.tokens_selected_ = int(budget - remaining)
+        self.round_tokens_ = round_tokens
+        return self
+
+
+def _checked_pool(clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clusters, tokens as int64), checked: one integer label and token count >= 0 per document."""
+    clusters = np.asarray(clusters).ravel()
+    tokens = np.asarray(tokens).ravel()
+    if clusters.shape != tokens.shape:
+        raise ValueError(f"clusters has {clusters.size} entries, tokens {tokens.size}")
+    if clusters.size == 0:
+        raise ValueError("clusters is empty: there is nothing to select from")
+    if not np.issubdtype(clusters.dtype, np.integer):
+        raise ValueError(f"cluster labels must be integers, got dtype {clusters.dtype}")
+    if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0:
+        raise ValueError(f"tokens must be integers >= 0, got dtype {tokens.dtype}, min {tokens.min()!r}")
+    if budget_tokens < 0:
+        raise ValueError(f"budget_tokens must be >= 0, got {budget_tokens!r}")
+    return clusters, tokens.astype(np.int64, copy=False)
+
+
 def _calibration_groups(rng: np.random.Generator, n: int, m: int, groups: int) -> np.ndarray:
     """(groups, min(m, n)) random pool documents; distinct across groups when the pool allows."""
     per = min(m, n)
@@ -484,31 +812,47 @@ def _neighbour_matrix(labels: np.ndarray, neighbors: pl.DataFrame | None, gamma:
 def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, clusters: np.ndarray,
                  scores: np.ndarray | None = None, neighbors: pl.DataFrame | None = None,
                  gamma: float | None = None, log_weights: np.ndarray | None = None,
-                 probe: Probe | None = None) -> dict[str, pl.DataFrame]:
+                 probe: Probe | None = None, rank_scores: np.ndarray | None = None,
+                 novelty: Novelty | None = None, theta: float | None = None) -> dict[str, pl.DataFrame]:
     """Run the configured selector; frames for select_selection and select_info (+ rounds/probes/arms for quad).
 
-    The bandit probes with `probe` (an on-demand scorer) or, without one, looks up `scores`.
+    `scores`: the pool-wide score top-k takes and the bandit's probes look up (none for an on-demand
+    `probe`). Ranked blocks also need `rank_scores` and `novelty`, and `theta` (the score of the
+    target's own kind, from the classifier) for the target tiers; without `scores` or `probe` they
+    probe by looking up the rank score.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     clusters = np.asarray(clusters, dtype=np.int64)
     budget = settings.budget_tokens
-    info: dict[str, Any] = dict.fromkeys(("tau", "tau_quantile", "alpha", "block_docs", "rounds", "docs_probed",
-                                          "stop", "probe_scorer", "docs_scored", "probe_seconds"))
+    info: dict[str, Any] = dict.fromkeys(("blocks", "tau", "tau_quantile", "alpha", "block_docs", "rounds",
+                                          "docs_probed", "stop", "probe_scorer", "docs_scored", "probe_seconds"))
     info["pool_docs"] = int(tokens.size)
     out: dict[str, pl.DataFrame] = {}
     selector = settings.selector
     if selector == "quad":
+        ranked = settings.blocks == "ranked"
+        if ranked and (rank_scores is None or novelty is None):
+            raise ValueError("quad with ranked blocks needs rank_scores and novelty")
+        probe_is_rank = ranked and probe is None and (scores is None or scores is rank_scores)
         if probe is None:
-            if scores is None:
+            if scores is None and not ranked:
                 raise ValueError("selector 'quad' needs scores or a probe scorer")
-            probe = Probe.lookup(scores)
+            probe = Probe.lookup(rank_scores if scores is None else scores)
         if probe.n_docs != tokens.size:
             raise ValueError(f"the probe scorer covers {probe.n_docs} documents, the pool has {tokens.size}")
-        bandit = QuadBandit.from_settings(settings, seed).fit(clusters, tokens, budget, probe, neighbors, gamma)
+        if ranked:
+            bandit = TwoLevelQuad.from_settings(settings, seed).fit(
+                clusters, tokens, budget, rank_scores, probe, novelty, theta, probe_is_rank, neighbors, gamma)
+            info.update({name: bandit.tiers_[name] for name in (
+                "theta", "candidate_docs", "target_kind_tokens", "likely_target_kind_tokens", "related_tokens")})
+            info.update(round_tokens=bandit.round_tokens_, rank_scorer=settings.rank_scorer)
+        else:
+            bandit = QuadBandit.from_settings(settings, seed).fit(clusters, tokens, budget, probe, neighbors, gamma)
+            info.update(block_docs=bandit.block_docs_)
         chosen, reasons = bandit.selected_, bandit.reasons_
         rounds = np.where(bandit.rounds_of_ == FILL_ROUND, None, bandit.rounds_of_)  # fill: no round
         out.update(rounds=bandit.rounds_, probes=bandit.probes_, arms=bandit.arms_)
-        info.update(tau=bandit.tau_, tau_quantile=bandit.tau_quantile_, alpha=bandit.alpha_, block_docs=bandit.block_docs_,
+        info.update(blocks=settings.blocks, tau=bandit.tau_, tau_quantile=bandit.tau_quantile_, alpha=bandit.alpha_,
                     rounds=bandit.n_rounds_, docs_probed=bandit.n_probed_, stop=bandit.stop_reason_,
                     probe_scorer=settings.probe_scorer, docs_scored=probe.docs_scored_,
                     probe_seconds=round(probe.seconds_, 3))
@@ -551,11 +895,38 @@ _TABLES = {"rounds": "select_insert_rounds", "probes": "select_insert_probes",
            "selection": "select_insert_selection", "arms": "select_insert_arms", "info": "select_insert_info"}
 
 
+def run_on_kept(keep: np.ndarray, settings: SelectSettings, seed: int, tokens: np.ndarray, clusters: np.ndarray,
+                **kwargs: Any) -> dict[str, pl.DataFrame]:
+    """run_selector on the documents `keep` marks (dedup dropped the rest), its doc_idx mapped back to the pool's.
+
+    Every per-document input (tokens, clusters, scores, log_weights, rank_scores, novelty rows, probe) is cut to the kept
+    documents, so the selector never sees two members of one near-duplicate component.
+    """
+    kept = np.flatnonzero(keep)  # (n_kept,) pool doc_idx of each position the selector sees
+    if kept.size == tokens.size:
+        return run_selector(settings, seed, tokens, clusters, **kwargs)
+    for name in ("scores", "log_weights", "rank_scores"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = np.asarray(kwargs[name])[kept]
+    if kwargs.get("novelty") is not None:
+        nov = kwargs["novelty"]
+        kwargs["novelty"] = Novelty(nov.target_totals, nov.pool_totals, lambda idx: nov.rows(kept[idx]))
+    if kwargs.get("probe") is not None:
+        inner = kwargs["probe"]
+        kwargs["probe"] = Probe(lambda idx: inner.score_fn(kept[idx]), kept.size, pool_wide=inner.pool_wide)
+    frames = run_selector(settings, seed, tokens[kept], clusters[kept], **kwargs)
+    return {name: frame.with_columns(doc_idx=pl.Series(kept[frame["doc_idx"].to_numpy()], dtype=frame.schema["doc_idx"]))
+            if "doc_idx" in frame.columns else frame for name, frame in frames.items()}
+
+
 @stage_task("select")
 def select(settings: SelectSettings, docs: StageRef, features: StageRef, clusters: StageRef,
-           scores: StageRef, seed: int) -> StageRef:
-    """Select within the token budget and record every round, probe and accepted block."""
-    key = stage_key("select", VERSION, settings, docs, features, clusters, scores, seed)
+           scores: StageRef, seed: int, dedup: tuple[StageRef, ...] = ()) -> StageRef:
+    """Select within the token budget and record every round, probe and accepted block.
+
+    `dedup`: the dedup partitions (fuzzy, semantic) whose dropped documents the selector never sees.
+    """
+    key = stage_key("select", VERSION, settings, docs, features, clusters, scores, seed, *dedup)
     log = get_logger()
     with connect(docs.store) as con:
         tokens = _by_doc(query_sql(con, "select_read_tokens", {"key": docs.key}), "n_tokens", "ingest_docs")
@@ -566,11 +937,14 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
         if settings.selector == "topk":
             kwargs["scores"] = _pool_scores(con, scores.key, "combined", tokens.size)
         if settings.selector == "quad":
+            settings, kwargs = quad_inputs(
+                settings, ran=lambda name: _scorer_info(con, scores.key, name) is not None,
+                pool_scores=lambda name: _pool_scores(con, scores.key, name, tokens.size),
+                classifier_params=lambda: _scorer_info(con, scores.key, "classifier"),
+                novelty=lambda: _novelty(con, docs.key, features.key))
             _warn_unused_influence(con, settings, scores.key)
             if settings.probe_scorer == INFLUENCE:
                 kwargs["probe"], extra = _influence_probe(con, docs, scores, tokens.size)
-            else:
-                kwargs["scores"] = _pool_scores(con, scores.key, settings.probe_scorer, tokens.size)
             kwargs["neighbors"] = query_sql(con, "select_read_neighbors", {"key": clusters.key}).pl()
             row = query_sql(con, "select_read_gamma", {"key": clusters.key}).fetchone()
             if row is None:
@@ -578,7 +952,12 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
             kwargs["gamma"] = row[0]
         if settings.selector == "dsir":
             kwargs["log_weights"] = _dsir_log_weights(con, features.key, n=tokens.size)
-        frames = run_selector(settings, seed, tokens, labels, **kwargs)
+        keep = np.ones(tokens.size, dtype=bool)
+        if dedup:
+            dropped = query_sql(con, "select_read_dropped", {"keys": [d.key for d in dedup]}).fetchnumpy()["doc_idx"]
+            keep[np.asarray(dropped, dtype=np.int64)] = False
+            extra.update(dedup_keys=",".join(d.key for d in dedup), docs_dropped_by_dedup=int(tokens.size - keep.sum()))
+        frames = run_on_kept(keep, settings, seed, tokens, labels, **kwargs)
         if extra:
             frames["info"] = pl.concat([frames["info"], pl.DataFrame(
                 {"name": list(extra), "value": [str(v) for v in extra.values()]}, schema=frames["info"].schema)])
@@ -597,6 +976,55 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
         log.info(f"select: probe scorer {info['probe_scorer']!r} scored {info['docs_scored']} of {tokens.size} "
                  f"pool docs in {float(info['probe_seconds']):.1f}s")
     return ref
+
+
+def resolve_scorers(settings: SelectSettings, ran: Callable[[str], bool]) -> SelectSettings:
+    """The select settings with 'auto' rank and probe scorers resolved; `ran(name)`: did the score stage run it."""
+    rank = settings.rank_scorer or ("classifier" if ran("classifier") else "combined")
+    probe = settings.probe_scorer or (rank if settings.blocks == "ranked" else "combined")
+    return settings.model_copy(update={"rank_scorer": rank, "probe_scorer": probe})
+
+
+def quad_inputs(settings: SelectSettings, ran: Callable[[str], bool], pool_scores: Callable[[str], np.ndarray],
+                classifier_params: Callable[[], dict | None], novelty: Callable[[], Novelty]
+                ) -> tuple[SelectSettings, dict[str, Any]]:
+    """quad's settings with 'auto' scorers resolved, and what run_selector needs besides an on-demand probe.
+
+    `pool_scores(name)`: one pool-wide scorer's scores; `classifier_params()`: its score_info params
+    (None if it did not run); `novelty()`: the n-gram distributions. Ranked blocks get rank scores,
+    novelty and, ranking by the classifier, theta (the score of the target's own kind); probes look up
+    a pool-wide score unless they are the rank score itself or 'influence' (scored on demand).
+    """
+    from quadflow.tasks.scorers.classifier import target_quantile
+
+    settings = resolve_scorers(settings, ran)
+    kwargs: dict[str, Any] = {}
+    if settings.blocks == "ranked":
+        kwargs["rank_scores"] = pool_scores(settings.rank_scorer)
+        kwargs["novelty"] = novelty()
+        if settings.rank_scorer == "classifier":
+            params = classifier_params()
+            if params is None:
+                raise ConfigError("select.rank_scorer = 'classifier', but the score stage did not run it: add it "
+                                  "to score.scorers")
+            kwargs["theta"] = target_quantile(params, settings.target_quantile)
+    if settings.probe_scorer != INFLUENCE and (settings.blocks == "random"
+                                               or settings.probe_scorer != settings.rank_scorer):
+        kwargs["scores"] = pool_scores(settings.probe_scorer)
+    return settings, kwargs
+
+
+def _novelty(con, docs_key: str, features_key: str) -> Novelty:
+    """The n-gram distributions the novelty discount uses; rows are read for the candidates only."""
+    from quadflow.tasks.score import pool_ngram_totals, read_pool_rows
+
+    n_buckets, pool_totals = pool_ngram_totals(con, features_key)
+    counts = dict(query_sql(con, "select_count_docs", {"key": docs_key}).fetchall())
+    if int(counts.get("target", 0)):
+        target_totals = np.asarray(load_ngrams(con, features_key, "target", n_buckets).sum(axis=0)).ravel()
+    else:  # no target: diversity means covering the pool's own n-gram distribution
+        target_totals = pool_totals
+    return Novelty(target_totals, pool_totals, lambda idx: read_pool_rows(con, features_key, idx, n_buckets))
 
 
 def _pool_scores(con, scores_key: str, scorer: str, n: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from tests.conftest import SAMPLE_POOL, SAMPLE_TARGET
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ("ingest", "featurize", "cluster", "score", "select", "export", "report")
+STAGES = ("ingest", "dedup", "featurize", "cluster", "semdedup", "score", "select", "export", "report")
 BUDGET = 100_000
 
 GOOD_DOC = (
@@ -111,7 +111,7 @@ def test_first_run_computes_every_stage_and_publishes(first_run):
     assert 0.98 * BUDGET <= sel["n_tokens"].sum() <= BUDGET
     assert sel["id"].n_unique() == sel.height
     assert {"id", "text", "cluster", "score_combined", "reason"} <= set(sel.columns)
-    assert set(sel["reason"].unique()) <= {"quad_block", "quad_fill"}
+    assert set(sel["reason"].unique()) <= {"quad_target_kind", "quad_likely_target_kind", "quad_related", "quad_fill"}
 
 
 def test_run_leaves_report_tables_link_and_progress_artifacts(first_run):
@@ -161,9 +161,9 @@ def test_rerun_unchanged_recomputes_nothing(first_run):
 
 def test_changing_a_scorer_setting_recomputes_only_scoring_onwards(first_run):
     settings = first_run["settings"]
-    changed = settings.model_copy(update={"score": settings.score.model_copy(update={"classifier_negatives": 3})})
+    changed = settings.model_copy(update={"score": settings.score.model_copy(update={"classifier_negative_docs": 3})})
     _, states = _run(changed)
-    for stage in ("ingest", "featurize", "cluster"):
+    for stage in ("ingest", "dedup", "featurize", "cluster", "semdedup"):
         assert states[stage] == "Cached", (stage, states)
     for stage in ("score", "select", "export", "report"):
         assert states[stage] == "Completed", (stage, states)

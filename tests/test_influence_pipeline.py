@@ -93,7 +93,8 @@ def _select(scored, seed=0, **kw):
     from quadflow.tasks.select import select
 
     s = SelectSettings(**{"budget_tokens": int(scored["tokens"].sum() * 0.15), "arms_per_round": 4, "probes": 3,
-                          "block_docs": 8, "calibration_blocks": 8, "probe_scorer": "influence", **kw})
+                          "blocks": "random", "block_docs": 8, "calibration_blocks": 8, "probe_scorer": "influence",
+                          **kw})
     return select.fn(s, scored["docs"], scored["features"], scored["clusters"], scored["scores"], seed)
 
 
@@ -235,6 +236,17 @@ def test_influence_only_scores_nothing_pool_wide_and_needs_influence_probes(upst
         _select(data, probe_scorer="combined")
     sel = _select(data)
     assert int(_info(upstream["store"], sel.key)["docs_scored"]) < N_POOL
+
+
+def test_ranked_blocks_rank_by_a_pool_wide_score_and_probe_with_influence(scored):
+    ref = _select(scored, blocks="ranked", rounds=5)
+    info = _info(scored["store"], ref.key)
+    assert (info["blocks"], info["rank_scorer"], info["probe_scorer"]) == ("ranked", "combined", "influence")
+    assert 0 < int(info["docs_scored"]) < N_POOL  # only the probed documents were scored
+    assert float(info["tau_quantile"]) == 0.5  # on-demand probes judge the blocks: below-median ones are rejected
+    reasons = {r for (r,) in _rows(scored["store"], "select distinct reason from select_selection where key = ?",
+                                   [ref.key])}
+    assert reasons <= {"quad_related", "quad_fill"} and "quad_related" in reasons
 
 
 def test_report_shows_documents_scored_by_the_probe_scorer(scored):

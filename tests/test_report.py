@@ -164,6 +164,18 @@ def test_score_plots_sample_a_big_pool_while_the_table_counts_all_of_it(publishe
         assert n == N_POOL and mean == pytest.approx(pool.mean())  # the table: the whole pool
 
 
+def test_bandit_table_describes_ranked_blocks_by_their_tiers_and_bar():
+    from quadflow.tasks.report import _block_rows
+
+    assert _block_rows({"blocks": "random", "block_docs": "14"}) == [["block size (docs)", 14]]
+    rows = dict((k, v) for k, v in _block_rows({"blocks": "ranked", "round_tokens": "5000", "rank_scorer": "classifier",
+                                                "theta": "1.3", "target_kind_tokens": "168958",
+                                                "likely_target_kind_tokens": "0", "related_tokens": "7"}))
+    assert rows["tokens admitted per round (the bar)"] == 5000 and rows["score of the target's own kind (theta)"] == 1.3
+    assert rows["pool tokens of the target's kind / likely / related candidates"] == "168,958 / 0 / 7"
+    assert _block_rows({"blocks": "ranked", "theta": None})[2][1] == "n/a (no classifier)"
+
+
 HOLDER = """
 import sys, time
 import duckdb

@@ -90,8 +90,8 @@ def test_writes_every_scorer_and_combined_with_versions(tmp_path):
     got = dict((s, (n, v)) for s, n, v in rows(
         store, "select scorer, count(*), any_value(version) from score_docs where key = ? group by scorer", [ref.key]))
     assert got == {
-        "heuristic": (36, "heuristic-1"), "dsir": (36, "dsir-2"), "classifier": (36, "classifier-1"),
-        "combined": (36, "combined-1+heuristic-1+dsir-2+classifier-1"),
+        "heuristic": (36, "heuristic-1"), "dsir": (36, "dsir-2"), "classifier": (36, "classifier-2"),
+        "combined": (36, "combined-1+heuristic-1+dsir-2+classifier-2"),
     }
     lo, hi = rows(store, "select min(score), max(score) from score_docs where key = ? and scorer = 'combined'",
                   [ref.key])[0]
@@ -108,7 +108,9 @@ def test_writes_every_scorer_and_combined_with_versions(tmp_path):
                                                               "where key = ?", [ref.key])}
     assert set(info) == {"heuristic", "dsir", "classifier", "combined"}
     clf = info["classifier"][1]
-    assert clf["train_size"] + clf["test_size"] == 8 + 36 and clf["held_out_accuracy"] is not None
+    # 8 targets and every one of the 36 pool documents as a negative (capped by the pool), 5 folds
+    assert (clf["positives"], clf["negatives"], clf["folds"]) == (8, 36, 5) and clf["held_out_accuracy"] is not None
+    assert len(clf["target_quantiles"]) == 101
     assert info["dsir"][1]["n_buckets"] == N_BUCKETS
     assert info["combined"][1]["weights"] == {"heuristic": 2.0, "dsir": 1.0, "classifier": 1.0}
 
@@ -127,7 +129,7 @@ def test_auto_scorers_follow_the_target_set(tmp_path):
     store, docs, feats = make_store(tmp_path)
     ref = score.fn(ScoreSettings(), docs, feats, 0)
     assert {s for (s,) in rows(store, "select distinct scorer from score_docs where key = ?", [ref.key])} == {
-        "heuristic", "dsir", "combined"}
+        "dsir", "classifier", "combined"}
 
     store2, docs2, feats2 = make_store(tmp_path / "no-target", n_target=0)
     ref2 = score.fn(ScoreSettings(), docs2, feats2, 0)

@@ -14,7 +14,8 @@ from scipy import sparse
 
 from quadflow.settings import ConfigError, ScoreSettings
 from quadflow.tasks.scorers import REGISTRY, ScoreInput, Scorer, Scores, get_scorer
-from quadflow.tasks.scorers.classifier import ClassifierScorer, HashedNgramClassifier, hashed_features
+from quadflow.tasks.scorers.classifier import (ClassifierScorer, HashedNgramClassifier, hashed_features, target_quantile,
+                                              weighted_quantiles)
 from quadflow.tasks.scorers.combine import combine, combined_version, percentile_ranks, resolve_weights
 from quadflow.tasks.scorers.dsir import DSIR, DSIRScorer, gumbel_keys
 from quadflow.tasks.scorers.heuristic import RULES, HeuristicScorer, apply_rules, heuristic_scores, text_stats
@@ -313,25 +314,49 @@ def test_hashed_features_are_log1p_and_unit_length():
 
 def test_classifier_ranks_target_like_above_random_and_is_seeded():
     target, pool = _toy_counts()
-    out = ClassifierScorer(random_state=3).run(ScoreInput(n_docs=200, ngrams=pool, target_ngrams=target))
+    tokens = np.asarray(pool.sum(axis=1)).ravel().astype(np.int64)
+    data = ScoreInput(n_docs=200, ngrams=pool, target_ngrams=target, tokens=tokens)
+    out = ClassifierScorer(random_state=3, negatives=150).run(data)
     like, other = out.score[:100], out.score[100:]
     assert np.mean(like[:, None] > other[None, :]) > 0.95  # AUC: target-like ranked above random
-    again = ClassifierScorer(random_state=3).run(ScoreInput(n_docs=200, ngrams=pool, target_ngrams=target))
+    again = ClassifierScorer(random_state=3, negatives=150).run(data)
     np.testing.assert_array_equal(out.score, again.score)
     p = out.params
-    assert p["positives"] == 30 and p["negatives"] == 150  # 5 per target
-    assert p["train_size"] + p["test_size"] == 180 and p["test_size"] == 36
+    assert p["positives"] == 30 and p["negatives"] == 150 and p["folds"] == 5 and p["negatives_by"] == "tokens"
     assert p["held_out_accuracy"] >= 0.8
+    q = p["target_quantiles"]
+    assert len(q) == 101 and q == sorted(q)  # token-weighted quantiles 0.00 .. 1.00 of out-of-fold target scores
+    # out-of-fold target scores sit above the rest of the pool (the toy's target-like pool half strays
+    # into buckets 10-11, so it scores between the two)
+    assert np.median(other) < target_quantile(p, 0.25) <= target_quantile(p, 0.5)
+    assert np.median(other) < np.median(like) < target_quantile(p, 0.5)
 
 
-def test_classifier_negatives_are_capped_by_the_pool_and_come_from_settings():
+def test_classifier_negatives_come_by_tokens_capped_by_the_pool_and_from_settings():
     target, pool = _toy_counts()
-    scorer = ClassifierScorer.from_settings(ScoreSettings(classifier_negatives=10), random_state=0)
-    assert scorer.negatives_per_target == 10
-    model = HashedNgramClassifier(negatives_per_target=10, random_state=0).fit(target, pool)
+    settings = ScoreSettings(classifier_negative_docs=10, classifier_negatives_by="documents")
+    scorer = ClassifierScorer.from_settings(settings, random_state=0)
+    assert (scorer.negatives, scorer.negatives_by) == (10, "documents")
+    model = HashedNgramClassifier(negatives=1000, negatives_by="documents", random_state=0).fit(target, pool)
     assert model.n_negative_ == 200 and np.array_equal(model.negative_idx_, np.arange(200))
-    tiny = HashedNgramClassifier(random_state=0).fit(target[:1], pool)  # too small to hold out
-    assert tiny.held_out_accuracy_ is None and tiny.train_size_ == 6
+    # by tokens: a document's chance is its share of the pool's tokens; empty documents are never drawn
+    tokens = np.r_[np.full(100, 1000), np.full(99, 1), 0]
+    by_tokens = HashedNgramClassifier(negatives=60, random_state=0).fit(target, pool, tokens)
+    assert by_tokens.n_negative_ == 60 and (by_tokens.negative_idx_ < 100).mean() > 0.9
+    assert 199 not in by_tokens.negative_idx_
+    with pytest.raises(ValueError, match="token count of each of the 200 pool documents"):
+        HashedNgramClassifier(random_state=0).fit(target, pool)
+    tiny = HashedNgramClassifier(negatives=5, negatives_by="documents", random_state=0).fit(target[:1], pool)
+    assert tiny.held_out_accuracy_ is None and tiny.folds_ == 0 and len(tiny.target_quantiles_) == 101
+
+
+def test_weighted_quantiles_count_each_value_by_its_weight():
+    values = np.array([3.0, 1.0, 2.0])
+    np.testing.assert_allclose(weighted_quantiles(values, np.array([1.0, 1.0, 1.0]), [0.0, 0.5, 1.0]), [1, 2, 3])
+    # the long document (weight 8) holds most of the mass: most quantiles land on it
+    np.testing.assert_allclose(weighted_quantiles(values, np.array([8.0, 1.0, 1.0]), [0.1, 0.25, 0.9]), [1, 3, 3])
+    with pytest.raises(ValueError, match="positive sum"):
+        weighted_quantiles(values, np.zeros(3), [0.5])
 
 
 # --------------------------------------------------------------------------------------------

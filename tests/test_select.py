@@ -85,10 +85,11 @@ def _rows(store, sql, params=()):
         return con.execute(sql, list(params)).fetchall()
 
 
-def test_quad_writes_every_table(upstream):
+def test_quad_random_blocks_writes_every_table(upstream):
     store, refs = upstream["store"], upstream["refs"]
     budget = int(upstream["tokens"].sum() * 0.2)
-    settings = SelectSettings(selector="quad", budget_tokens=budget, arms_per_round=3, probes=4, max_rounds=4)
+    settings = SelectSettings(selector="quad", blocks="random", budget_tokens=budget, arms_per_round=3, probes=4,
+                              max_rounds=4)
     ref = select.fn(settings, seed=1, **refs)
     assert ref.stage == "select" and ref.store == store
     key = ref.key
@@ -124,9 +125,42 @@ def test_quad_writes_every_table(upstream):
     assert good[0][0] >= K // 2
 
 
+def test_quad_ranked_blocks_writes_every_table(upstream):
+    store, refs = upstream["store"], upstream["refs"]
+    tokens, scores = upstream["tokens"], upstream["scores"]
+    budget = int(tokens.sum() * 0.2)
+    settings = SelectSettings(budget_tokens=budget, arms_per_round=3, probes=4, rounds=5, candidate_multiple=2)
+    ref = select.fn(settings, seed=1, **refs)
+    key = ref.key
+    sel = _rows(store, "select doc_idx, rank, cluster, round, reason from select_selection where key = ? "
+                       "order by rank", [key])
+    idx = np.array([r[0] for r in sel])
+    assert ref.rows == len(sel) > 0 and 0.98 * budget <= tokens[idx].sum() <= budget
+    assert [r[2] for r in sel] == upstream["labels"][idx].tolist()
+    # no classifier ran, so no document is known to be of the target's kind: the candidates are related
+    assert {r[4] for r in sel} <= {"quad_related", "quad_fill"}
+    assert all((r[3] is None) == (r[4] == "quad_fill") for r in sel)
+    # candidates are the best documents by the combined score holding 2x the budget
+    related = idx[[r[4] == "quad_related" for r in sel]]
+    order = np.argsort(-scores, kind="stable")
+    cutoff = scores[order[np.searchsorted(np.cumsum(tokens[order]), 2 * budget)]]
+    assert related.size and (scores[related] >= cutoff).all()
+
+    rounds = _rows(store, "select round, cluster, accepted, tokens_accepted, block_docs from select_rounds "
+                          "where key = ?", [key])
+    assert rounds and max(r[0] for r in rounds) <= settings.max_rounds
+    assert sum(r[3] for r in rounds) == tokens[related].sum()
+    assert all(len([r for r in rounds if r[0] == rnd]) <= 3 for rnd in {r[0] for r in rounds})  # B arms a round
+    calib = _rows(store, "select cluster, count(*) from select_probes where key = ? and round = 0 group by 1", [key])
+    assert all(n <= 4 for _, n in calib)  # round 0 probes every arm with candidates, m at most
+    info = dict(_rows(store, "select name, value from select_info where key = ?", [key]))
+    assert info["blocks"] == "ranked" and info["rank_scorer"] == "combined" and info["theta"] is None
+    assert info["probe_scorer"] == "combined" and int(info["round_tokens"]) == -(-budget // 5)
+
+
 def test_rerun_is_idempotent_and_other_partitions_survive(upstream):
     store, refs = upstream["store"], upstream["refs"]
-    quad = SelectSettings(budget_tokens=5000, arms_per_round=2, max_rounds=3)
+    quad = SelectSettings(budget_tokens=5000, arms_per_round=2, max_rounds=3, blocks="random")
     first = select.fn(quad, seed=0, **refs)
     again = select.fn(quad, seed=0, **refs)
     assert again == first

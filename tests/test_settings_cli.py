@@ -43,7 +43,7 @@ def test_dsir_scorer_without_target_is_a_config_error():
 def test_auto_scorers_depend_on_target():
     s = build_settings(overrides={"ingest": {"inputs": ["x"]}})
     assert s.score.resolved(has_targets=False) == ["heuristic"]
-    assert s.score.resolved(has_targets=True) == ["heuristic", "dsir"]
+    assert s.score.resolved(has_targets=True) == ["dsir", "classifier"]
 
 
 def test_settings_round_trip_through_json():

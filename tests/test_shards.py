@@ -104,8 +104,10 @@ def test_results_do_not_depend_on_the_shard_size(tmp_path):
     with connect(whole.store, read_only=True) as con:
         texts = pl.Series("text", [t for (t,) in con.execute(
             "select text from ingest_docs where role = 'pool' order by doc_idx").fetchall()])
+        tokens = np.array([n for (n,) in con.execute(
+            "select n_tokens from ingest_docs where role = 'pool' order by doc_idx").fetchall()])
         data = ScoreInput(n_docs=45, texts=texts, ngrams=load_ngrams(con, fa.key, "pool"),
-                          target_ngrams=load_ngrams(con, fa.key, "target"))
+                          target_ngrams=load_ngrams(con, fa.key, "target"), tokens=tokens)
     frame, _ = score_pool(build_scorers(SCORE, SCORE.resolved(True), 0), data)
     assert sorted(frame.rows()) == sorted(b["scores"])
     failed = dict(b["info"])["heuristic"]["failed"]  # per-shard rule counts, merged: the same as in one piece

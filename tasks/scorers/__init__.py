@@ -12,6 +12,9 @@ Inputs a scorer may need (`ScoreInput`, loaded by the score task only when some 
 - "texts": the pool texts, ordered by doc_idx;
 - "ngrams": the pool's hashed word 1+2-gram counts, a (n_docs, n_buckets) CSR matrix;
 - "target_ngrams": the same for the target set (a scorer needing it cannot run without targets).
+
+Fitting may also read `FitInput.pool_tokens`, every pool document's token count (the classifier
+samples its negatives in proportion to tokens).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ScoreInput:
     texts: pl.Series | None = None  # (n_docs,) str
     ngrams: sparse.csr_matrix | None = None  # (n_docs, n_buckets) counts
     target_ngrams: sparse.csr_matrix | None = None  # (n_target, n_buckets) counts
+    tokens: np.ndarray | None = None  # (n_docs,) int token counts (what FitInput.pool_tokens is made of)
 
     def require(self, name: str, scorer: str) -> Any:
         """The input `name`, or a clear error naming the scorer that needed it."""
@@ -50,7 +54,8 @@ class FitInput:
     """What scorers learn from before scoring shard by shard: pool-wide statistics, never the whole pool.
 
     pool_totals: (n_buckets,) float64 exact sum of the pool's hashed n-gram counts;
-    pool_rows(idx) -> (len(idx), n_buckets) CSR counts of chosen pool documents (idx sorted).
+    pool_rows(idx) -> (len(idx), n_buckets) CSR counts of chosen pool documents (idx sorted);
+    pool_tokens: (n_pool,) token count of every pool document.
     """
 
     n_pool: int
@@ -58,17 +63,19 @@ class FitInput:
     pool_totals: np.ndarray | None = None
     pool_rows: Any = None  # Callable[[np.ndarray], sparse.csr_matrix]
     empty_docs: int = 0  # pool documents without any n-gram
+    pool_tokens: np.ndarray | None = None  # (n_pool,) int64
 
     @classmethod
     def from_input(cls, data: "ScoreInput") -> "FitInput":
         """The same statistics from a whole pool held in memory (tests, benchmarks, small pools)."""
+        tokens = None if data.tokens is None else np.asarray(data.tokens, dtype=np.int64)
         if data.ngrams is None:
-            return cls(n_pool=data.n_docs)
+            return cls(n_pool=data.n_docs, pool_tokens=tokens)
         ngrams = sparse.csr_matrix(data.ngrams)
         totals = np.asarray(ngrams.sum(axis=0, dtype=np.float64)).ravel()
         empty = int((np.diff(ngrams.indptr) == 0).sum())
         return cls(n_pool=data.n_docs, target_ngrams=data.target_ngrams, pool_totals=totals,
-                   pool_rows=lambda idx: ngrams[np.asarray(idx)], empty_docs=empty)
+                   pool_rows=lambda idx: ngrams[np.asarray(idx)], empty_docs=empty, pool_tokens=tokens)
 
     def require(self, name: str, scorer: str) -> Any:
         value = getattr(self, name)
