@@ -4,17 +4,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup setup-test demo test bench-pool bench bench-full clean
+LOCK := requirements/lock.txt
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: setup setup-test demo test lock bench-pool bench bench-full clean
+
+# Installs take exactly the versions in $(LOCK) (pyproject.toml keeps ranges for library users);
+# `lock.py check` fails if the environment holds anything else.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -c $(LOCK) pip setuptools
+	$(PY) -m pip install -q -c $(LOCK) -e .
+	$(PY) requirements/lock.py check --subset
 	touch $@
 
 # torch==2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,influence,bench,dask]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test,influence,bench,dask]'
+	$(PY) requirements/lock.py check
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,6 +31,10 @@ demo: setup
 
 test: setup-test
 	$(PY) -m pytest -q
+
+# Resolve every dependency again (newest versions pyproject.toml allows) into $(LOCK); then `make test`.
+lock:
+	$(PYTHON) requirements/lock.py generate
 
 # Benchmarks (BENCHMARKS.md): `make bench` is the quick version (~30k-document pools, one seed,
 # throughput at 10k documents: minutes); `make bench-full` runs the whole 354k-document pool with

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from quadflow.crashes import claim, mark_crashed, running_here
 from quadflow.objectstore import ObjectStoreSettings
 from quadflow.settings import IngestSettings, RunSettings, Settings
 from quadflow.shards import check_flow_runner, task_runner
@@ -23,8 +24,19 @@ from quadflow.tasks.select import select
 
 @task(name="open-store", cache_policy=NO_CACHE)
 def open_store_task(path: str) -> StoreRef:
-    """Never cached: the store's identity is what every stage's cache key hangs on."""
-    return open_store(path)
+    """Never cached: the store's identity is what every stage's cache key hangs on.
+
+    Also records this run in the store and marks runs a killed process left RUNNING as Crashed.
+    """
+    store = open_store(path)
+    runs = running_here()
+    gone = claim(store, runs)
+    if gone:
+        marked = mark_crashed(gone, by=runs[0][1] if runs else "a later run")
+        if marked:
+            get_run_logger().warning(f"open-store: marked {len(marked)} flow run(s) a killed process left running "
+                                     f"as Crashed: {', '.join(marked)}")
+    return store
 
 
 @task(name="resolve-inputs", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import duckdb
 
 from quadflow.settings import SCORERS, SELECTORS, ConfigError, Settings, build_settings
 from quadflow.shards import RUNNER_HELP
@@ -62,13 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for every random step (default 0)")
     run.add_argument("--text-field", help="field holding the document text (default 'text')")
     run.add_argument("--format", choices=("parquet", "jsonl"), help="selection file format (default parquet)")
+    run.add_argument("--overwrite", action="store_true", default=None,
+                     help="publish into a non-empty directory quadflow did not create, or over another store's "
+                          "output (refused otherwise)")
     run.add_argument("--runner", metavar="RUNNER", help=f"where shard tasks run: {RUNNER_HELP}")
     run.add_argument("--workers", type=int, help="worker processes/threads for the runner (default: one per core)")
     run.add_argument("--shard-docs", type=int,
                      help="documents per featurize/score shard (default 50,000): sets peak memory, not results")
     run.add_argument("--parts", metavar="DIR",
                      help="directory for shard parts, shared with the workers (default: <store>.parts)")
-    run.add_argument("--lock-timeout", type=float, default=3600.0, metavar="SECONDS",
+    run.add_argument("--lock-timeout", default="3600", metavar="SECONDS",
                      help="how long to wait while another run holds the store (default 3600)")
     run.add_argument("--show-settings", action="store_true", help="print the resolved settings and exit")
 
@@ -78,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild the report of the latest run in a store")
     rep.add_argument("--store", required=True, help="DuckDB store of the run")
     rep.add_argument("--output", help="directory to write report/ into (default: the run's output)")
+    rep.add_argument("--lock-timeout", default="3600", metavar="SECONDS",
+                     help="how long to wait while a run holds the store (default 3600)")
 
     ver = sub.add_parser("verify", help="check a published output (directory or s3:// prefix) against its manifest")
     ver.add_argument("output", help="output directory or s3://bucket/prefix")
@@ -97,7 +105,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "score": {"scorers": args.scorers},
         "select": {"selector": args.selector, "budget_tokens": args.budget_tokens,
                    "probe_scorer": args.probe_scorer, "blocks": args.blocks},
-        "export": {"output": args.output, "format": args.format},
+        "export": {"output": args.output, "format": args.format, "overwrite": args.overwrite},
         "objectstore": {"endpoint_url": args.endpoint_url},
         "run": {"runner": args.runner, "workers": args.workers, "shard_docs": args.shard_docs, "parts": args.parts},
     }
@@ -132,11 +140,28 @@ def _prefect_api() -> Iterator[None]:
         server.stop()
 
 
+def _lock_timeout(value: str) -> float:
+    """--lock-timeout as seconds: a finite number >= 0 (NaN would wait forever, -1 failed with a traceback)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"invalid --lock-timeout = {value}: give a number of seconds >= 0")
+    return seconds
+
+
 def _check_paths(settings: Settings) -> None:
-    """Fail on a missing or unreadable input, or an unreachable bucket, before a Prefect server start."""
+    """Fail on a missing or unreadable input, an unreachable bucket, a store that is a directory, or an
+    output this run must not or cannot write, before a Prefect server start."""
     from quadflow import objectstore as ob
+    from quadflow.tasks.export import check_output
     from quadflow.tasks.ingest import list_inputs
 
+    store = Path(settings.store)
+    if store.is_dir():
+        raise ConfigError(f"invalid setting store = {settings.store!r}: is a directory; name the DuckDB file in "
+                          f"it, e.g. {str(store / 'quadflow.duckdb')!r}")
     s = settings.ingest
     c = ob.client(settings.objectstore) if any(
         ob.is_s3(p) for p in (*s.inputs, *s.targets, settings.export.output)) else None
@@ -145,18 +170,19 @@ def _check_paths(settings: Settings) -> None:
         list_inputs(s.targets, settings.objectstore, role="target", client=c)
     if ob.is_s3(settings.export.output):
         ob.check_access(c, ob.prefix_url(settings.export.output))
+    check_output(settings, str(store.resolve()), client=c)
 
 
 def _run(settings: Settings, lock_timeout: float = 3600.0) -> int:
     _check_paths(settings)
     _prepare_environment()
     from quadflow.flows.curate import run_curate
-    from quadflow.locking import default_owner, store_lock
-    from quadflow.partitions import lock_path
+    from quadflow.locking import default_owner, store_lock, store_lock_path
 
     # One run at a time per store: a second `quadflow run` over it waits (and says so) instead
     # of failing on DuckDB's single-writer lock.
-    with store_lock(lock_path(settings), timeout=lock_timeout, owner=f"quadflow run, {default_owner()}"), \
+    with store_lock(store_lock_path(settings.store), timeout=lock_timeout,
+                    owner=f"quadflow run, {default_owner()}"), \
             _prefect_api():
         result = run_curate(settings)
     _print_result(result)
@@ -178,39 +204,64 @@ def _print_result(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from quadflow.log import to_stderr
+
+    with to_stderr():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             settings = build_settings(args.config, _overrides(args))
             if args.show_settings:
                 print(json.dumps(settings.model_dump(mode="json"), indent=2))
                 return 0
-            return _run(settings, args.lock_timeout)
+            return _run(settings, _lock_timeout(args.lock_timeout))
         if args.command == "demo":
+            if not DEMO_CONFIG.exists():
+                raise ConfigError(f"quadflow demo curates the sample in the source repository's examples/ "
+                                  f"({DEMO_CONFIG} is not there): run `make demo` in a checkout")
             out = Path(args.output)
             settings = build_settings(DEMO_CONFIG, {"store": str(out / "quadflow.duckdb"), "export": {"output": str(out)}})
             settings = _rebase_demo_inputs(settings)
             return _run(settings)
         if args.command == "report":
-            from quadflow.tasks.report import report_from_store
-
-            result = report_from_store(args.store, args.output)
-            print(f"report: {result.report_path}")
-            return 0
+            return _report(args.store, args.output, _lock_timeout(args.lock_timeout))
         if args.command == "verify":
             return _verify(args.output, args.endpoint_url)
     except ConfigError as e:  # includes ObjectStoreError: missing bucket/key, denied, bad credentials
         print(f"quadflow: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except OSError as e:
+    except (OSError, duckdb.Error) as e:
         from quadflow.locking import StoreLockTimeout
         from quadflow.objectstore import ObjectStoreIOError
+        from quadflow.store import storage_problem
 
-        if not isinstance(e, (ObjectStoreIOError, StoreLockTimeout)):
+        if isinstance(e, (ObjectStoreIOError, StoreLockTimeout)):
+            # transient failures that outlived every retry, or a store another run held too long
+            print(f"quadflow: error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        problem = storage_problem(e)  # a full, read-only or locked disk or store: say so, no traceback
+        if problem is None:
             raise
-        # transient failures that outlived every retry, or a store another run held too long
-        print(f"quadflow: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"quadflow: error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_FAILED
+
+
+def _report(store: str, output: str | None, lock_timeout: float) -> int:
+    """Rebuild the report, waiting (and saying so) while a run holds the store, as a second run would."""
+    from quadflow.locking import default_owner, store_lock, store_lock_path
+    from quadflow.tasks.report import report_from_store
+
+    if not Path(store).is_file():
+        raise ConfigError(f"store {store} does not exist" if not Path(store).exists() else
+                          f"store {store} is not a file")
+    with store_lock(store_lock_path(store), timeout=lock_timeout, owner=f"quadflow report, {default_owner()}"):
+        result = report_from_store(store, output)
+    print(f"report: {result.report_path}")
+    return 0
 
 
 def _verify(output: str, endpoint_url: str | None) -> int:

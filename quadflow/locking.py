@@ -33,6 +33,11 @@ class StoreLockTimeout(TimeoutError):
     """The store lock was not free within the timeout; the message names the lock and its holder."""
 
 
+def store_lock_path(store: str | Path) -> Path:
+    """The lock file every run over a store holds (and `quadflow report` waits on): `<store>.lock`."""
+    return Path(f"{store}.lock")
+
+
 def default_owner() -> str:
     """Who this process is, as written into the lock file: pid and host."""
     return f"pid {os.getpid()} on {socket.gethostname()}"

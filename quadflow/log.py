@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def get_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -18,6 +21,70 @@ def get_logger() -> logging.Logger | logging.LoggerAdapter:
     except ImportError:  # pragma: no cover - prefect is a hard dependency
         pass
     return logging.getLogger("quadflow")
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever sys.stderr is when a record is emitted (a redirect or a test's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def named_error(err: BaseException | None) -> bool:
+    """Whether `err` is one of quadflow's named failures (bad settings or input, a full or read-only disk),
+    whose message says all there is to say."""
+    from quadflow.settings import ConfigError
+    from quadflow.store import storage_problem
+
+    return err is not None and (isinstance(err, ConfigError) or storage_problem(err) is not None)
+
+
+class _NoTracebackForNamedErrors(logging.Filter):
+    """Prefect logs a failed flow run with its traceback; for a named error the one-line message is the report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and named_error(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+@contextmanager
+def to_stderr(level: int = logging.INFO) -> Iterator[None]:
+    """How a command reports: quadflow's own messages outside a flow run on stderr, no tracebacks for named errors.
+
+    Without a handler the "quadflow" logger reaches only Python's last-resort handler, which drops
+    everything below WARNING: a run waiting on a lock printed nothing. And a bad --text-field ended in
+    Prefect's traceback of the flow run before the one-line error. Restored on exit.
+    """
+    logger = logging.getLogger("quadflow")
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("quadflow: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # Prefect's root console handler would print warnings a second time
+    quiet = _NoTracebackForNamedErrors()
+    for name in _RUN_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        yield
+    finally:
+        for name in _RUN_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 class Progress:

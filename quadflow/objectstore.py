@@ -35,8 +35,10 @@ import urllib3.exceptions
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from s3transfer.utils import ChunksizeAdjuster
+
+from quadflow.section import Section
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -67,10 +69,8 @@ _STREAM_ERRORS = (
 _CONNECT_ERRORS = (bce.EndpointConnectionError, bce.ConnectionError, bce.HTTPClientError)
 
 
-class ObjectStoreSettings(BaseModel):
+class ObjectStoreSettings(Section):
     """Where the object store is and how hard to try; credentials are never part of it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000; None: AWS S3 for the region."
@@ -201,7 +201,29 @@ class ObjectStoreClient:
 
     @property
     def endpoint(self) -> str:
-        return self.settings.endpoint_url or f"AWS S3 ({self.s3.meta.region_name or 'default region'})"
+        """Where requests go, as messages name it: the endpoint URL, or AWS S3 and the region."""
+        return configured_endpoint(self) or f"AWS S3 ({self.s3.meta.region_name or 'default region'})"
+
+
+def configured_endpoint(c: ObjectStoreClient) -> str | None:
+    """The S3-compatible endpoint this client talks to, or None for AWS S3 itself.
+
+    objectstore.endpoint_url, else what boto3 took from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or the
+    profile's `endpoint_url`: without this, errors said "at AWS S3" and manifests recorded no endpoint
+    for a run pointed at MinIO by the environment.
+    """
+    if c.settings.endpoint_url:
+        return c.settings.endpoint_url
+    url = c.s3.meta.endpoint_url or ""
+    if m := re.match(r"^(https?://)([^/\s]*)@", url):  # never quote a user:password@ back
+        url = f"{m.group(1)}[redacted]@{url[m.end():]}"
+    host = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1].rsplit(":", 1)[0].lower()
+    return None if not url or host.endswith((".amazonaws.com", ".amazonaws.com.cn")) else url
+
+
+def endpoint_of(settings: ObjectStoreSettings | None) -> str | None:
+    """configured_endpoint for these settings and this environment (a client is built; nothing is sent)."""
+    return configured_endpoint(client(settings))
 
 
 _SESSIONS: weakref.WeakSet[boto3.session.Session] = weakref.WeakSet()  # for redact()

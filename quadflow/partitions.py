@@ -142,7 +142,9 @@ def settings_digest(settings: Settings) -> str:
 
 def lock_path(settings: Settings) -> Path:
     """The advisory lock file that serializes runs over one store: `<store>.lock`."""
-    return Path(f"{settings.store}.lock")
+    from quadflow.locking import store_lock_path
+
+    return store_lock_path(settings.store)
 
 
 def _current_inputs(settings: Settings) -> list[tuple[str, int]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 SCORERS = ("heuristic", "dsir", "classifier", "influence")
 SELECTORS = ("quad", "random", "topk", "dsir")
@@ -24,10 +24,10 @@ class ConfigError(ValueError):
 
 # After ConfigError: quadflow.objectstore imports it back (either module may be imported first).
 from quadflow.objectstore import ObjectStoreSettings  # noqa: E402
+from quadflow.section import Section  # noqa: E402  (frozen, closed, no booleans for numbers, no NaN)
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+# Seeds go to numpy's and scikit-learn's generators, which take 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
 
 
 class IngestSettings(Section):
@@ -368,6 +368,10 @@ class ExportSettings(Section):
         "goes to report/ in the directory, or in the local copy of an s3:// output next to the store).",
     )
     format: Literal["parquet", "jsonl"] = Field("parquet", description="Selection file format.")
+    overwrite: bool = Field(
+        False, description="Publish into an output that quadflow did not create (a non-empty directory without "
+        "its marker) or that another store published to; without it such an output is refused, naming it.",
+    )
 
 
 class RunSettings(Section):
@@ -388,13 +392,11 @@ class RunSettings(Section):
     )
 
 
-class Settings(BaseModel):
+class Settings(Section):
     """Everything a curation run needs. Backs the CLI, the YAML config and the flow parameters."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     store: str = Field("quadflow.duckdb", description="DuckDB file holding every intermediate result.")
-    seed: int = Field(0, description="Seed for every random step.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for every random step (0 to 2**32 - 1).")
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     featurize: FeaturizeSettings = Field(default_factory=FeaturizeSettings)
@@ -404,6 +406,15 @@ class Settings(BaseModel):
     export: ExportSettings = Field(default_factory=ExportSettings)
     objectstore: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     run: RunSettings = Field(default_factory=RunSettings)
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_a_file_name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("store must name a DuckDB file, e.g. work/quadflow.duckdb")
+        if v.endswith(("/", "\\")):
+            raise ValueError("store names a directory; name the DuckDB file in it, e.g. work/quadflow.duckdb")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -8,6 +8,7 @@ and a cached reference from an earlier configuration still points at rows that e
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -108,9 +109,46 @@ def _config() -> dict[str, str]:
     return {"memory_limit": limit}
 
 
+# A write the file system refuses for good: full (or over quota or the file size limit), read-only, not
+# permitted. Retrying does not help and the message should say which, not show a traceback.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+NO_WRITE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_DUCKDB_NO_SPACE = ("No space left on device", "Disk quota exceeded", "File too large")
+_DUCKDB_NO_WRITE = ("Read-only file system", "Permission denied")
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """One line saying what the file system refused and what to do, when `err` is such a refusal; else None.
+
+    Covers OSErrors (shard parts, exports, lock files) and DuckDB's IO errors, which name the store file.
+    """
+    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS | NO_WRITE_ERRNOS:
+        where = f" {err.filename}" if err.filename else ""
+        if err.errno in NO_SPACE_ERRNOS:
+            return (f"no space to write{where}: {err.strerror}; free space on that file system or point --store, "
+                    f"--output or --parts at a larger one")
+        return f"cannot write{where}: {err.strerror}; check the permissions and that the file system is writable"
+    if isinstance(err, duckdb.Error):
+        text = str(err).strip()
+        if any(m in text for m in _DUCKDB_NO_SPACE):
+            return (f"the store ran out of space: {text}; free space there or move --store to a larger file "
+                    f"system (DuckDB also spills to <store>.tmp beside it)")
+        if any(m in text for m in _DUCKDB_NO_WRITE):
+            return f"the store cannot be written: {text}"
+        if "Could not set lock on file" in text:
+            return (f"the store is open in another process: {text}; wait for that process (a quadflow run over "
+                    f"a store holds <store>.lock) or close it")
+    return None
+
+
 def open_store(path: str | Path) -> StoreRef:
     """Create the store (and its meta table) if needed; return its reference."""
     p = Path(path)
+    if p.is_dir():
+        from quadflow.settings import ConfigError
+
+        raise ConfigError(f"invalid setting store = {str(path)!r}: is a directory; name the DuckDB file in it, "
+                          f"e.g. {str(p / 'quadflow.duckdb')!r}")
     p.parent.mkdir(parents=True, exist_ok=True)
     with duckdb.connect(str(p), config=_config()) as con:
         con.execute("create table if not exists store_meta (name varchar primary key, value varchar)")

@@ -25,8 +25,11 @@ def transient_failure(task, task_run, state) -> bool:
         return False
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
         return False
-    except (OSError, TimeoutError, ConnectionError):
-        return True
+    except OSError as e:
+        from quadflow.store import NO_SPACE_ERRNOS, NO_WRITE_ERRNOS
+
+        # a full or read-only disk stays so for the 35 s of retries: fail now, naming it
+        return e.errno not in NO_SPACE_ERRNOS | NO_WRITE_ERRNOS
     except Exception:
         return False
     return False

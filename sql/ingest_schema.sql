@@ -19,7 +19,7 @@ create table if not exists ingest_quarantine (
     role varchar not null,
     file varchar not null,
     line bigint not null,
-    -- malformed_json | not_an_object | missing_text | wrong_type | empty_text | undecodable | oversize
+    -- malformed_json | not_an_object | too_deep | missing_text | wrong_type | empty_text | undecodable | oversize
     reason varchar not null,
     detail varchar not null,
     excerpt varchar not null      -- first 200 chars of the raw record

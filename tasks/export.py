@@ -1,9 +1,19 @@
 """Export: publish the selected documents (Parquet or JSONL) with a manifest, atomically.
 
 Readers trust only a directory whose manifest.json exists and whose checksums match, so a
-publish removes the old manifest first, moves each file into place with os.replace after an
-fsync, and writes the new manifest last. A crash at any point leaves either no manifest or a
-complete, verifiable output, never a manifest that describes files that are not there.
+publish writes the new selection and manifest aside (a hidden staging directory inside the
+output, fsynced), and only then swaps them in: old manifest removed, selection moved into place
+with os.replace, new manifest moved in last. A failure while writing (a full disk) leaves the
+previous output as it was, still verifiable; a crash during the swap leaves either no manifest
+or a complete output, never a manifest that describes files that are not there.
+
+Before a run and again at publish time, `check_output` refuses an output that would lose
+someone's data: a non-empty directory quadflow did not create (it writes `.quadflow-output`
+into every directory it publishes to), an output another store published to (the manifest
+names its store), an output inside an input (the next run would ingest the selection), or a
+local output that is read-only or full. `export.overwrite` (--overwrite) lifts the first two.
+Publishing into a directory holds an flock on its marker, so two runs never publish into one
+directory at once; the second then finds the first's manifest and stops, naming it.
 
 An s3:// output is written the same way into a temporary directory and published with
 `objectstore.publish_prefix`: old manifest deleted first, every file uploaded and verified
@@ -21,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -39,6 +50,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 import quadflow
 from quadflow import objectstore as ob
+from quadflow.locking import default_owner, store_lock
 from quadflow.log import get_logger
 from quadflow.objectstore import ObjectStoreError, ObjectStoreSettings
 from quadflow.settings import ConfigError, ExportSettings, Settings
@@ -47,6 +59,8 @@ from quadflow.tasking import CACHE_POLICY, IO_RETRIES, stage_task
 
 VERSION = "export-1"
 MANIFEST = "manifest.json"
+MARKER = ".quadflow-output"  # in every output directory quadflow publishes to; also the lock publishing holds
+MIN_FREE_BYTES = 1 << 20  # a file system with less room than this counts as full before a run starts
 SELECTION_FILES = {"parquet": "selection.parquet", "jsonl": "selection.jsonl"}
 BATCH_ROWS = 20_000  # selected documents per streamed batch (bounds memory for big selections)
 PACKAGES = ("prefect", "duckdb", "polars", "numpy", "scikit-learn", "scipy", "pyarrow", "matplotlib")
@@ -416,6 +430,119 @@ def published_manifest_s3(c: ob.ObjectStoreClient, url: str, export_key: str) ->
     return found
 
 
+def own_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest.json quadflow wrote in `directory`, or None (absent, unreadable, or someone else's)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if isinstance(manifest, dict) and "quadflow_version" in manifest and "export_key" in manifest:
+        return manifest
+    return None
+
+
+def _publisher(manifest: dict[str, Any]) -> str:
+    store = manifest.get("store")
+    return str(store.get("path")) if isinstance(store, dict) else "an unknown store"
+
+
+def _clash(output: str, manifest: dict[str, Any] | None, store_path: str) -> ConfigError | None:
+    """The error for an output another store published to, or None."""
+    if manifest is None or _publisher(manifest) == store_path:
+        return None
+    return ConfigError(
+        f"export.output = {output!r} holds the selection that store {_publisher(manifest)} published "
+        f"({manifest.get('created_at', 'at an unknown time')}); this run's store is {store_path}. Two stores "
+        f"publishing to one output would overwrite each other's selection: give this run its own --output, or "
+        f"pass --overwrite (export.overwrite) to replace it")
+
+
+def _own_store_names(out: Path, store_path: str) -> set[str]:
+    """Names in `out` that belong to the run's own store when it lives there (e.g. `quadflow demo`)."""
+    store = Path(store_path)
+    if store.parent != out:
+        return set()
+    n = store.name
+    return {n, f"{n}.wal", f"{n}.lock", f"{n}.tmp", f"{n}.parts", f"{n}.artifacts", f"{store.stem}.exports"}
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing ancestor (where a directory would be created)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _check_output_dir(out: Path, store_path: str, overwrite: bool, room: bool) -> None:
+    shown = str(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export.output = {shown!r} is a file, not a directory")
+    where = _existing(out)
+    if not os.access(where, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+        why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
+        raise ConfigError(f"export.output = {shown!r} cannot be written: {where} {why}")
+    free = shutil.disk_usage(where).free
+    if room and free < MIN_FREE_BYTES:
+        raise ConfigError(f"export.output = {shown!r} cannot be written: the file system holding {where} is full "
+                          f"({free:,} bytes free); free space there or choose another --output")
+    if overwrite or not out.is_dir():
+        return
+    manifest = own_manifest(out)
+    if (err := _clash(shown, manifest, store_path)) is not None:
+        raise err
+    if manifest is not None or (out / MARKER).exists():
+        return
+    foreign = sorted(set(os.listdir(out)) - {MARKER} - _own_store_names(out, store_path))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"export.output = {shown!r} is a non-empty directory quadflow did not create (it holds {listed}); "
+            f"publishing would replace selection.*, manifest.json and report/ in it. Choose a new or empty "
+            f"directory, or pass --overwrite (export.overwrite) to publish there anyway")
+
+
+def check_output(settings: Settings, store_path: str, client: ob.ObjectStoreClient | None = None, *,
+                 room: bool = True) -> None:
+    """ConfigError when this run must not publish to export.output (checked before a run and at publish).
+
+    `store_path`: the run's store, resolved; an output another store published to is refused. For an
+    s3:// output the manifest is read with `client` (default: one on settings.objectstore). `room`: also
+    refuse a local output on a file system with less than MIN_FREE_BYTES free (before a run; at publish
+    time the write itself says whether it fits).
+    """
+    from quadflow.tasks.ingest import would_read
+
+    output = settings.export.output
+    if ob.is_s3(output):
+        url = ob.prefix_url(output)
+        candidates = [url + name for name in SELECTION_FILES.values()]
+    else:
+        out = output_dir(settings.export)
+        candidates = [str(out / name) for name in SELECTION_FILES.values()]
+    for role, patterns in (("--input", settings.ingest.inputs), ("--target", settings.ingest.targets)):
+        for candidate in candidates:
+            if (pattern := would_read(patterns, candidate)) is not None:
+                raise ConfigError(
+                    f"export.output = {output!r} lies inside the {role} {pattern!r}: the next run would ingest "
+                    f"its own selection ({candidate}). Choose an --output outside the inputs")
+    if not ob.is_s3(output):
+        return _check_output_dir(out, store_path, settings.export.overwrite, room)
+    if settings.export.overwrite:
+        return
+    c = client or ob.client(settings.objectstore)
+    try:
+        found = _read_s3_manifest(c, url)
+    except OutputError:  # not a manifest quadflow can read: someone else's file
+        raise ConfigError(f"export.output = {output!r} holds a {MANIFEST} quadflow did not write; choose another "
+                          f"prefix, or pass --overwrite (export.overwrite) to replace it") from None
+    if found is not None and "quadflow_version" not in found[0]:
+        raise ConfigError(f"export.output = {output!r} holds a {MANIFEST} quadflow did not write; choose another "
+                          f"prefix, or pass --overwrite (export.overwrite) to replace it")
+    if found is not None and (err := _clash(url, found[0], store_path)) is not None:
+        raise err
+
+
 def output_dir(section: ExportSettings) -> Path:
     """The local output directory (s3:// outputs have a local copy instead: see local_copy_dir)."""
     if ob.is_s3(section.output):
@@ -441,8 +568,9 @@ def _fingerprints(files: tuple) -> list[list[Any]]:
 
 def export_key(settings: Settings, files: tuple, targets: tuple, docs: StageRef, clusters: StageRef,
                scores: StageRef, selection: StageRef, features: StageRef | None = None) -> str:
+    section = settings.export.model_dump(mode="json", exclude={"overwrite"})  # where, not what, is published
     return stage_key(
-        "export", VERSION, settings.export, settings.select.budget_tokens, _fingerprints(files),
+        "export", VERSION, section, settings.select.budget_tokens, _fingerprints(files),
         _fingerprints(targets), docs, clusters, scores, selection, features, settings.seed,
     )
 
@@ -541,7 +669,7 @@ def _objectstore_info(settings: Settings, files: tuple, targets: tuple, ingest: 
         return None
     ingest = ingest or {}
     return {
-        "endpoint_url": settings.objectstore.endpoint_url,
+        "endpoint_url": ob.endpoint_of(settings.objectstore),  # also when AWS_ENDPOINT_URL set it
         "region": settings.objectstore.region,
         "read": {"objects": ingest.get("objects_read", 0), "bytes": ingest.get("bytes_read", 0),
                  "retries": ingest.get("retries", 0)},
@@ -570,24 +698,36 @@ def _write_selection_file(con, settings: Settings, out: Path, stage_keys: dict[s
 
 def _publish(con, settings: Settings, files: tuple, targets: tuple, store: StoreRef, out: Path,
              stage_keys: dict[str, str]) -> tuple[dict[str, Any], str]:
-    """Remove the manifest, write the selection aside and move it in, write the manifest last."""
+    """Write the selection and manifest aside, then swap them in: old manifest out, selection in, manifest last.
+
+    Everything that can fail for want of space happens before the old manifest is touched, so a failed
+    republish leaves the previous output verifiable.
+    """
     mpath = out / MANIFEST
     out.mkdir(parents=True, exist_ok=True)
-    mpath.unlink(missing_ok=True)  # first: from here on, readers see an unpublished directory
-    _fsync_dir(out)
-    counts, quarantined, written = _write_selection_file(con, settings, out, stage_keys)
-    name = written.path
-    ingest = _ingest_info(con, stage_keys["ingest"])
-    manifest = build_manifest(
-        settings=settings, files=files, targets=targets, store=store, stage_keys=stage_keys, counts=counts,
-        quarantined=quarantined, outputs=[written], export_key=stage_keys["export"],
-        created_at=datetime.now(timezone.utc), ingest=ingest,
-        objectstore=_objectstore_info(settings, files, targets, ingest, s3_output=False),
-    )
-    manifest_sha = write_manifest(mpath, manifest)  # last: the output is now published
-    for other in SELECTION_FILES.values():  # a file of the other format is no longer described
-        if other != name:
-            (out / other).unlink(missing_ok=True)
+    for stale in out.glob(".publish-*"):  # left by a publish that was killed (we hold the directory's lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".publish-") as tmp:
+        staged = Path(tmp)
+        counts, quarantined, written = _write_selection_file(con, settings, staged, stage_keys)
+        name = written.path
+        ingest = _ingest_info(con, stage_keys["ingest"])
+        manifest = build_manifest(
+            settings=settings, files=files, targets=targets, store=store, stage_keys=stage_keys, counts=counts,
+            quarantined=quarantined, outputs=[written], export_key=stage_keys["export"],
+            created_at=datetime.now(timezone.utc), ingest=ingest,
+            objectstore=_objectstore_info(settings, files, targets, ingest, s3_output=False),
+        )
+        manifest_sha = write_manifest(staged / MANIFEST, manifest)
+        # the swap: renames only, nothing left to run out of space
+        mpath.unlink(missing_ok=True)  # from here until the last move, readers see an unpublished directory
+        _fsync_dir(out)
+        os.replace(staged / name, out / name)
+        for other in SELECTION_FILES.values():  # a file of the other format is no longer described
+            if other != name:
+                (out / other).unlink(missing_ok=True)
+        os.replace(staged / MANIFEST, mpath)  # last: the output is now published
+        _fsync_dir(out)
     return manifest, manifest_sha
 
 
@@ -655,6 +795,7 @@ def _export_s3(settings: Settings, files: tuple, targets: tuple, store: StoreRef
     url = ob.prefix_url(settings.export.output)
     c = ob.client(settings.objectstore)
     local = local_copy_dir(store, url)
+    check_output(settings, store.path, client=c, room=False)
     found = published_manifest_s3(c, url, key)
     with connect(store) as con:
         run_sql(con, "export_create")
@@ -663,6 +804,12 @@ def _export_s3(settings: Settings, files: tuple, targets: tuple, store: StoreRef
             log.info(f"export: {url} already published for key {key}; nothing rewritten")
         else:
             manifest, manifest_sha = _publish_s3(con, c, settings, files, targets, store, url, local, stage_keys)
+            now = _read_s3_manifest(c, url)  # an object store has no lock: see who published last
+            if now is None or now[1] != manifest_sha:
+                raise ConfigError(
+                    f"another run published to {url} while this one did (its manifest is now "
+                    f"{'gone' if now is None else 'from store ' + _publisher(now[0])}); give each run its own "
+                    f"output prefix")
         _record(con, key, url, manifest, manifest_sha)
     n = manifest["counts"]
     log.info(f"export: {n['selected_docs']:,} documents, {n['selected_tokens']:,} tokens in {url}")
@@ -690,15 +837,20 @@ def export(settings: Settings, files: tuple, targets: tuple, docs: StageRef, clu
         return _export_s3(settings, files, targets, docs.store, key, stage_keys)
     out = output_dir(settings.export)
     mpath = out / MANIFEST
-    manifest = published_manifest(out, key)
-    with connect(docs.store) as con:
-        run_sql(con, "export_create")
-        if manifest is not None:
-            log.info(f"export: {out} already published for key {key}; nothing rewritten")
-            manifest_sha = hashlib.sha256(mpath.read_bytes()).hexdigest()
-        else:
-            manifest, manifest_sha = _publish(con, settings, files, targets, docs.store, out, stage_keys)
-        _record(con, key, str(out), manifest, manifest_sha)
+    check_output(settings, docs.store.path, room=False)
+    with store_lock(out / MARKER, owner=f"export from store {docs.store.path}, {default_owner()}"):
+        if not settings.export.overwrite:  # again under the lock: a run that held it may have published
+            if (err := _clash(settings.export.output, own_manifest(out), docs.store.path)) is not None:
+                raise err
+        manifest = published_manifest(out, key)
+        with connect(docs.store) as con:
+            run_sql(con, "export_create")
+            if manifest is not None:
+                log.info(f"export: {out} already published for key {key}; nothing rewritten")
+                manifest_sha = hashlib.sha256(mpath.read_bytes()).hexdigest()
+            else:
+                manifest, manifest_sha = _publish(con, settings, files, targets, docs.store, out, stage_keys)
+            _record(con, key, str(out), manifest, manifest_sha)
     c = manifest["counts"]
     log.info(f"export: {c['selected_docs']:,} documents, {c['selected_tokens']:,} tokens in {out}")
     return ExportResult(

@@ -254,13 +254,16 @@ class LSA:
             raise RuntimeError("LSA is not fitted: call fit() first")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, params=np.array([self.dim, self.sample, -1 if self.random_state is None else self.random_state,
-                                          self.n_features_in_, self.n_fit_docs_], dtype=np.int64),
-                     idf=self.idf_, components=self.components_, evr=self.explained_variance_ratio_)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, params=np.array([self.dim, self.sample, -1 if self.random_state is None else self.random_state,
+                                              self.n_features_in_, self.n_fit_docs_], dtype=np.int64),
+                         idf=self.idf_, components=self.components_, evr=self.explained_variance_ratio_)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (full disk) must not leave a partial file of ~100 MB
 
     @classmethod
     def load(cls, path: Path) -> "LSA":

@@ -60,11 +60,16 @@ from quadflow.shards import Shard, ShardResult, record_shard, worker_name
 from quadflow.tasking import IO_RETRIES, stage_task
 from quadflow.text import count_tokens_expr
 
-VERSION = "ingest-1"
+VERSION = "ingest-2"  # 2: records nested deeper than MAX_DEPTH are quarantined (too_deep)
 ROLES = ("pool", "target")
 REASONS = (
-    "malformed_json", "not_an_object", "missing_text", "wrong_type", "empty_text", "undecodable", "oversize",
+    "malformed_json", "not_an_object", "too_deep", "missing_text", "wrong_type", "empty_text", "undecodable",
+    "oversize",
 )
+# Deepest nesting of arrays/objects a record may have. Python's json.dumps recurses per level and fails near
+# its recursion limit (1000, less the caller's stack), so a record ~975 deep would parse here and then break
+# every JSONL export; 128 is serde_json's default limit and far beyond what any corpus record needs.
+MAX_DEPTH = 128
 
 _JSON_EXTS = (".jsonl", ".json", ".ndjson")
 _COMPRESSIONS = {"": None, ".gz": "gzip", ".zst": "zstd"}
@@ -129,15 +134,57 @@ def _walk(directory: str) -> list[str]:
     return found
 
 
+def _literal_dir(pattern: str) -> str:
+    """The directory part of a glob before its first wildcard segment ('.' when the first segment has one)."""
+    parts = pattern.split(os.sep)
+    literal = []
+    for part in parts[:-1]:
+        if any(c in part for c in "*?["):
+            break
+        literal.append(part)
+    if not literal:
+        return "."
+    return os.sep.join(literal) or os.sep
+
+
+def _glob(pattern: str) -> list[str]:
+    """Paths a glob matches; `**` crosses directories but never follows a symlink to one.
+
+    glob.glob(recursive=True) follows directory symlinks, so two links back to a parent make
+    `d/**/*.parquet` enumerate paths without end. Here `**` walks the tree with os.walk (which does not
+    follow links) from the pattern's literal directory. `*`, `?` and `[..]` stay within one segment, and,
+    as in glob, wildcards skip hidden names.
+    """
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    base = _literal_dir(pattern)
+    prefix = "" if base == "." and not pattern.startswith("." + os.sep) else base.rstrip(os.sep) + os.sep
+    rest = pattern[len(prefix):] if prefix else pattern
+    regex = ob.glob_to_regex(rest.replace(os.sep, "/"))
+    hits = []
+    for root, dirs, names in os.walk(base):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(root, d)))
+        rel_root = os.path.relpath(root, base).replace(os.sep, "/")
+        rel_root = "" if rel_root == "." else rel_root + "/"
+        for name in [*dirs, *names]:
+            if not name.startswith(".") and regex.match(rel_root + name):
+                hits.append(os.path.join(root, name))
+    return hits
+
+
 def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Resolve files, directories (recursive) and globs (with **) to a sorted, de-duplicated file list."""
+    """Resolve files, directories (recursive) and globs (with **) to a sorted, de-duplicated file list.
+
+    Directory walks and `**` never follow a symlink to a directory (a link loop cannot hang them);
+    symlinks to files are read.
+    """
     out: set[Path] = set()
     for pattern in patterns:
         if "://" in pattern:
             raise InputError(f"input {pattern!r}: expand_inputs lists local paths only (see list_inputs)")
         expanded = os.path.expanduser(pattern)
         if any(c in expanded for c in "*?["):
-            hits = sorted(glob.glob(expanded, recursive=True))
+            hits = sorted(_glob(expanded))
             if not hits:
                 raise InputError(f"input pattern {pattern!r} matches nothing")
             found = []
@@ -166,6 +213,55 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
                 raise InputError(f"input {f!r} (from {pattern!r}) is not readable: permission denied")
             out.add(Path(f).resolve())
     return sorted(out)
+
+
+def would_read(patterns: list[str], path: str) -> str | None:
+    """The first input pattern that would list `path` (a local file or s3:// URL) as an input, or None.
+
+    Decided from names only, with the rules expand_inputs and the object listing apply (directories and
+    prefixes recursively, globs segment by segment, hidden names skipped below what the pattern names), so
+    it can be asked about files that do not exist yet, such as a run's own output.
+    """
+    for pattern in patterns:
+        if ob.is_s3(path) != ob.is_s3(pattern) or not _supported(path):
+            continue
+        if ob.is_s3(path):
+            bucket, key = ob.parse(path)
+            pbucket, pkey = ob.parse(pattern)
+            if bucket != pbucket:
+                continue
+            if any(c in pkey for c in "*?["):
+                base = ob.literal_prefix(pkey).rsplit("/", 1)[0] + "/" if "/" in ob.literal_prefix(pkey) else ""
+                hit = bool(ob.glob_to_regex(pkey).match(key)) and key.startswith(base)
+            elif pkey == "" or pkey.endswith("/"):
+                base, hit = pkey, key.startswith(pkey)
+            else:
+                base = pkey + "/"
+                hit = key == pkey or key.startswith(base)
+            if hit and (key == pkey or not any(seg.startswith(".") for seg in key[len(base):].split("/"))):
+                return pattern
+            continue
+        target = os.path.realpath(path)
+        expanded = os.path.expanduser(pattern)
+        if any(c in expanded for c in "*?["):
+            base = os.path.realpath(_literal_dir(os.path.abspath(expanded)))
+            rest = os.path.abspath(expanded)[len(os.path.abspath(_literal_dir(os.path.abspath(expanded)))):]
+            rel = os.path.relpath(target, base)
+            if rel.startswith(".."):
+                continue
+            segs = rel.split(os.sep)
+            regex = ob.glob_to_regex(rest.lstrip(os.sep).replace(os.sep, "/"))
+            if not any(seg.startswith(".") for seg in segs) and any(
+                    regex.match("/".join(segs[:i])) for i in range(1, len(segs) + 1)):
+                return pattern  # the file itself, or a directory above it (walked), matches
+            continue
+        root = os.path.realpath(expanded)
+        if target == root:
+            return pattern
+        rel = os.path.relpath(target, root)
+        if not rel.startswith("..") and not any(seg.startswith(".") for seg in rel.split(os.sep)):
+            return pattern
+    return None
 
 
 @dataclass(frozen=True)
@@ -442,6 +538,23 @@ def _excerpt(raw: bytes | str | dict) -> str:
     return raw[:_EXCERPT_CHARS].encode("utf-8", errors="replace").decode("utf-8")
 
 
+def nested_deeper_than(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether arrays/objects nest more than `limit` levels deep in `obj` (walked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def _has_lone_surrogate(obj: Any) -> bool:
     try:
         _to_json(obj).encode("utf-8")
@@ -480,8 +593,10 @@ class _Collector:
     def bad(self, line: int, reason: str, detail: str, raw: bytes | str | dict) -> None:
         self.bad_rows.append((line, reason, detail, _excerpt(raw)))
 
-    def add(self, line: int, obj: dict, raw: bytes | dict, maybe_surrogate: bool) -> None:
+    def add(self, line: int, obj: dict, raw: bytes | dict, maybe_surrogate: bool, maybe_deep: bool = False) -> None:
         """Validate one parsed object; keep it as a document or quarantine it with a reason."""
+        if maybe_deep and nested_deeper_than(obj):
+            return self.bad(line, "too_deep", f"arrays/objects nest more than {MAX_DEPTH} levels deep", raw)
         tf = self.text_field
         text = obj.get(tf, _MISSING)
         if text is _MISSING or text is None:
@@ -552,7 +667,9 @@ def _read_jsonl(opener: Opener, compression: str | None, col: _Collector, batch_
                     col.bad(line_no, "malformed_json", str(e) or type(e).__name__, raw)
                 else:
                     if type(obj) is dict:
-                        col.add(line_no, obj, raw, b"\\ud" in raw or b"\\uD" in raw)
+                        # a record can only nest deeper than MAX_DEPTH with more brackets than that
+                        col.add(line_no, obj, raw, b"\\ud" in raw or b"\\uD" in raw,
+                                raw.count(b"[") + raw.count(b"{") > MAX_DEPTH)
                     else:
                         col.bad(line_no, "not_an_object", f"JSON value is a {type(obj).__name__}, not an object", raw)
             if col.pending >= batch_rows:
@@ -622,7 +739,7 @@ def _read_parquet(path: Path, col: _Collector, batch_rows: int) -> Iterator[Batc
                     if isinstance(obj, UnicodeDecodeError):
                         col.bad(row, "undecodable", f"a string column holds invalid UTF-8: {obj.reason}", b"")
                     else:
-                        col.add(row, obj, obj, False)
+                        col.add(row, obj, obj, False)  # Arrow refuses Parquet schemas nested past 100 nodes
                 yield col.flush()
         except pa.ArrowException as e:
             raise InputError(f"input {name!r} cannot be read as Parquet: {e}") from None
@@ -984,6 +1101,40 @@ def _read_input(con, key: str, role: str, fp: FileFingerprint, settings: IngestS
         totals.retries += stats.retries
 
 
+def require_documents(counts: list[tuple[str, str | None, int]], settings: IngestSettings,
+                      files: tuple[FileFingerprint, ...], targets: tuple[FileFingerprint, ...], store: str) -> None:
+    """InputError when the pool, or a target set that was given, has no document left to curate.
+
+    `counts`: (role, reason, n) rows of sql/ingest_role_counts.sql, reason None on a role's document count.
+    Without this an empty or fully quarantined pool failed later with a traceback from k-means, and a target
+    set whose every record was bad silently turned the target scorers off.
+    """
+    docs = {role: n for role, reason, n in counts if reason is None}
+    for role, inputs in (("pool", files), ("target", targets)):
+        if not inputs or docs.get(role, 0) > 0:
+            continue
+        reasons = {reason: n for r, reason, n in counts if r == role and reason is not None}
+        names = ", ".join(repr(f.path) for f in inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+        what = "the pool" if role == "pool" else "the target set"
+        if not reasons:
+            raise InputError(f"{what} holds no document: its {len(inputs)} input(s) ({names}) hold no record")
+        total = sum(reasons.values())
+        summary = ", ".join(f"{r}={n:,}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        msg = f"{what} holds no usable document: all {total:,} records of {names} were quarantined ({summary})"
+        if reasons.get("missing_text", 0) * 2 > total:
+            msg += (f"; most records have no text field {settings.text_field!r}: set --text-field "
+                    f"(ingest.text_field) to the field that holds the text")
+        else:
+            msg += f"; see `select reason, detail, excerpt from ingest_quarantine` in {store}"
+        if role == "target":
+            msg += "; without target documents the target scorers have nothing to compare with"
+        raise InputError(msg)
+
+
+def _role_counts(con, key: str) -> list[tuple[str, str | None, int]]:
+    return [(r, reason, int(n)) for r, reason, n in query_sql(con, "ingest_role_counts", {"key": key}).fetchall()]
+
+
 def _run_row(plan: IngestPlan, section_json: str, reused_docs: int, totals: _Totals) -> pl.DataFrame:
     """The ingest_runs row of a partition: its base and what was reused and read."""
     counts = {
@@ -1027,6 +1178,7 @@ def ingest(
         if exact:
             log.info(f"ingest: the {sum(map(len, wanted.values()))} inputs are unchanged since partition {base_key}; "
                      f"nothing read")
+            require_documents(_role_counts(con, base_key), settings, files, targets, store.path)
             return make_ref(con, "ingest", base_key, store, "ingest_docs", DOC_REF_COLUMNS)
         params = {"base": base_key}
         plan = plan_increment(
@@ -1084,4 +1236,5 @@ def ingest(
             summary = ", ".join(f"{r}={n:,}" for r, n in sorted(totals.reasons.items()))
             log.warning(f"ingest: quarantined {sum(totals.reasons.values()):,} records ({summary}); "
                         f"see ingest_quarantine")
+        require_documents(_role_counts(con, key), settings, files, targets, store.path)
         return make_ref(con, "ingest", key, store, "ingest_docs", DOC_REF_COLUMNS)

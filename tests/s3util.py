@@ -328,7 +328,11 @@ def moto_auth(s3_server: str, s3_admin, s3_bucket: str) -> Iterator[dict[str, st
     iam = boto3.client("iam", endpoint_url=s3_server, region_name=TEST_REGION)
     user = f"qf-reader-{uuid.uuid4().hex[:8]}"
     iam.create_user(UserName=user)
-    policy = ('{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", '
+    # AWS authorizes ListObjectsV2 as the IAM action s3:ListBucket; moto 5.2.6 evaluates it as
+    # s3:ListObjectsV2 (5.2.5 as s3:ListBucket). Granting both keeps this user "may list, may not
+    # read or write" on either, so the tests check quadflow's messages, not moto's action names.
+    policy = ('{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", '
+              '"Action": ["s3:ListBucket", "s3:ListObjectsV2"], '
               f'"Resource": "arn:aws:s3:::{s3_bucket}"}}]}}')
     iam.put_user_policy(UserName=user, PolicyName="list-only", PolicyDocument=policy)
     key = iam.create_access_key(UserName=user)["AccessKey"]

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -122,7 +123,8 @@ def world(tmp_path):
 
 
 def _mtimes(d: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    """Modification times of the published files (the marker is the publish lock: taking it writes its owner)."""
+    return {p.name: p.stat().st_mtime_ns for p in d.iterdir() if p.name != ex.MARKER}
 
 
 def test_parquet_export_has_selection_in_rank_order_with_scores_and_manifest(world):
@@ -173,28 +175,28 @@ def test_jsonl_export_merges_carried_fields(world):
     assert verify_output(res.output)["outputs"][0]["rows"] == len(SELECTED)
 
 
-def test_crash_before_manifest_leaves_no_manifest_then_rerun_publishes(world, monkeypatch):
+def test_a_republish_that_fails_before_its_manifest_leaves_the_previous_output_verifiable(world, monkeypatch):
     first = run_export(world)
     out = Path(first.output)
+    before = verify_output(out)
     s = world["settings"]
     jsonl = s.model_copy(update={"export": s.export.model_copy(update={"format": "jsonl"})})
 
     def crash(path, manifest):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(ex, "write_manifest", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left"):
         run_export(world, jsonl)
-    assert not (out / "manifest.json").exists()  # the old manifest went first
-    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # no temp files left behind
-    with pytest.raises(OutputError, match="manifest.json does not exist"):
-        verify_output(out)
+    # written aside, swapped last: the failure came before the old manifest was touched (it used to go first)
+    assert verify_output(out) == before
+    assert sorted(p.name for p in out.iterdir()) == [ex.MARKER, "manifest.json", "selection.parquet"]
 
     monkeypatch.undo()
     res = run_export(world, jsonl)
     manifest = verify_output(out)
     assert manifest["outputs"][0]["path"] == "selection.jsonl"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "selection.jsonl"]  # stale parquet gone
+    assert sorted(p.name for p in out.iterdir()) == [ex.MARKER, "manifest.json", "selection.jsonl"]  # parquet gone
     assert res.docs == len(SELECTED)
 
 
@@ -241,3 +243,112 @@ def test_pivot_scores_and_jsonl_record():
     rec = jsonl_record({"id": "x", "source": "s", "score_combined": float("nan"),
                         "fields": '{"lang": "de", "id": "y", "source": "s"}'})
     assert rec == {"id": "x", "source": "s", "score_combined": None, "lang": "de", "input_id": "y"}
+
+
+def _with_output(w: dict, output: Path, **export) -> dict:
+    s = w["settings"]
+    return {**w, "settings": s.model_copy(update={"export": s.export.model_copy(update={"output": str(output),
+                                                                                         **export})})}
+
+
+def test_a_non_empty_directory_quadflow_did_not_create_is_refused_unless_overwrite(world, tmp_path):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    theirs = {"notes.txt": b"keep me", "manifest.json": b'{"owner": "another tool"}', "selection.parquet": b"PAR1"}
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+    w = _with_output(world, out)
+    with pytest.raises(ex.ConfigError, match=r"non-empty directory quadflow did not create \(it holds "
+                                             r"manifest.json, notes.txt, selection.parquet\).*--overwrite"):
+        run_export(w)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == theirs  # nothing touched
+    res = run_export(_with_output(world, out, overwrite=True))
+    assert verify_output(out)["export_key"] == res.key and (out / "notes.txt").read_bytes() == b"keep me"
+    assert (out / ex.MARKER).exists()
+    assert run_export(w).key == res.key  # adopted: from now on it is quadflow's directory
+
+
+def test_an_output_another_store_published_is_refused_unless_overwrite(world, tmp_path):
+    first = run_export(world)
+    other = _with_output(build_store(tmp_path / "other"), Path(first.output))
+    with pytest.raises(ex.ConfigError, match=f"holds the selection that store {world['store'].path} published"):
+        run_export(other)
+    assert verify_output(first.output)["store"]["path"] == world["store"].path  # the first selection survives
+    run_export(_with_output(other, Path(first.output), overwrite=True))
+    assert verify_output(first.output)["store"]["path"] == other["store"].path
+
+
+def test_two_exports_into_one_directory_at_once_publish_once(world, tmp_path, monkeypatch):
+    import threading
+
+    first = world
+    second = _with_output(build_store(tmp_path / "other"), tmp_path / "out")
+    publishing, finish = threading.Event(), threading.Event()
+    real_publish = ex._publish
+
+    def slow_publish(con, settings, *args):
+        if settings.store == first["settings"].store:  # hold the first publish open until the second has started
+            publishing.set()
+            assert finish.wait(30)
+        return real_publish(con, settings, *args)
+
+    monkeypatch.setattr(ex, "_publish", slow_publish)
+    results: dict[str, object] = {}
+
+    def go(name, w):
+        try:
+            results[name] = run_export(w)
+        except Exception as e:  # noqa: BLE001 - the outcome is what the test compares
+            results[name] = e
+
+    a = threading.Thread(target=go, args=("first", first))
+    a.start()
+    assert publishing.wait(30)
+    b = threading.Thread(target=go, args=("second", second))
+    b.start()
+    b.join(timeout=2)
+    assert b.is_alive()  # waiting for the output's lock, not publishing alongside
+    finish.set()
+    a.join(30)
+    b.join(30)
+    assert isinstance(results["first"], ex.ExportResult), results
+    assert isinstance(results["second"], ex.ConfigError) and "holds the selection that store" in str(results["second"])
+    assert verify_output(tmp_path / "out")["store"]["path"] == first["store"].path
+
+
+@pytest.mark.parametrize("inputs, targets, output, culprit", [
+    (["{tmp}/data"], [], "{tmp}/data/out", "--input '{tmp}/data'"),
+    (["{tmp}/data/**/*.parquet"], [], "{tmp}/data/curated", "--input '{tmp}/data/**/*.parquet'"),
+    (["{tmp}/pool.jsonl"], ["{tmp}/refs"], "{tmp}/refs", "--target '{tmp}/refs'"),
+    (["s3://b/raw/"], [], "s3://b/raw/curated/", "--input 's3://b/raw/'"),
+])
+def test_an_output_inside_an_input_is_refused(world, tmp_path, inputs, targets, output, culprit):
+    fill = {"tmp": tmp_path}
+    s = world["settings"]
+    settings = s.model_copy(update={
+        "ingest": s.ingest.model_copy(update={"inputs": [i.format(**fill) for i in inputs],
+                                              "targets": [t.format(**fill) for t in targets]}),
+        "export": s.export.model_copy(update={"output": output.format(**fill)}),
+    })
+    with pytest.raises(ex.ConfigError, match="the next run would ingest its own selection") as e:
+        ex.check_output(settings, world["store"].path)
+    assert f"lies inside the {culprit.format(**fill)}" in str(e.value)
+
+
+def test_an_output_beside_the_inputs_is_fine(world, tmp_path):
+    s = world["settings"]
+    settings = s.model_copy(update={
+        "ingest": s.ingest.model_copy(update={"inputs": [f"{tmp_path}/data/*.jsonl", f"{tmp_path}/raw"]}),
+        "export": s.export.model_copy(update={"output": f"{tmp_path}/data/curated"}),
+    })
+    ex.check_output(settings, world["store"].path)  # *.jsonl does not reach into data/curated/
+
+
+def test_a_publish_clears_what_a_killed_publish_left_staged(world):
+    first = run_export(world)
+    out = Path(first.output)
+    (out / ".publish-killed").mkdir()
+    (out / ".publish-killed" / "selection.jsonl").write_bytes(b"half a selection")
+    s = world["settings"]
+    run_export(world, s.model_copy(update={"export": s.export.model_copy(update={"format": "jsonl"})}))
+    assert sorted(p.name for p in out.iterdir()) == [ex.MARKER, "manifest.json", "selection.jsonl"]

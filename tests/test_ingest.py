@@ -451,3 +451,72 @@ def test_parquet_row_with_invalid_utf8_is_undecodable(tmp_path):
     good, bad, _ = _read(str(tmp_path / "u.parquet"))
     assert good["line"].to_list() == [1]
     assert bad.select("line", "reason").rows() == [(2, "undecodable")]
+
+
+def _nested(depth: int) -> str:
+    """A record whose `meta` field nests arrays so the record is `depth` levels deep (itself included)."""
+    return '{"text": "Deep record.", "meta": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+def test_records_nested_deeper_than_the_limit_are_quarantined_as_too_deep(tmp_path):
+    # Records hundreds of levels deep parse, but json.dumps on them fails near the recursion limit: a JSONL
+    # export of one ~975 deep raised RecursionError on every run. They are quarantined, the reason counted.
+    limit = ing.MAX_DEPTH
+    path = _write(tmp_path / "deep.jsonl", [_nested(600), _nested(limit), _nested(limit + 1),
+                                            '{"text": "brackets [[[[ in text are not nesting' + "[" * 300 + '"}'])
+    good, bad, records = _read(path)
+    assert records == 4
+    assert good["line"].to_list() == [2, 4]
+    assert dict(zip(bad["line"].to_list(), bad["reason"].to_list())) == {1: "too_deep", 3: "too_deep"}
+    assert str(limit) in bad["detail"][0] and bad["excerpt"][0].startswith('{"text": "Deep record."')
+    # what is kept can be written back out as JSON
+    assert json.loads(json.dumps(json.loads(good["fields"][0])))
+
+
+def test_recursive_glob_does_not_follow_directory_symlink_loops(tmp_path):
+    # Two links back up the tree made glob.glob(recursive=True) enumerate a/loop1/b/loop2/... without end.
+    d = tmp_path / "d"
+    (d / "a" / "b").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["one"]}), d / "x.parquet")
+    pq.write_table(pa.table({"text": ["two"]}), d / "a" / "b" / "y.parquet")
+    (d / "a" / "loop1").symlink_to(d)
+    (d / "a" / "b" / "loop2").symlink_to(d / "a")
+    (d / "a" / "linked.parquet").symlink_to(d / "x.parquet")  # a link to a file is still read
+    import threading
+
+    found: list = []
+    worker = threading.Thread(target=lambda: found.append(expand_inputs([f"{d}/**/*.parquet"])), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "expand_inputs did not return: it follows the symlink loops"
+    assert found[0] == sorted({(d / "x.parquet").resolve(), (d / "a" / "b" / "y.parquet").resolve()})
+    assert expand_inputs([str(d)]) == found[0]  # a directory walk agrees
+
+
+def test_task_refuses_a_pool_with_no_usable_document(corpus, tmp_path):
+    # The text field no record has: every record is quarantined missing_text, and the error says which field.
+    with pytest.raises(InputError, match=r"pool holds no usable document: all 7 records .*missing_text=6, malformed_json=1.*text field 'body'"):
+        _run(corpus, text_field="body")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "nothing.jsonl").write_text("\n\n")
+    settings = IngestSettings(inputs=[str(empty)])
+    with pytest.raises(InputError, match="pool holds no document: .*nothing.jsonl.* hold no record"):
+        ingest.fn(settings, fingerprint_files(expand_inputs(settings.inputs)), (), open_store(tmp_path / "e.duckdb"))
+
+
+def test_task_refuses_only_missing_text_naming_the_text_field(tmp_path):
+    pool = tmp_path / "p.jsonl"
+    _write(pool, ['{"body": "Text under another name."}', '{"body": "More of it."}'])
+    settings = IngestSettings(inputs=[str(pool)], text_field="content")
+    with pytest.raises(InputError, match="no text field 'content': set --text-field"):
+        ingest.fn(settings, fingerprint_files([pool]), (), open_store(tmp_path / "s.duckdb"))
+
+
+def test_task_refuses_a_target_set_whose_every_record_is_bad(corpus):
+    (corpus / "target" / "t.txt").unlink()
+    _write(corpus / "target" / "t.jsonl", ['{"text": 1}', "{broken"])
+    with pytest.raises(InputError, match=r"target set holds no usable document: .*t.jsonl.*wrong_type=1"):
+        _run(corpus)
+    with pytest.raises(InputError, match="target set"):  # and again when the partition is reused as is
+        _run(corpus)

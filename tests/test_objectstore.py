@@ -369,6 +369,20 @@ def test_missing_bucket_is_named(store, tmp_path):
         assert_clean(str(e.value))
 
 
+def test_an_endpoint_from_aws_endpoint_url_is_the_one_errors_name(s3_server, s3_env, monkeypatch):
+    # boto3 reads AWS_ENDPOINT_URL itself; errors used to say "at AWS S3" for a store that is not AWS
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    settings = loopback_settings(s3_server).model_copy(update={"endpoint_url": None})
+    c = ob.client(settings)
+    missing = f"qf-missing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ob.ObjectStoreError, match=f"bucket {missing!r} does not exist at {s3_server}:") as e:
+        ob.expand(c, f"s3://{missing}/raw/")
+    assert "AWS S3" not in str(e.value)
+    assert ob.endpoint_of(settings) == s3_server
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert ob.endpoint_of(settings) is None and ob.client(settings).endpoint == "AWS S3 (us-east-1)"
+
+
 def test_access_denied_from_iam(moto_auth, s3_settings, s3_bucket, s3_admin, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_auth["access_key"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_auth["secret_key"])

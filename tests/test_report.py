@@ -174,3 +174,34 @@ def test_bandit_table_describes_ranked_blocks_by_their_tiers_and_bar():
     assert rows["tokens admitted per round (the bar)"] == 5000 and rows["score of the target's own kind (theta)"] == 1.3
     assert rows["pool tokens of the target's kind / likely / related candidates"] == "168,958 / 0 / 7"
     assert _block_rows({"blocks": "ranked", "theta": None})[2][1] == "n/a (no classifier)"
+
+
+HOLDER = """
+import sys, time
+import duckdb
+from quadflow.locking import store_lock
+with store_lock(sys.argv[1] + ".lock", owner="a run over the store"):
+    con = duckdb.connect(sys.argv[1])  # the store open for writing, as a run's stage has it
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
+    con.close()
+"""
+
+
+def test_report_command_waits_while_a_run_holds_the_store(published, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from quadflow.cli import main
+
+    store = published["world"]["store"].path
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, store, "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        # it used to open the store at once and die with DuckDB's "Could not set lock" traceback
+        assert main(["report", "--store", store, "--output", str(tmp_path)]) == 0
+    finally:
+        holder.wait(30)
+    err = capsys.readouterr().err
+    assert f"waiting for store lock {store}.lock held by a run over the store" in err
+    assert (tmp_path / "report" / "report.md").exists()

@@ -155,6 +155,21 @@ def test_sigkill_anywhere_then_rerun_gives_the_same_selection_without_redoing_sh
                            ).fetchone()
     assert dup == 0 and per_stage == {"featurize": pool, "score": pool}
     assert rows == (pool, pool)  # no document featurized twice
+    # a killed run cannot report its end (it stayed RUNNING); the run after it marks it Crashed
+    assert _states_of_runs_over(env, tmp / "killed" / "quadflow.duckdb") == ["CRASHED", "CRASHED", "COMPLETED"]
+    for log in logs[1:]:
+        assert "marked 1 flow run(s) a killed process left running as Crashed" in log.read_text(errors="replace")
+
+
+def _states_of_runs_over(env, store: Path) -> list[str]:
+    """State types of the curate flow runs over `store` on the test's Prefect server, oldest first."""
+    req = urllib.request.Request(f"{env['env']['PREFECT_API_URL']}/flow_runs/filter", method="POST",
+                                 data=json.dumps({"sort": "START_TIME_ASC", "limit": 200}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        runs = json.loads(resp.read())
+    return [r["state_type"] for r in runs
+            if r["name"].startswith("curate-") and r["parameters"].get("settings", {}).get("store") == str(store)]
 
 
 # "<stage>: <total> shards: <computed> computed (...)" -- the last run's work per stage

@@ -92,6 +92,8 @@ def test_cli_run_waits_for_a_held_store_lock_and_names_the_holder(tmp_path, caps
     assert code == 1
     err = capsys.readouterr().err
     assert "store lock" in err and "the nightly run" in err
+    # while it waits it says so (outside a flow run the logger had no handler: a waiting run printed nothing)
+    assert f"quadflow: waiting for store lock {store}.lock held by the nightly run" in err
 
 
 def test_probe_scorer_must_be_one_of_the_scorers():
@@ -109,3 +111,43 @@ def test_cli_probe_scorer_flag_reaches_the_settings(capsys):
                  "--probe-scorer", "dsir", "--show-settings"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["select"]["probe_scorer"] == "dsir"
+
+
+@pytest.mark.parametrize("override, setting", [
+    ({"select": {"budget_tokens": True}}, "select.budget_tokens = True"),  # YAML `true` is not 1 token
+    ({"cluster": {"k": False}}, "cluster.k = False"),
+    ({"objectstore": {"max_attempts": True}}, "objectstore.max_attempts = True"),
+    ({"select": {"tau": True}}, "select.tau = True"),
+    ({"score": {"weights": {"dsir": True}}}, "dsir = True is a boolean"),
+    ({"score": {"weights": {"heuristic": float("nan")}}}, "score.weights.heuristic = nan"),
+    ({"select": {"tau": float("nan")}}, "select.tau = nan"),
+    ({"select": {"alpha": float("inf")}}, "select.alpha = inf"),
+    ({"seed": -1}, "seed = -1"),
+    ({"seed": 2**32}, f"seed = {2**32}"),
+    ({"store": ""}, "store = ''"),
+    ({"store": "work/"}, "store = 'work/'"),
+])
+def test_numbers_are_numbers_and_in_range(override, setting):
+    with pytest.raises(ConfigError) as e:
+        build_settings(overrides={"ingest": {"inputs": ["x"], "targets": ["t"]}, **override})
+    assert setting in str(e.value)
+
+
+def test_booleans_stay_booleans_and_the_seed_range_is_numpys():
+    s = build_settings(overrides={"ingest": {"inputs": ["x"], "incremental": False}, "seed": 2**32 - 1,
+                                  "objectstore": {"verify_etag": False}})
+    assert s.ingest.incremental is False and s.objectstore.verify_etag is False and s.seed == 2**32 - 1
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_cli_lock_timeout_must_be_a_finite_number_of_seconds(value, tmp_path, capsys):
+    code = main(["run", "--input", str(SAMPLE_POOL), "--store", str(tmp_path / "s.duckdb"),
+                 "--output", str(tmp_path / "out"), "--lock-timeout", value])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--lock-timeout = {value}" in err and "Traceback" not in err
+
+
+def test_cli_store_that_is_a_directory_exits_2_naming_it(tmp_path, capsys):
+    code = main(["run", "--input", str(SAMPLE_POOL), "--store", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"store = '{tmp_path}'" in err and "is a directory" in err and "Traceback" not in err
