@@ -21,6 +21,7 @@ import random
 import re
 import threading
 import time
+import uuid
 import weakref
 from base64 import b64encode
 from dataclasses import dataclass, field
@@ -775,7 +776,7 @@ class PublishResult:
     prefix: str
     objects: tuple[ObjectInfo, ...]
     manifest: ObjectInfo
-    replaced: bool  # an older manifest was removed first
+    replaced: bool  # an older manifest was there (and was swapped out once the new files were staged)
     stale: tuple[str, ...]  # objects under the prefix this publish did not write (deleted if asked)
 
 
@@ -793,18 +794,28 @@ def _load_manifest(manifest_path: Path) -> None:
         raise ValueError(f"{manifest_path} holds a {type(manifest).__name__}, not a JSON object")
 
 
+STAGING = ".quadflow-staging/"  # under an output prefix: a republish's files before the swap
+
+
 def publish_prefix(c: ObjectStoreClient, local_dir: str | Path, url_prefix: str,
                    manifest_name: str = "manifest.json", *, delete_stale: bool = False,
                    before_manifest: Callable[[tuple[ObjectInfo, ...]], None] | None = None) -> PublishResult:
     """Publish a local output directory under an s3:// prefix so readers never see half of it.
 
-    Readers trust a prefix only through its manifest. So: the old manifest is deleted first,
-    every other file is uploaded and verified (size, ETag), and the manifest (the local file,
-    byte for byte) goes last. A failure at any point leaves no manifest. Objects under the
-    prefix that this publish did not write are reported in `stale`, and deleted after the
-    manifest only when `delete_stale` (they may belong to someone else). `before_manifest`
-    is called with the uploaded data objects just before the manifest goes up, and may rewrite
-    the local manifest (e.g. to record what the upload cost).
+    Readers trust a prefix only through its manifest. A first publish (no manifest there)
+    uploads every file to its place, verifies it (size, ETag) and puts the manifest (the local
+    file, byte for byte) last. A republish writes aside, swaps last: every file is uploaded and
+    verified under `<prefix>.quadflow-staging/<id>/` while the previous manifest and files stay
+    as they were, so a failed upload (access denied, a lost connection, a killed process) leaves
+    the previous output published and verifiable. Only then is the old manifest deleted, the
+    staged objects copied into place server-side (the same part sizes, so the same ETags) and
+    verified, the manifest put, and the staged copies deleted. A failure during the swap leaves
+    no manifest, never one that describes other files. Staged copies a killed publish left are
+    deleted by the next publish. Objects under the prefix that this publish did not write are
+    reported in `stale`, and deleted after the manifest only when `delete_stale` (they may
+    belong to someone else). `before_manifest` is called with the data objects in place just
+    before the manifest goes up, and may rewrite the local manifest (e.g. to record what the
+    upload cost).
     """
     root = Path(local_dir)
     manifest_path = root / manifest_name
@@ -814,11 +825,22 @@ def publish_prefix(c: ObjectStoreClient, local_dir: str | Path, url_prefix: str,
     files = sorted(p for p in root.rglob("*") if p.is_file() and p != manifest_path)
     bucket, prefix = _prefix_key(url_prefix)
     manifest_url = join(bucket, prefix + manifest_name)
+    for left in list_prefix(c, bucket, prefix + STAGING):  # a killed republish's staged copies
+        delete(c, left.url)
+
+    def final(p: Path) -> str:
+        return join(bucket, prefix + p.relative_to(root).as_posix())
 
     replaced = exists(c, manifest_url)
-    if replaced:
-        delete(c, manifest_url)
-    objects = tuple(upload_file(c, p, join(bucket, prefix + p.relative_to(root).as_posix())) for p in files)
+    if not replaced:
+        objects = tuple(upload_file(c, p, final(p)) for p in files)
+    else:
+        staging = prefix + STAGING + uuid.uuid4().hex + "/"
+        staged = [upload_file(c, p, join(bucket, staging + p.relative_to(root).as_posix())) for p in files]
+        delete(c, manifest_url)  # the swap: from here until the new manifest, nothing is published
+        objects = tuple(_copy_into_place(c, p, info, final(p)) for p, info in zip(files, staged))
+        for info in staged:
+            delete(c, info.url)
     if before_manifest is not None:
         before_manifest(objects)
         _load_manifest(manifest_path)
@@ -831,6 +853,19 @@ def publish_prefix(c: ObjectStoreClient, local_dir: str | Path, url_prefix: str,
             delete(c, url)
     return PublishResult(prefix=join(bucket, prefix), objects=objects, manifest=manifest_info,
                          replaced=replaced, stale=stale)
+
+
+def _copy_into_place(c: ObjectStoreClient, path: Path, staged: ObjectInfo, url: str) -> ObjectInfo:
+    """Server-side copy of a staged upload to its final key, verified against the local file."""
+    bucket, key = parse(url)
+    s = c.settings
+    config = TransferConfig(multipart_threshold=s.multipart_threshold, multipart_chunksize=s.multipart_chunksize,
+                            max_concurrency=s.max_concurrency, use_threads=s.max_concurrency > 1)
+    try:
+        c.s3.copy({"Bucket": staged.bucket, "Key": staged.key}, bucket, key, Config=config)
+    except (bce.ClientError, bce.BotoCoreError) as err:
+        raise _error(c, err, bucket, key, "write") from None
+    return _verify_upload(c, path, staged.size, bucket, key)
 
 
 def read_manifest(c: ObjectStoreClient, url_prefix: str, manifest_name: str = "manifest.json") -> dict | None:

@@ -16,12 +16,13 @@ Publishing into a directory holds an flock on its marker, so two runs never publ
 directory at once; the second then finds the first's manifest and stops, naming it.
 
 An s3:// output is written the same way into a temporary directory and published with
-`objectstore.publish_prefix`: old manifest deleted first, every file uploaded and verified
-(size, ETag), manifest last. The published files are then kept as a local copy next to the
-store (`<store>.exports/<bucket>/<prefix>/`), where the report is written. A rerun compares the
-published manifest's export key and each object's size and ETag (falling back to SHA-256)
-and rewrites nothing when they match. The manifest records the endpoint URL and the retries
-the run needed, never a credential.
+`objectstore.publish_prefix`: every file uploaded and verified (size, ETag) aside, under the
+prefix's `.quadflow-staging/`, while the previous output stays published; then the old manifest
+deleted, the staged objects copied into place server-side, manifest last. The published files
+are then kept as a local copy next to the store (`<store>.exports/<bucket>/<prefix>/`), where
+the report is written. A rerun compares the published manifest's export key and each object's
+size and ETag (falling back to SHA-256) and rewrites nothing when they match. The manifest
+records the endpoint URL and the retries the run needed, never a credential.
 """
 
 from __future__ import annotations

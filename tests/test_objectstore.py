@@ -275,6 +275,22 @@ def test_upload_multipart_above_threshold_and_single_below(s3_settings, s3_bucke
     assert one.etag == hashlib.md5(small.read_bytes()).hexdigest()
 
 
+def test_republish_copies_multipart_objects_into_place_with_the_upload_etag(s3_settings, s3_bucket, tmp_path):
+    c = ob.client(s3_settings.model_copy(update={"multipart_threshold": 5 * MiB, "multipart_chunksize": 5 * MiB}))
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    write_output(first, {"sel.parquet": blob(MiB, seed=1)}, {"version": 1})
+    write_output(second, {"sel.parquet": blob(11 * MiB + 5, seed=2)}, {"version": 2})
+    prefix = f"s3://{s3_bucket}/mp"
+    ob.publish_prefix(c, first, prefix)
+    result = ob.publish_prefix(c, second, prefix)
+    (obj,) = result.objects
+    # the server-side copy used the upload's part size, so the ETag is the one the manifest can check
+    assert obj.key == "mp/sel.parquet" and obj.etag == ob.expected_etag(second / "sel.parquet", 5 * MiB, 5 * MiB)
+    assert obj.etag.endswith("-3")
+    assert ob.read_bytes(c, obj.url) == (second / "sel.parquet").read_bytes()
+    assert ob.read_manifest(c, prefix) == {"version": 2}
+
+
 def test_multipart_upload_through_faults(s3_proxy, s3_env, s3_bucket, tmp_path):
     c = faulty_client(s3_proxy, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=2)
     path = tmp_path / "part.bin"
@@ -318,7 +334,12 @@ def test_publish_writes_manifest_last_and_removes_the_old_one_first(s3_proxy, s3
     write_output(second, {"part-0.parquet": b"c" * 80}, {"version": 2})
     result = ob.publish_prefix(c, second, prefix)
     log = writes(s3_proxy)
-    assert result.replaced and log[0] == ("DELETE", manifest_path) and log[-1] == ("PUT", manifest_path)
+    # a republish stages its files aside first; the old manifest goes only once they are all up
+    assert result.replaced and log[-1] == ("PUT", manifest_path)
+    swap = log.index(("DELETE", manifest_path))
+    assert log[0][0] == "PUT" and log[0][1].startswith(f"/{s3_bucket}/exports/run/{ob.STAGING}") and swap == 1
+    assert ("PUT", f"/{s3_bucket}/exports/run/part-0.parquet") in log[swap:]
+    assert ob.expand(c, f"{prefix}/{ob.STAGING}") == []  # staged copies removed
     assert set(result.stale) == {f"{prefix}/part-1.parquet", f"{prefix}/plots/k.png"}
     assert ob.read_manifest(c, prefix) == {"version": 2}
     assert ob.read_bytes(c, f"{prefix}/part-0.parquet") == b"c" * 80
@@ -331,13 +352,35 @@ def test_failed_publish_leaves_no_manifest(s3_proxy, s3_env, s3_bucket, tmp_path
     out = tmp_path / "out"
     write_output(out, {"a.jsonl": b"1\n", "b.jsonl": b"2\n"}, {"version": 1})
     prefix = f"s3://{s3_bucket}/pub"
-    ob.publish_prefix(c, out, prefix)
     s3_proxy.respond_with_error(lambda method, path: method == "PUT" and path.startswith(f"/{s3_bucket}/pub/b.jsonl"))
     with pytest.raises(ob.ObjectStoreError, match="access denied: write s3://.*/pub/b.jsonl") as e:
         ob.publish_prefix(c, out, prefix)
     assert e.value.code == "AccessDenied" and e.value.bucket == s3_bucket
     s3_proxy.respond_with_error(None)
     assert ob.read_manifest(c, prefix) is None  # readers see "not published", never a half
+
+
+def test_a_failed_republish_leaves_the_previous_output_published(s3_proxy, s3_env, s3_bucket, tmp_path):
+    c = faulty_client(s3_proxy)
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    write_output(first, {"a.jsonl": b"1\n", "b.jsonl": b"2\n"}, {"version": 1})
+    write_output(second, {"a.jsonl": b"3\n", "b.jsonl": b"4\n"}, {"version": 2})
+    prefix = f"s3://{s3_bucket}/pub"
+    ob.publish_prefix(c, first, prefix)
+    # the second file's upload is refused: the first was already staged, nothing published was touched
+    s3_proxy.respond_with_error(lambda method, path: method == "PUT" and path.endswith("/b.jsonl"))
+    with pytest.raises(ob.ObjectStoreError, match=f"access denied: write s3://.*/pub/{ob.STAGING}.*/b.jsonl"):
+        ob.publish_prefix(c, second, prefix)
+    s3_proxy.respond_with_error(None)
+    assert ob.read_manifest(c, prefix) == {"version": 1}
+    assert ob.read_bytes(c, f"{prefix}/a.jsonl") == b"1\n" and ob.read_bytes(c, f"{prefix}/b.jsonl") == b"2\n"
+    assert [o.key.rsplit("/", 1)[1] for o in ob.expand(c, f"{prefix}/{ob.STAGING}")] == ["a.jsonl"]
+
+    result = ob.publish_prefix(c, second, prefix)  # the next publish clears what the failed one staged
+    assert result.replaced and result.stale == ()
+    assert ob.read_manifest(c, prefix) == {"version": 2}
+    assert ob.read_bytes(c, f"{prefix}/a.jsonl") == b"3\n" and ob.read_bytes(c, f"{prefix}/b.jsonl") == b"4\n"
+    assert sorted(o.key for o in ob.expand(c, prefix + "/")) == ["pub/a.jsonl", "pub/b.jsonl", "pub/manifest.json"]
 
 
 def test_publish_refuses_a_bad_local_manifest(store, s3_bucket, tmp_path):
