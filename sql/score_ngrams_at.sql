@@ -1,6 +1,9 @@
--- Hashed n-gram counts of chosen documents of one role (the classifier's sampled negatives).
--- Grain: one row per doc_idx in $idx, in doc_idx order.
-select doc_idx, buckets, counts
-from featurize_ngrams
-where key = $key and role = $role and doc_idx in (select unnest($idx::bigint[]))
-order by doc_idx
+-- Hashed n-gram counts of chosen documents of one role (registered arrow `picked`: doc_idx), for the
+-- classifier's sampled negatives and the novelty discount's candidates. A semi join against a
+-- registered relation, not `in (unnest($list))`: a list parameter of 300k ids took a minute to bind.
+-- Grain: one row per doc_idx in `picked`, in doc_idx order.
+select f.doc_idx, f.buckets, f.counts
+from featurize_ngrams f
+semi join picked p on f.doc_idx = p.doc_idx
+where f.key = $key and f.role = $role
+order by f.doc_idx

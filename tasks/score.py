@@ -314,8 +314,11 @@ def pool_ngram_totals(con: Any, features_key: str) -> tuple[int, np.ndarray]:
 def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int) -> sp.csr_matrix:
     """(len(idx), n_buckets) CSR n-gram counts of the pool documents idx, in the order of idx."""
     idx = np.asarray(idx, dtype=np.int64)
-    table = query_sql(con, "score_ngrams_at", {"key": features_key, "role": "pool",
-                                               "idx": idx.tolist()}).fetch_arrow_table()
+    con.register("picked", pa.table({"doc_idx": pa.array(idx)}))
+    try:
+        table = query_sql(con, "score_ngrams_at", {"key": features_key, "role": "pool"}).fetch_arrow_table()
+    finally:
+        con.unregister("picked")
     if not np.array_equal(table.column("doc_idx").to_numpy(), np.sort(idx)):
         raise ValueError(f"featurize_ngrams {features_key}/pool lacks some of the {idx.size} requested documents")
     rows = _csr(table, n_buckets)

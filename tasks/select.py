@@ -468,6 +468,51 @@ def novelty_gain(counts: sp.csr_matrix, tokens: np.ndarray, selected: np.ndarray
     return (per_doc - np.log1p(n_grams / total)) / np.maximum(np.asarray(tokens, dtype=np.float64), 1.0)
 
 
+class NoveltyGains:
+    """novelty_gain for rows of one fixed candidate matrix, recomputed every round without copying it.
+
+    The same arithmetic as novelty_gain, element for element (so the same gains, bit for bit), but
+    what does not change between rounds is computed once: the target's weight of every stored count,
+    the documents' n-gram totals, and where each count sits in a (small counts x buckets) table.
+    A round then evaluates log1p(c / n'(b)) once per (count, bucket) pair, not once per stored
+    count, gathers it, and sums each document's entries in place: about ten times faster than
+    slicing the rows on a pool's candidates (27M stored counts).
+    """
+
+    SMALL = 32  # counts 1..SMALL come from the table; larger ones (rare) are computed directly
+
+    def __init__(self, counts: sp.csr_matrix, p_target: np.ndarray):
+        counts = sp.csr_matrix(counts, dtype=np.float64)
+        self.counts = counts
+        n_rows, self.n_buckets = counts.shape
+        self.weight = p_target[counts.indices]  # (nnz,)
+        data = counts.data
+        small = (data >= 1) & (data <= self.SMALL) & (data == np.floor(data))
+        self.code = np.where(small, (data.astype(np.int64) - 1) * self.n_buckets + counts.indices, 0)  # (nnz,)
+        self.large = np.flatnonzero(~small)
+        self.nonempty = np.diff(counts.indptr) > 0
+        self.starts = counts.indptr[:-1][self.nonempty]
+        self.n_grams = np.asarray(counts.sum(axis=1)).ravel()
+
+    def __call__(self, rows: np.ndarray, tokens: np.ndarray, selected: np.ndarray, p_pool: np.ndarray,
+                 prior: float) -> np.ndarray:
+        """(len(rows),) novelty_gain of the candidate rows `rows` against `selected`."""
+        n_prime = selected + prior * p_pool  # (V,)
+        total = float(selected.sum() + prior)
+        table = np.log1p(np.arange(1, self.SMALL + 1, dtype=np.float64)[:, None] / n_prime[None, :]).ravel()
+        logs = table[self.code]  # (nnz,)
+        if self.large.size:
+            c = self.counts
+            logs[self.large] = np.log1p(c.data[self.large] / n_prime[c.indices[self.large]])
+        contrib = self.weight * logs
+        per_doc = np.zeros(self.counts.shape[0])
+        if contrib.size:
+            per_doc[self.nonempty] = np.add.reduceat(contrib, self.starts)
+        rows = np.asarray(rows)
+        return ((per_doc[rows] - np.log1p(self.n_grams[rows] / total))
+                / np.maximum(np.asarray(tokens, dtype=np.float64), 1.0))
+
+
 def candidate_tiers(rank_scores: np.ndarray, tokens: np.ndarray, budget: int, multiple: float,
                     theta: float | None, theta_likely: float | None, max_doc_share: float) -> tuple[np.ndarray, dict]:
     """(n,) tier of every document and what decided it.
@@ -591,6 +636,7 @@ class TwoLevelQuad:
         if p_target.shape != p_pool.shape or counts.shape[1] != p_pool.size:
             raise ValueError(f"n-gram spaces differ: target {p_target.size}, pool {p_pool.size}, rows {counts.shape[1]}")
         prior = float(self.novelty_prior) * max(budget, 1)
+        gains = NoveltyGains(counts, p_target) if self.diversity else None
         c_tier, c_tok, c_arm, c_rank = tier[cand], tokens[cand], arm_of_doc[cand], rank_scores[cand]
         state = np.zeros(cand.size, dtype=np.int8)  # 0 live, 1 taken, 2 rejected
         selected = np.zeros(p_pool.size)  # (V,) n-gram counts of the selection
@@ -639,7 +685,7 @@ class TwoLevelQuad:
             if t_min == LIKELY or not self.diversity:
                 key = c_rank[pos]
             else:
-                key = novelty_gain(counts[pos], c_tok[pos], selected, p_target, p_pool, prior)
+                key = gains(pos, c_tok[pos], selected, p_pool, prior)
             walk = pos[np.lexsort((cand[pos], -key))]  # best utility first, ties by doc_idx
             csum = np.cumsum(c_tok[walk])
             proposal = walk[: int(np.searchsorted(csum, round_tokens, side="left")) + 1]

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quadflow.settings import SelectSettings
-from quadflow.tasks.select import (LIKELY, OUTSIDE, RELATED, SURE, Novelty, Probe, TwoLevelQuad, candidate_tiers,
-                                   novelty_gain, quad_inputs, run_selector)
+from quadflow.tasks.select import (LIKELY, OUTSIDE, RELATED, SURE, Novelty, NoveltyGains, Probe, TwoLevelQuad,
+                                   candidate_tiers, novelty_gain, quad_inputs, run_selector)
 
 
 def _kl(p_target: np.ndarray, counts: np.ndarray, prior: float, p_pool: np.ndarray) -> float:
@@ -32,6 +32,26 @@ def test_novelty_gain_is_the_exact_drop_in_kl_per_token(seed, vocab, prior):
     before = _kl(p_target, selected, prior, p_pool)
     want = [(before - _kl(p_target, selected + d, prior, p_pool)) / t for d, t in zip(docs, tokens)]
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 40), st.integers(1, 30))
+def test_novelty_gains_of_candidate_rows_equal_novelty_gain_bit_for_bit(seed, vocab, n_docs):
+    # the selector's per-round gains (precomputed table) must rank documents exactly as novelty_gain does
+    rng = np.random.default_rng(seed)
+    p_target = rng.dirichlet(np.ones(vocab))
+    p_pool = rng.dirichlet(np.ones(vocab))
+    dense = rng.integers(0, 4, (n_docs, vocab)).astype(float) * (rng.random((n_docs, vocab)) < 0.3)
+    dense[rng.random((n_docs, vocab)) < 0.02] = 40.0  # counts above the table's range take the direct path
+    dense[0] = 0.0
+    counts = sp.csr_matrix(dense)
+    tokens = rng.integers(1, 50, n_docs)
+    gains = NoveltyGains(counts, p_target)
+    for selected in (np.zeros(vocab), rng.integers(0, 100, vocab).astype(float)):
+        rows = np.sort(rng.choice(n_docs, size=rng.integers(1, n_docs + 1), replace=False))
+        want = novelty_gain(counts[rows], tokens[rows], selected, p_target, p_pool, 7.5)
+        got = gains(rows, tokens[rows], selected, p_pool, 7.5)
+        assert np.array_equal(got, want)
 
 
 def test_novelty_prefers_what_the_selection_lacks():
