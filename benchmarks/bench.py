@@ -1186,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"task names (built-in: {', '.join(TASKS)}; others must be built in --tasks-dir)")
     ap.add_argument("--seeds", type=int, help="seeds per random method (quick: 1, full: 3)")
     ap.add_argument("--budget-tokens", type=int,
-                    help=f"token budget of every method (default: {DEFAULT_BUDGET_FRACTION:.0%} of the pool's tokens)")
+                    help=f"token budget of every method (default: {DEFAULT_BUDGET_FRACTION * 100:.0f}%% of the pool's tokens)")
     ap.add_argument("--pool-docs", type=int, help="subsample each pool to this many documents (quick: 30000)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--tasks-dir", default=str(DEFAULT_TASKS_DIR))

@@ -236,3 +236,14 @@ def test_second_opinion_on_a_cpu_fills_its_columns(tiny_bench, monkeypatch, caps
     md = (tiny_bench / "bench" / "results.md").read_text()
     assert "preset tiny" in md and "| transformer |" in md and "Trigram vs transformer" in md
     assert (tiny_bench / "bench" / "ppl_transformer.png").stat().st_size > 0
+
+
+def test_bench_help_prints_every_option(capsys):
+    # --help must render: a stray % in one help text used to make argparse raise instead
+    from benchmarks.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--budget-tokens" in out and "(default: 2% of the pool's tokens)" in out and "--transformer" in out
