@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from quadflow.log import get_logger
+from quadflow.log import Progress, get_logger
 from quadflow.settings import ConfigError, InfluenceSettings, SelectSettings
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import stage_task
@@ -606,8 +606,11 @@ class TwoLevelQuad:
     def fit(self, clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int, rank_scores: np.ndarray,
             probe_fn: ProbeFn, novelty: Novelty, theta: float | None = None, theta_likely: float | None = None,
             probe_is_rank: bool = True, neighbors: pl.DataFrame | None = None,
-            gamma: float | None = None) -> "TwoLevelQuad":
-        """Run the rounds to the budget; every round, probe and accepted block is kept as fitted state."""
+            gamma: float | None = None, progress: Callable[[int], None] | None = None) -> "TwoLevelQuad":
+        """Run the rounds to the budget; every round, probe and accepted block is kept as fitted state.
+
+        `progress(tokens)` is called after every round with the tokens it took.
+        """
         self._check_params()
         clusters, tokens = _checked_pool(clusters, tokens, budget_tokens)
         rank_scores = np.asarray(rank_scores, dtype=np.float64).ravel()
@@ -739,6 +742,8 @@ class TwoLevelQuad:
             hit[pulled] = 1.0
             reward_sum += share.T @ r_vec
             pulls += share.T @ hit
+            if progress is not None:
+                progress(int(sum(rows["tokens_accepted"][-pulled.size:])))
         else:
             stop = "budget_full" if budget - remaining >= FULL_FRACTION * budget else "max_rounds"
 
@@ -851,13 +856,15 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
                  gamma: float | None = None, log_weights: np.ndarray | None = None,
                  probe: Probe | None = None, rank_scores: np.ndarray | None = None,
                  novelty: Novelty | None = None, theta: float | None = None,
-                 theta_likely: float | None = None) -> dict[str, pl.DataFrame]:
+                 theta_likely: float | None = None,
+                 progress: Callable[[int], None] | None = None) -> dict[str, pl.DataFrame]:
     """Run the configured selector; frames for select_selection and select_info (+ rounds/probes/arms for quad).
 
     `scores`: the pool-wide score top-k takes and the bandit's probes look up (none for an on-demand
     `probe`). Ranked blocks also need `rank_scores` and `novelty`, and `theta` / `theta_likely` (the
     scores of the target's own kind, from the classifier) for the target tiers; without `scores` or
-    `probe` they probe by looking up the rank score.
+    `probe` they probe by looking up the rank score. `progress(tokens)`: ranked blocks report each
+    round's accepted tokens to it.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     clusters = np.asarray(clusters, dtype=np.int64)
@@ -881,7 +888,7 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
         if ranked:
             bandit = TwoLevelQuad.from_settings(settings, seed).fit(
                 clusters, tokens, budget, rank_scores, probe, novelty, theta, theta_likely, probe_is_rank, neighbors,
-                gamma)
+                gamma, progress)
             info.update(bandit.tiers_)
             info.update(round_tokens=bandit.round_tokens_, rank_scorer=settings.rank_scorer)
         else:
@@ -995,7 +1002,13 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
             dropped = query_sql(con, "select_read_dropped", {"keys": [d.key for d in dedup]}).fetchnumpy()["doc_idx"]
             keep[np.asarray(dropped, dtype=np.int64)] = False
             extra.update(dedup_keys=",".join(d.key for d in dedup), docs_dropped_by_dedup=int(tokens.size - keep.sum()))
+        progress = None
+        if settings.selector == "quad" and settings.blocks == "ranked":  # rounds take seconds each on big pools
+            progress = Progress("select", settings.budget_tokens, unit="tokens")
+            kwargs["progress"] = progress.update
         frames = run_on_kept(keep, settings, seed, tokens, labels, **kwargs)
+        if progress is not None:
+            progress.close()
         if extra:
             frames["info"] = pl.concat([frames["info"], pl.DataFrame(
                 {"name": list(extra), "value": [str(v) for v in extra.values()]}, schema=frames["info"].schema)])

@@ -159,9 +159,12 @@ def test_an_on_demand_probe_rejects_a_bad_cluster_and_scores_only_what_it_probes
 def test_rounds_spread_the_budget_and_b_arms_are_pulled_at_most():
     _, topic, tokens, scores, clusters, novelty = _pool()
     budget = int(tokens.sum() * 0.3)
+    reported = []
     q = TwoLevelQuad(arms_per_round=2, probes=2, rounds=8, candidate_multiple=2, random_state=0).fit(
-        clusters, tokens, budget, scores, Probe.lookup(scores), novelty)
+        clusters, tokens, budget, scores, Probe.lookup(scores), novelty, progress=reported.append)
     per_round = q.rounds_.group_by("round").len()["len"]
+    # progress hears of every round, with the tokens that round accepted
+    assert len(reported) == q.n_rounds_ and sum(reported) == q.rounds_["tokens_accepted"].sum() > 0
     assert per_round.max() <= 2 and q.n_rounds_ >= 8
     assert q.probes_.filter(q.probes_["round"] == 0)["cluster"].n_unique() == q.arms_.filter(
         q.arms_["size"] > 0).height  # round 0 probes every arm that has candidates
