@@ -240,10 +240,14 @@ def test_peak_memory_is_set_by_the_shard_not_the_pool(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         peaks[n_files] = {}
         for stage in ("featurize", "cluster", "score"):
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.stage_rss", "--config", str(config), "--stage",
-                                   stage], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-            peaks[n_files][stage] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            runs = []
+            for _ in range(2):  # the lower of two fresh processes: a busy machine's allocator adds spikes to one
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.stage_rss", "--config", str(config),
+                                       "--stage", stage], cwd=REPO, capture_output=True, text=True, timeout=600,
+                                      env=env)
+                assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+            peaks[n_files][stage] = min(runs)
         with duckdb.connect(str(work / "q.duckdb"), read_only=True) as con:
             text[n_files] = con.execute("select sum(strlen(text)) / 2^20 from ingest_docs where role = 'pool'"
                                         ).fetchone()[0]
