@@ -340,15 +340,8 @@ class QuadBandit:
                     remaining -= tokens_in
                     sel_docs.append(took)
                     sel_rounds.append(np.full(took.size, rnd, dtype=np.int64))
-                rows["round"].append(rnd)
-                rows["cluster"].append(int(labels[a]))
-                rows["ucb"].append(float(ucb[a]))
-                rows["mean_probe"].append(float(mean))
-                rows["reward"].append(float(r))
-                rows["accepted"].append(bool(r > 0))
-                rows["block_start"].append(int(cursor[a]))
-                rows["block_docs"].append(int(block.size))
-                rows["tokens_accepted"].append(tokens_in)
+                _record_pull(rows, rnd, int(labels[a]), float(ucb[a]), float(mean), float(r), int(cursor[a]),
+                             int(block.size), tokens_in)
             probe_rounds.append(np.full(flat.size, rnd, dtype=np.int32))
             probe_docs.append(flat)
             probe_scores.append(scores)
@@ -358,12 +351,7 @@ class QuadBandit:
             pulls[pulled] += 1.0
             direct[pulled] += 1
             total_pulls += pulled.size
-            r_vec = np.zeros(k)
-            r_vec[pulled] = rewards
-            hit = np.zeros(k)
-            hit[pulled] = 1.0
-            reward_sum += share.T @ r_vec  # R_i += sum_j (1 - d_ji/gamma) r_j
-            pulls += share.T @ hit  # T_i += sum_j (1 - d_ji/gamma)
+            _share_rewards(share, pulled, rewards, reward_sum, pulls)
         else:
             if (cursor >= size).all():
                 stop = "no_live_arms"
@@ -720,15 +708,8 @@ class TwoLevelQuad:
                         sel_reasons.append(np.array([TIER_REASONS[int(t)] for t in c_tier[fits]], dtype=object))
                 else:
                     state[block] = 2
-                rows["round"].append(rnd)
-                rows["cluster"].append(int(labels[a]))
-                rows["ucb"].append(float(ucb[a]))
-                rows["mean_probe"].append(float(mean))
-                rows["reward"].append(float(r))
-                rows["accepted"].append(bool(r > 0))
-                rows["block_start"].append(int(direct[a]))
-                rows["block_docs"].append(int(block.size))
-                rows["tokens_accepted"].append(took_tokens)
+                _record_pull(rows, rnd, int(labels[a]), float(ucb[a]), float(mean), float(r), int(direct[a]),
+                             int(block.size), took_tokens)
             probe_rounds.append(np.full(flat_pos.size, rnd, dtype=np.int32))
             probe_docs.append(cand[flat_pos])
             probe_scores.append(scores)
@@ -736,12 +717,7 @@ class TwoLevelQuad:
             pulls[pulled] += 1.0
             direct[pulled] += 1
             total_pulls += pulled.size
-            r_vec = np.zeros(k)
-            r_vec[pulled] = rewards
-            hit = np.zeros(k)
-            hit[pulled] = 1.0
-            reward_sum += share.T @ r_vec
-            pulls += share.T @ hit
+            _share_rewards(share, pulled, rewards, reward_sum, pulls)
             if progress is not None:
                 progress(int(sum(rows["tokens_accepted"][-pulled.size:])))
         else:
@@ -786,6 +762,26 @@ class TwoLevelQuad:
         self.tokens_selected_ = int(budget - remaining)
         self.round_tokens_ = round_tokens
         return self
+
+
+def _record_pull(rows: dict[str, list[Any]], rnd: int, cluster: int, ucb: float, mean: float, reward: float,
+                 block_start: int, block_docs: int, tokens: int) -> None:
+    """Append one pulled arm of one round to the ROUNDS_SCHEMA columns."""
+    for name, value in (("round", rnd), ("cluster", cluster), ("ucb", ucb), ("mean_probe", mean), ("reward", reward),
+                        ("accepted", reward > 0), ("block_start", block_start), ("block_docs", block_docs),
+                        ("tokens_accepted", tokens)):
+        rows[name].append(value)
+
+
+def _share_rewards(share: sp.csr_matrix, pulled: np.ndarray, rewards: np.ndarray, reward_sum: np.ndarray,
+                   pulls: np.ndarray) -> None:
+    """Quad's reward sharing, in place: R_i += sum_j (1 - d_ji/gamma) r_j and T_i += sum_j (1 - d_ji/gamma)."""
+    r_vec = np.zeros(reward_sum.size)
+    r_vec[pulled] = rewards
+    hit = np.zeros(reward_sum.size)
+    hit[pulled] = 1.0
+    reward_sum += share.T @ r_vec
+    pulls += share.T @ hit
 
 
 def _checked_pool(clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int) -> tuple[np.ndarray, np.ndarray]:
