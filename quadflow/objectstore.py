@@ -720,15 +720,20 @@ def expected_etag(path: str | Path, multipart_threshold: int, multipart_chunksiz
     return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
 
 
+def _transfer_config(c: ObjectStoreClient) -> TransferConfig:
+    """Part size, threshold and concurrency of managed uploads and copies (one part layout, so one ETag)."""
+    s = c.settings
+    return TransferConfig(multipart_threshold=s.multipart_threshold, multipart_chunksize=s.multipart_chunksize,
+                          max_concurrency=s.max_concurrency, use_threads=s.max_concurrency > 1)
+
+
 def upload_file(c: ObjectStoreClient, local_path: str | Path, url: str) -> ObjectInfo:
     """Upload a file (in parts above the threshold, aborted on failure), then verify size and ETag."""
     bucket, key = parse(url)
     path = Path(local_path)
     if not key or key.endswith("/"):
         raise ObjectStoreError(f"{url!r} names no object key to write {path} to", code="BadURL", bucket=bucket)
-    s = c.settings
-    config = TransferConfig(multipart_threshold=s.multipart_threshold, multipart_chunksize=s.multipart_chunksize,
-                            max_concurrency=s.max_concurrency, use_threads=s.max_concurrency > 1)
+    config = _transfer_config(c)
     size = path.stat().st_size  # FileNotFoundError names the path
     try:
         c.s3.upload_file(str(path), bucket, key, Config=config)
@@ -858,9 +863,7 @@ def publish_prefix(c: ObjectStoreClient, local_dir: str | Path, url_prefix: str,
 def _copy_into_place(c: ObjectStoreClient, path: Path, staged: ObjectInfo, url: str) -> ObjectInfo:
     """Server-side copy of a staged upload to its final key, verified against the local file."""
     bucket, key = parse(url)
-    s = c.settings
-    config = TransferConfig(multipart_threshold=s.multipart_threshold, multipart_chunksize=s.multipart_chunksize,
-                            max_concurrency=s.max_concurrency, use_threads=s.max_concurrency > 1)
+    config = _transfer_config(c)
     try:
         c.s3.copy({"Bucket": staged.bucket, "Key": staged.key}, bucket, key, Config=config)
     except (bce.ClientError, bce.BotoCoreError) as err:

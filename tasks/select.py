@@ -463,8 +463,8 @@ class NoveltyGains:
     what does not change between rounds is computed once: the target's weight of every stored count,
     the documents' n-gram totals, and where each count sits in a (small counts x buckets) table.
     A round then evaluates log1p(c / n'(b)) once per (count, bucket) pair, not once per stored
-    count, gathers it, and sums each document's entries in place: about ten times faster than
-    slicing the rows on a pool's candidates (27M stored counts).
+    count, gathers it, and sums each document's entries in place: about five times faster than
+    slicing the rows, on a full pool's candidates (293k documents, 27M stored counts).
     """
 
     SMALL = 32  # counts 1..SMALL come from the table; larger ones (rare) are computed directly
@@ -472,7 +472,7 @@ class NoveltyGains:
     def __init__(self, counts: sp.csr_matrix, p_target: np.ndarray):
         counts = sp.csr_matrix(counts, dtype=np.float64)
         self.counts = counts
-        n_rows, self.n_buckets = counts.shape
+        self.n_buckets = counts.shape[1]
         self.weight = p_target[counts.indices]  # (nnz,)
         data = counts.data
         small = (data >= 1) & (data <= self.SMALL) & (data == np.floor(data))
