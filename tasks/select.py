@@ -226,12 +226,7 @@ class QuadBandit:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.block_docs is not None and (not isinstance(self.block_docs, (int, np.integer)) or self.block_docs < 1):
             raise ValueError(f"block_docs must be None or an integer >= 1, got {self.block_docs!r}")
-        if self.tau_quantile is not None and not 0.0 <= self.tau_quantile <= 1.0:
-            raise ValueError(f"tau_quantile must be in [0, 1], got {self.tau_quantile!r}")
-        if self.alpha is not None and not self.alpha >= 0:
-            raise ValueError(f"alpha must be None or >= 0, got {self.alpha!r}")
-        if self.tau is not None and not np.isfinite(self.tau):
-            raise ValueError(f"tau must be None or finite, got {self.tau!r}")
+        _check_bar(self.tau, self.tau_quantile, self.alpha)
 
     def fit(self, clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int, probe_fn: ProbeFn,
             neighbors: pl.DataFrame | None = None, gamma: float | None = None) -> "QuadBandit":
@@ -584,12 +579,7 @@ class TwoLevelQuad:
             raise ValueError(f"max_doc_share must be in (0, 1], got {self.max_doc_share!r}")
         if not self.novelty_prior > 0:
             raise ValueError(f"novelty_prior must be > 0, got {self.novelty_prior!r}")
-        if self.tau_quantile is not None and not 0.0 <= self.tau_quantile <= 1.0:
-            raise ValueError(f"tau_quantile must be in [0, 1], got {self.tau_quantile!r}")
-        if self.alpha is not None and not self.alpha >= 0:
-            raise ValueError(f"alpha must be None or >= 0, got {self.alpha!r}")
-        if self.tau is not None and not np.isfinite(self.tau):
-            raise ValueError(f"tau must be None or finite, got {self.tau!r}")
+        _check_bar(self.tau, self.tau_quantile, self.alpha)
 
     def fit(self, clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int, rank_scores: np.ndarray,
             probe_fn: ProbeFn, novelty: Novelty, theta: float | None = None, theta_likely: float | None = None,
@@ -762,6 +752,16 @@ class TwoLevelQuad:
         self.tokens_selected_ = int(budget - remaining)
         self.round_tokens_ = round_tokens
         return self
+
+
+def _check_bar(tau: float | None, tau_quantile: float | None, alpha: float | None) -> None:
+    """The acceptance bar's parameters, as both bandits take them (None: calibrated in round 0)."""
+    if tau_quantile is not None and not 0.0 <= tau_quantile <= 1.0:
+        raise ValueError(f"tau_quantile must be in [0, 1], got {tau_quantile!r}")
+    if alpha is not None and not alpha >= 0:
+        raise ValueError(f"alpha must be None or >= 0, got {alpha!r}")
+    if tau is not None and not np.isfinite(tau):
+        raise ValueError(f"tau must be None or finite, got {tau!r}")
 
 
 def _record_pull(rows: dict[str, list[Any]], rnd: int, cluster: int, ucb: float, mean: float, reward: float,
