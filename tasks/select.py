@@ -502,9 +502,11 @@ def candidate_tiers(rank_scores: np.ndarray, tokens: np.ndarray, budget: int, mu
 
     Candidates are the best documents by rank score holding `multiple` x the budget in tokens. Among
     them, SURE: scores at least theta, the score most of the target's own documents reach (out of
-    fold); LIKELY: at least theta_likely, a score nearly all of them reach; RELATED: the other
-    candidates no longer than max_doc_share of the budget. Without theta (no classifier fitted on a
-    target) every candidate is RELATED.
+    fold), whatever its length; LIKELY: at least theta_likely, a score nearly all of them reach;
+    RELATED: the other candidates. A LIKELY or RELATED document longer than max_doc_share of the
+    budget is no candidate (it is left to the fill): one such document could otherwise take a tenth
+    of the budget on an uncertain score. Without theta (no classifier fitted on a target) every
+    candidate is RELATED.
     """
     n = rank_scores.size
     order = np.lexsort((np.arange(n), -rank_scores))  # best first, ties by doc_idx
@@ -513,10 +515,11 @@ def candidate_tiers(rank_scores: np.ndarray, tokens: np.ndarray, budget: int, mu
     cand = np.zeros(n, dtype=bool)
     cand[order[:n_cand]] = True
     tier = np.full(n, OUTSIDE, dtype=np.int8)
-    tier[cand & (tokens <= max_doc_share * budget)] = RELATED
+    short = cand & (tokens <= max_doc_share * budget)
+    tier[short] = RELATED
     if theta is not None:
         low = theta if theta_likely is None else min(theta, theta_likely)
-        tier[cand & (rank_scores >= low)] = LIKELY
+        tier[short & (rank_scores >= low)] = LIKELY
         tier[cand & (rank_scores >= theta)] = SURE
     info: dict[str, Any] = {"candidate_docs": n_cand, "theta": theta, "theta_likely": theta_likely}
     for name, t in (("target_kind_tokens", SURE), ("likely_target_kind_tokens", LIKELY), ("related_tokens", RELATED)):

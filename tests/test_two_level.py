@@ -74,6 +74,11 @@ def test_tiers_split_candidates_by_the_target_scores():
     # the target's kind is never cut for length: a long document scoring like the target is SURE
     long_sure, _ = candidate_tiers(scores, tokens, 20, multiple=4, theta=2.5, theta_likely=2.5, max_doc_share=0.5)
     assert long_sure[6] == SURE
+    # ... but one only likely of it is not a candidate when it is long: it would take 3x the budget on
+    # an uncertain score (with it, one 107k-token document took 11% of encyclopedic's budget)
+    long_likely, info = candidate_tiers(scores, tokens, 20, multiple=4, theta=7.5, theta_likely=2.5, max_doc_share=0.5)
+    assert long_likely.tolist()[:7] == [SURE, SURE, LIKELY, LIKELY, LIKELY, LIKELY, OUTSIDE]
+    assert info["likely_target_kind_tokens"] == 40
     plain, info = candidate_tiers(scores, tokens, 20, multiple=4, theta=None, theta_likely=None, max_doc_share=3.0)
     assert (plain[:7] == RELATED).all() and (plain[7:] == OUTSIDE).all() and info["theta"] is None
 
