@@ -1084,7 +1084,7 @@ def plot_metric(summary: pl.DataFrame, column: str, sd: str | None, label: str, 
         xerr = None
         if column == "ppl":
             lo, hi = s["ppl_min"].to_numpy().astype(float), s["ppl_max"].to_numpy().astype(float)
-            xerr = np.vstack([vals - lo, hi - vals])
+            xerr = np.clip(np.vstack([vals - lo, hi - vals]), 0.0, None)  # a mean of equal floats can miss them by an ulp
         elif sd is not None:
             xerr = np.nan_to_num(s[sd].to_numpy().astype(float))
         ax.barh(y, vals, xerr=xerr, color=colors, capsize=2)

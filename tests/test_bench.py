@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from benchmarks.bench import (
-    METHOD_NAMES, MODES, BenchConfig, main, run_bench, sample_key, subsample_jsonl, summarize, verdicts,
+    METHOD_NAMES, MODES, BenchConfig, main, plot_metric, run_bench, sample_key, subsample_jsonl, summarize,
+    verdicts,
 )
 from benchmarks.eval.tasks import TaskSpec, build_tasks, iter_lines
 from quadflow.settings import influence_available
@@ -117,6 +118,19 @@ def test_summary_averages_seeds_and_verdict_compares_means():
     assert (v["ppl"], v["ppl_random"], v["best_per_document"], v["ppl_best_per_document"]) == (80, 105, "dsir-resample", 81)
     assert v["gain_vs_best_per_document"] == pytest.approx(1 - 80 / 81)
     assert v["best_overall"] == "quad"  # the reference oracle is not a competitor
+
+
+def test_perplexity_plot_takes_seeds_whose_mean_misses_their_value_by_an_ulp(tmp_path):
+    p = 694.4475801887459  # three equal seeds whose float mean is one ulp above each of them
+    rows = [{"task": "t", "method": m, "seed": s, "perplexity": v, "kl_reduction": 0.1, "domain_share": 0.5,
+             "cluster_coverage": 0.2, "clusters_covered": 3, "source_entropy": 1.0, "sources_covered": 2,
+             "tokens": 100, "docs": 5, "budget_deviation": 0.0, "source_mix": "a 50%", "select_seconds": 0.1,
+             "reference": False} for m, vals in {"random": [90.0, 95.0], "quad": [p, p, p]}.items()
+            for s, v in enumerate(vals)]
+    summary = summarize(rows)
+    assert summary["ppl"][1] != summary["ppl_min"][1]  # the case: a mean of equal values is not that value
+    plot_metric(summary, "ppl", None, "perplexity", tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_throughput_ratios_compare_like_for_like_steps():
