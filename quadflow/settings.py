@@ -318,8 +318,8 @@ class SelectSettings(Section):
         "reaches the score only this share of the target's documents fall below.",
     )
     max_doc_share: float = Field(
-        0.03, gt=0, le=1, description="Ranked blocks: related documents (not of the target's kind) longer than this "
-        "share of the budget are left to the fill, so no single document crowds out the rest.",
+        0.03, gt=0, le=1, description="Ranked blocks: likely and related documents (not surely of the target's kind) "
+        "longer than this share of the budget are left to the fill, so no single document crowds out the rest.",
     )
     diversity: bool = Field(
         True, description="Ranked blocks: order candidates by novelty (the KL drop toward the target each would bring, "
