@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 # torch==2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -c $(LOCK) -e '.[test,influence,bench,dask]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test,influence,bench,dask,ray]'
 	$(PY) requirements/lock.py check
 	touch $@
 

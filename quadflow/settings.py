@@ -379,9 +379,11 @@ class RunSettings(Section):
 
     runner: str = Field(
         "processes",
-        pattern=r"^(threads|processes|dask|(dask|tcp|ray)://[A-Za-z0-9_.\-\[\]:]+)$",
+        pattern=r"^(threads|processes|dask|ray|(dask|tcp|ray)://[A-Za-z0-9_.\-\[\]:]+)$",
         description="Task runner for shard tasks: threads, processes (a local process pool), dask (a local "
-        "Dask cluster), dask://HOST:PORT (an existing Dask scheduler) or ray://HOST:PORT (prefect-ray).",
+        "Dask cluster), dask://HOST:PORT (an existing Dask scheduler), ray (the Ray cluster RAY_ADDRESS names, else "
+        "a local Ray instance) or ray://HOST:PORT (a Ray cluster through Ray Client); dask and ray through prefect-dask "
+        "and prefect-ray.",
     )
     workers: int | None = Field(None, ge=1, description="Worker processes/threads (default: one per core).")
     shard_docs: int = Field(

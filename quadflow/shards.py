@@ -301,7 +301,8 @@ def clean_parts(directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 RUNNER_HELP = ("threads, processes (default: a local process pool), dask (a local Dask cluster of worker "
-               "processes), dask://HOST:PORT (an existing Dask scheduler) or ray://HOST:PORT (needs prefect-ray)")
+               "processes), dask://HOST:PORT (an existing Dask scheduler), ray (the Ray cluster RAY_ADDRESS names, "
+               "else a local Ray instance) or ray://HOST:PORT (a Ray cluster through Ray Client)")
 
 
 def task_runner(run: RunSettings):
@@ -324,13 +325,17 @@ def task_runner(run: RunSettings):
             return DaskTaskRunner(cluster_kwargs={"n_workers": workers or os.cpu_count() or 1, "processes": True,
                                                   "threads_per_worker": 1, "dashboard_address": None})
         return DaskTaskRunner(address="tcp://" + spec.split("://", 1)[1])
-    if spec.startswith("ray://"):
+    if spec == "ray" or spec.startswith("ray://"):
         try:
             from prefect_ray import RayTaskRunner
         except ImportError:
-            raise ConfigError(f"run.runner = {spec!r} needs prefect-ray (pip install prefect-ray); "
-                              "or run on Dask: --runner dask://HOST:PORT") from None
-        return RayTaskRunner(address=spec)
+            raise ConfigError(f"run.runner = {spec!r} needs prefect-ray: pip install -e '.[ray]'") from None
+        if spec.startswith("ray://"):  # Ray Client: the run's process need not be on the cluster
+            return RayTaskRunner(address=spec)
+        if os.environ.get("RAY_ADDRESS"):  # the cluster this machine belongs to (`ray start`, a Ray job)
+            return RayTaskRunner(address=os.environ["RAY_ADDRESS"])
+        # a local Ray instance the run starts and stops; each shard task takes one of its CPUs
+        return RayTaskRunner(init_kwargs={"num_cpus": workers or os.cpu_count() or 1, "include_dashboard": False})
     raise ConfigError(f"run.runner = {spec!r}: expected {RUNNER_HELP}")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
-EXTRAS = "test,influence,bench,dask"  # what `make setup-test` installs
+EXTRAS = "test,influence,bench,dask,ray"  # what `make setup-test` installs
 TOOLS = ("pip", "setuptools")  # installer and build backend, pinned like everything else
 PROJECT = "quadflow"
 # The CPU build of torch is published as 2.13.0+cpu; `torch==2.13.0` matches it (and pip prefers it when

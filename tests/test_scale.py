@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -208,6 +210,37 @@ def test_dask_cluster_of_separate_processes_gives_the_same_selection(env, baseli
         workers = {w for (w,) in con.execute("select distinct worker from shard_done where source = 'computed' "
                                               "and stage in ('featurize', 'score')").fetchall()}
     assert len(workers) >= 2, workers  # shards ran in more than one worker process ...
+    assert not any(w.endswith(f":{run.pid}") for w in workers), workers  # ... none of them the flow's
+
+
+def test_ray_cluster_of_separate_processes_gives_the_same_selection(env, baseline):
+    """A Ray head started with `ray start` (its own GCS, raylet and worker processes); the run joins it as a
+    driver through RAY_ADDRESS, as a flow run on a cluster's head node (or submitted as a Ray job) does."""
+    ray = Path(sys.executable).parent / "ray"
+    assert ray.exists(), "ray is not installed: make test installs '.[ray]'"
+    gcs = _free_port()
+    temp = Path(tempfile.mkdtemp(prefix="qf-ray-", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
+    ray_env = {**env["env"], "RAY_USAGE_STATS_ENABLED": "0"}
+    base = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+            "--num-cpus", "2", "--include-dashboard", "false",
+            "--temp-dir", str(temp), "--disable-usage-stats"]
+    log = env["tmp"] / "ray-start.log"
+    try:
+        with open(log, "wb") as out:
+            started = subprocess.run(base, env=ray_env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=180)
+        assert started.returncode == 0, _tail(log)
+        config, log = _config(env, "ray"), env["tmp"] / "ray.log"
+        run = _start({**env, "env": {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}}, config, "--runner", "ray",
+                     log=log)
+        _finish(run, log)
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], env=ray_env, cwd=REPO, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert _selected("ray", env) == baseline
+    with duckdb.connect(str(env["tmp"] / "ray" / "quadflow.duckdb"), read_only=True) as con:
+        workers = {w for (w,) in con.execute("select distinct worker from shard_done where source = 'computed' "
+                                              "and stage in ('featurize', 'score')").fetchall()}
+    assert len(workers) >= 2, workers  # shards ran in more than one Ray worker process ...
     assert not any(w.endswith(f":{run.pid}") for w in workers), workers  # ... none of them the flow's
 
 

@@ -151,3 +151,25 @@ def test_cli_store_that_is_a_directory_exits_2_naming_it(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert f"store = '{tmp_path}'" in err and "is a directory" in err and "Traceback" not in err
+
+
+def test_runner_names_choose_where_shard_tasks_run(monkeypatch):
+    from prefect_dask import DaskTaskRunner
+    from prefect_ray import RayTaskRunner
+
+    from quadflow.settings import RunSettings
+    from quadflow.shards import task_runner
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = task_runner(RunSettings(runner="ray", workers=3))
+    assert isinstance(local, RayTaskRunner) and local.address is None and local.init_kwargs["num_cpus"] == 3
+    client = task_runner(RunSettings(runner="ray://head.example:10001"))
+    assert isinstance(client, RayTaskRunner) and client.address == "ray://head.example:10001"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # on a cluster node, or inside a Ray job
+    joined = task_runner(RunSettings(runner="ray", workers=3))
+    assert joined.address == "10.0.0.5:6379" and "num_cpus" not in joined.init_kwargs  # the cluster's CPUs
+    assert task_runner(RunSettings(runner="dask://sched:8786")).address == "tcp://sched:8786"
+    assert isinstance(task_runner(RunSettings(runner="dask", workers=2)), DaskTaskRunner)
+    with pytest.raises(ConfigError) as e:
+        build_settings(overrides={"ingest": {"inputs": ["x"]}, "run": {"runner": "spark"}})
+    assert "run.runner" in str(e.value) and "spark" in str(e.value)
