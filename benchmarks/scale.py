@@ -1,29 +1,38 @@
-"""Scale benchmark: time and peak RSS per stage against pool size, and documents/s with 1 and 2 workers.
+"""Scale benchmark: time and peak RSS per stage against pool size, and documents/s with 1, 2, ... workers.
 
     # a 5M-document pool in 100k-document files (see make_scale_pool.py)
     python benchmarks/make_scale_pool.py ../shared/data/debian-pool-v1.jsonl.zst runs/scale-pool \
         --docs 5000000 --docs-per-file 100000
     python benchmarks/scale.py --pool runs/scale-pool --sizes 100000,1000000,5000000 --out runs/scale
     python benchmarks/scale.py --pool runs/scale-pool --workers-at 1000000 --out runs/scale
+    python benchmarks/scale.py --pool runs/scale-pool --workers-at 200000 --workers 1,2,4 \
+        --runners processes,dask,ray --shard-docs 25000 --out runs/scale-runners
 
 A pool of N documents is the first N / 100k files of the generated pool (a smaller pool is a
 prefix of a larger one). `--sizes` runs every stage in one fresh process per size
 (benchmarks/stages.py: each stage's task function, shards one after another in that process) and
 records each stage's wall time and the process's peak RSS while it ran. `--workers-at N` runs the
-whole flow (`quadflow run`, shard tasks on a local process pool) with 1 and then 2 workers on
-fresh stores and reports end-to-end and per-stage documents/s. Results go to `<out>/scale.json`
-and are printed as markdown tables.
+whole flow (`quadflow run`) with each of `--workers` (default 1,2) on each of `--runners`
+(default: processes, a local process pool; dask: a local Dask cluster of that many worker
+processes; ray: a local Ray instance with that many CPUs), on fresh stores, and reports
+end-to-end and per-stage documents/s. Those runs report to one Prefect server the benchmark
+starts on loopback, as Dask and Ray workers need. Results go to `<out>/scale.json` and are
+printed as markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -77,33 +86,78 @@ def stage_profile(pool: Path, size: int, out: Path, shard_docs: int) -> dict:
             "stages": [r for r in rows if "seconds" in r]}
 
 
-def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: int) -> dict:
-    work = out / f"workers-{size}-{workers}"
+def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: int, runner: str = "processes",
+                    api_url: str | None = None) -> dict:
+    work = out / (f"workers-{size}-{workers}" if runner == "processes" else f"workers-{size}-{runner}-{workers}")
     _fresh(work)
     cfg = _config(pool, size, work, shard_docs)
     log = work / "run.log"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)  # ray: a local instance with `workers` CPUs
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     cmd = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "quadflow"), "run", "--config", str(cfg),
-           "--workers", str(workers), "--runner", "processes"]
+           "--workers", str(workers), "--runner", runner]
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - start
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
-        raise SystemExit(f"quadflow run failed ({workers} workers):\n{text[-3000:]}")
+        raise SystemExit(f"quadflow run failed ({runner}, {workers} workers):\n{text[-3000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
     stage = {m.group(1): float(m.group(2)) for m in re.finditer(r"(featurize|score): [\d,]+/[\d,]+ docs \(100%\).*?"
                                                                r"done in ([\d.]+)s", text)}
-    return {"docs": size, "workers": workers, "wall_s": round(wall, 1), "docs_per_s": round(size / wall),
-            "peak_rss_mb_main": round(peak), "featurize_s": stage.get("featurize"), "score_s": stage.get("score")}
+    return {"docs": size, "runner": runner, "workers": workers, "wall_s": round(wall, 1),
+            "docs_per_s": round(size / wall), "peak_rss_mb_main": round(peak), "featurize_s": stage.get("featurize"),
+            "score_s": stage.get("score")}
+
+
+@contextlib.contextmanager
+def prefect_server(out: Path):
+    """A Prefect server on a free loopback port for the runs' flow and its workers; its API URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    home = out / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": url,
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(out / "prefect-server.log", "wb")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the Prefect server did not come up; see {out / 'prefect-server.log'}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", type=Path, required=True, help="directory of make_scale_pool.py output")
     ap.add_argument("--sizes", default="", help="comma-separated pool sizes (multiples of 100,000)")
-    ap.add_argument("--workers-at", type=int, help="pool size for the 1-vs-2-workers run")
+    ap.add_argument("--workers-at", type=int, help="pool size for the runs with each number of workers")
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts for --workers-at")
+    ap.add_argument("--runners", default="processes", help="comma-separated: processes, dask, ray")
     ap.add_argument("--shard-docs", type=int, default=50_000)
     ap.add_argument("--out", type=Path, default=Path("runs/scale"))
     args = ap.parse_args(argv)
@@ -116,12 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         record.write_text(json.dumps(results, indent=2))
         print(f"{size:,} docs: {r['wall_s']} s, peak RSS {r['peak_rss_mb']} MB", flush=True)
     if args.workers_at:
-        for w in (1, 2):
-            r = workers_profile(args.pool, args.workers_at, args.out, args.shard_docs, w)
-            results["workers"] = [x for x in results["workers"] if (x["docs"], x["workers"]) != (args.workers_at, w)]
-            results["workers"].append(r)
-            record.write_text(json.dumps(results, indent=2))
-            print(json.dumps(r), flush=True)
+        with prefect_server(args.out) as url:
+            for runner in args.runners.split(","):
+                for w in (int(x) for x in args.workers.split(",")):
+                    r = workers_profile(args.pool, args.workers_at, args.out, args.shard_docs, w, runner, url)
+                    results["workers"] = [x for x in results["workers"] if (x["docs"], x.get("runner", "processes"),
+                                                                            x["workers"]) != (args.workers_at, runner, w)]
+                    results["workers"].append(r)
+                    record.write_text(json.dumps(results, indent=2))
+                    print(json.dumps(r), flush=True)
     print(markdown(results))
 
 
@@ -139,11 +196,12 @@ def markdown(results: dict) -> str:
                          f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['store_mb'] / 1024:.1f} GB |")
     if results.get("workers"):
         lines.append("")
-        lines.append("| pool docs | workers | end to end | docs/s | featurize | score | flow process peak RSS |")
-        lines.append("|---|---|---|---|---|---|---|")
-        for r in sorted(results["workers"], key=lambda r: (r["docs"], r["workers"])):
-            lines.append(f"| {r['docs']:,} | {r['workers']} | {r['wall_s']:.0f} s | {r['docs_per_s']:,} | "
-                         f"{r['featurize_s']} s | {r['score_s']} s | {r['peak_rss_mb_main'] / 1024:.2f} GB |")
+        lines.append("| pool docs | runner | workers | end to end | docs/s | featurize | score | flow process peak RSS |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in sorted(results["workers"], key=lambda r: (r["docs"], r.get("runner", "processes"), r["workers"])):
+            lines.append(f"| {r['docs']:,} | {r.get('runner', 'processes')} | {r['workers']} | {r['wall_s']:.0f} s | "
+                         f"{r['docs_per_s']:,} | {r['featurize_s']} s | {r['score_s']} s | "
+                         f"{r['peak_rss_mb_main'] / 1024:.2f} GB |")
     return "\n".join(lines)
 
 
