@@ -234,6 +234,7 @@ def test_ray_cluster_of_separate_processes_gives_the_same_selection(env, baselin
                      log=log)
         _finish(run, log)
     finally:
+        # `ray stop` stops every Ray process of this user on the machine: the test suite runs no other Ray
         subprocess.run([str(ray), "stop", "--force"], env=ray_env, cwd=REPO, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
     assert _selected("ray", env) == baseline
