@@ -240,8 +240,9 @@ def build_report(data: ReportData) -> str:
     ])
     if data.reasons is not None and data.reasons.height:
         lines += ["Why the selected documents were taken (two-level quad: `quad_target_kind`, a document that "
-                  "scores like the target's own; `quad_likely_target_kind`, the next best, up to the mass of that "
-                  "kind the target's scores imply; `quad_related`, chosen for what it adds toward the target; "
+                  "scores like most of the target's own; `quad_likely_target_kind`, the next best, down to a score "
+                  "nearly all of the target's documents reach; `quad_related`, chosen for what it adds toward the "
+                  "target; "
                   "quad with random blocks: `quad_block`, an accepted block; either: `quad_fill`, filled after "
                   "the bandit stopped short of the budget):", ""]
         lines += _table(["reason", "documents", "tokens"],
