@@ -220,7 +220,9 @@ def test_ray_cluster_of_separate_processes_gives_the_same_selection(env, baselin
     assert ray.exists(), "ray is not installed: make test installs '.[ray]'"
     gcs = _free_port()
     temp = Path(tempfile.mkdtemp(prefix="qf-ray-", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
-    ray_env = {**env["env"], "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_AUTH_MODE explicit for head and driver alike: unset, `ray start` turns token authentication on when
+    # ~/.ray/auth_token exists (any earlier local Ray instance writes one) and the driver then fails to connect
+    ray_env = {**env["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     base = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
             "--num-cpus", "2", "--include-dashboard", "false",
             "--temp-dir", str(temp), "--disable-usage-stats"]
