@@ -7,6 +7,8 @@
     python benchmarks/scale.py --pool runs/scale-pool --workers-at 1000000 --out runs/scale
     python benchmarks/scale.py --pool runs/scale-pool --workers-at 200000 --workers 1,2,4 \
         --runners processes,dask,ray --shard-docs 25000 --out runs/scale-runners
+    python benchmarks/scale.py --pool runs/scale-pool --workers-at 200000 --workers 2 \
+        --shard-docs 25000 --parts local,s3 --out runs/scale-parts
 
 A pool of N documents is the first N / 100k files of the generated pool (a smaller pool is a
 prefix of a larger one). `--sizes` runs every stage in one fresh process per size
@@ -16,14 +18,18 @@ whole flow (`quadflow run`) with each of `--workers` (default 1,2) on each of `-
 (default: processes, a local process pool; dask: a local Dask cluster of that many worker
 processes; ray: a local Ray instance with that many CPUs), on fresh stores, and reports
 end-to-end and per-stage documents/s. Those runs report to one Prefect server the benchmark
-starts on loopback, as Dask and Ray workers need. Results go to `<out>/scale.json` and are
-printed as markdown tables.
+starts on loopback, as Dask and Ray workers need. `--parts local,s3` runs each of them with its
+shard parts in `<store>.parts` and again under an s3:// prefix on moto's S3 server, started on
+loopback (needs the test extra), so no shard part touches a shared directory. Every run records
+how many documents it selected and a digest of their ids, to show the selection does not depend
+on where it ran. Results go to `<out>/scale.json` and are printed as markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -35,6 +41,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import polars as pl
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,8 +94,9 @@ def stage_profile(pool: Path, size: int, out: Path, shard_docs: int) -> dict:
 
 
 def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: int, runner: str = "processes",
-                    api_url: str | None = None) -> dict:
-    work = out / (f"workers-{size}-{workers}" if runner == "processes" else f"workers-{size}-{runner}-{workers}")
+                    api_url: str | None = None, s3: dict | None = None) -> dict:
+    name = f"workers-{size}-{workers}" if runner == "processes" else f"workers-{size}-{runner}-{workers}"
+    work = out / (name + ("-s3parts" if s3 else ""))
     _fresh(work)
     cfg = _config(pool, size, work, shard_docs)
     log = work / "run.log"
@@ -98,6 +106,9 @@ def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: 
         env["PREFECT_API_URL"] = api_url
     cmd = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "quadflow"), "run", "--config", str(cfg),
            "--workers", str(workers), "--runner", runner]
+    if s3:
+        env.update(s3["env"])
+        cmd += ["--parts", f"{s3['prefix']}/{work.name}"]
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -108,9 +119,30 @@ def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: 
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
     stage = {m.group(1): float(m.group(2)) for m in re.finditer(r"(featurize|score): [\d,]+/[\d,]+ docs \(100%\).*?"
                                                                r"done in ([\d.]+)s", text)}
-    return {"docs": size, "runner": runner, "workers": workers, "wall_s": round(wall, 1),
-            "docs_per_s": round(size / wall), "peak_rss_mb_main": round(peak), "featurize_s": stage.get("featurize"),
-            "score_s": stage.get("score")}
+    ids = sorted(pl.read_parquet(work / "out" / "selection.parquet", columns=["id"])["id"].to_list())
+    return {"docs": size, "runner": runner, "workers": workers, "parts": "s3" if s3 else "local",
+            "wall_s": round(wall, 1), "docs_per_s": round(size / wall), "peak_rss_mb_main": round(peak),
+            "featurize_s": stage.get("featurize"), "score_s": stage.get("score"), "selected_docs": len(ids),
+            "selection_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+
+
+@contextlib.contextmanager
+def s3_parts_server():
+    """moto's S3 server on a free loopback port with one bucket; the --parts prefix and the runs' environment."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket="scale-parts")
+        yield {"prefix": "s3://scale-parts/parts", "env": env}
+    finally:
+        server.stop()
 
 
 @contextlib.contextmanager
@@ -158,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers-at", type=int, help="pool size for the runs with each number of workers")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts for --workers-at")
     ap.add_argument("--runners", default="processes", help="comma-separated: processes, dask, ray")
+    ap.add_argument("--parts", default="local", help="comma-separated: local, s3 (moto's server on loopback)")
     ap.add_argument("--shard-docs", type=int, default=50_000)
     ap.add_argument("--out", type=Path, default=Path("runs/scale"))
     args = ap.parse_args(argv)
@@ -170,15 +203,18 @@ def main(argv: list[str] | None = None) -> None:
         record.write_text(json.dumps(results, indent=2))
         print(f"{size:,} docs: {r['wall_s']} s, peak RSS {r['peak_rss_mb']} MB", flush=True)
     if args.workers_at:
-        with prefect_server(args.out) as url:
+        wheres = args.parts.split(",")
+        with prefect_server(args.out) as url, (s3_parts_server() if "s3" in wheres
+                                               else contextlib.nullcontext()) as s3:
             for runner in args.runners.split(","):
                 for w in (int(x) for x in args.workers.split(",")):
-                    r = workers_profile(args.pool, args.workers_at, args.out, args.shard_docs, w, runner, url)
-                    results["workers"] = [x for x in results["workers"] if (x["docs"], x.get("runner", "processes"),
-                                                                            x["workers"]) != (args.workers_at, runner, w)]
-                    results["workers"].append(r)
-                    record.write_text(json.dumps(results, indent=2))
-                    print(json.dumps(r), flush=True)
+                    for where in wheres:
+                        r = workers_profile(args.pool, args.workers_at, args.out, args.shard_docs, w, runner, url,
+                                            s3 if where == "s3" else None)
+                        results["workers"] = [x for x in results["workers"] if _run_id(x) != _run_id(r)]
+                        results["workers"].append(r)
+                        record.write_text(json.dumps(results, indent=2))
+                        print(json.dumps(r), flush=True)
     print(markdown(results))
 
 
@@ -196,13 +232,19 @@ def markdown(results: dict) -> str:
                          f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['store_mb'] / 1024:.1f} GB |")
     if results.get("workers"):
         lines.append("")
-        lines.append("| pool docs | runner | workers | end to end | docs/s | featurize | score | flow process peak RSS |")
-        lines.append("|---|---|---|---|---|---|---|---|")
-        for r in sorted(results["workers"], key=lambda r: (r["docs"], r.get("runner", "processes"), r["workers"])):
-            lines.append(f"| {r['docs']:,} | {r.get('runner', 'processes')} | {r['workers']} | {r['wall_s']:.0f} s | "
-                         f"{r['docs_per_s']:,} | {r['featurize_s']} s | {r['score_s']} s | "
-                         f"{r['peak_rss_mb_main'] / 1024:.2f} GB |")
+        lines.append("| pool docs | runner | workers | parts | end to end | docs/s | featurize | score | "
+                     "flow process peak RSS | selected (ids digest) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(results["workers"], key=_run_id):
+            lines.append(f"| {r['docs']:,} | {r.get('runner', 'processes')} | {r['workers']} | "
+                         f"{r.get('parts', 'local')} | {r['wall_s']:.0f} s | {r['docs_per_s']:,} | {r['featurize_s']} s | "
+                         f"{r['score_s']} s | {r['peak_rss_mb_main'] / 1024:.2f} GB | "
+                         f"{r.get('selected_docs', '')} ({r.get('selection_sha256', '')}) |")
     return "\n".join(lines)
+
+
+def _run_id(r: dict) -> tuple:
+    return r["docs"], r.get("runner", "processes"), r["workers"], r.get("parts", "local")
 
 
 if __name__ == "__main__":

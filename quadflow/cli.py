@@ -72,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="worker processes/threads for the runner (default: one per core)")
     run.add_argument("--shard-docs", type=int,
                      help="documents per featurize/score shard (default 50,000): sets peak memory, not results")
-    run.add_argument("--parts", metavar="DIR",
-                     help="directory for shard parts, shared with the workers (default: <store>.parts)")
+    run.add_argument("--parts", metavar="DIR|s3://BUCKET/PREFIX",
+                     help="where shard parts go: a directory the workers share, or an s3:// prefix (then workers "
+                          "need no shared file system; endpoint from objectstore.*) (default: <store>.parts)")
     run.add_argument("--lock-timeout", default="3600", metavar="SECONDS",
                      help="how long to wait while another run holds the store (default 3600)")
     run.add_argument("--show-settings", action="store_true", help="print the resolved settings and exit")

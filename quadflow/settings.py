@@ -390,8 +390,26 @@ class RunSettings(Section):
         50_000, ge=1, description="Documents per shard of featurize and score: sets their peak memory, not the results."
     )
     parts: str | None = Field(
-        None, description="Directory for shard parts, shared with the workers (default: <store>.parts beside the store)."
+        None, description="Where shard parts go: a directory the workers share, or an s3://bucket/prefix on the "
+        "objectstore.* endpoint, so workers on other machines need no shared file system (default: <store>.parts "
+        "beside the store).",
     )
+
+    @field_validator("parts")
+    @classmethod
+    def _parts_location(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("parts is empty: name a directory or an s3://bucket/prefix, or leave it unset")
+        if v[:5].lower() == "s3://":
+            bucket = v[5:].split("/", 1)[0]
+            if not bucket or any(ch.isspace() for ch in bucket):
+                raise ValueError(f"parts {v!r} has no valid bucket name: write s3://bucket/prefix")
+            return "s3://" + v[5:]
+        if "://" in v:
+            raise ValueError(f"parts {v!r}: only local directories and s3:// prefixes are supported")
+        return v
 
 
 class Settings(Section):

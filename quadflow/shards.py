@@ -1,20 +1,23 @@
 """Shards: bounded doc_idx ranges of a stage's input, run in parallel and resumed after a crash.
 
-The per-document stages (featurize, score) cut the pool into shards of at most `run.shard_docs`
-documents. For each shard the stage task (in the flow's process, the only one that writes the
-DuckDB store) exports the shard's inputs from the store to a Parquet part under the parts
-directory, submits one shard task to the flow's task runner (threads, local processes, or a Dask
+The per-document stages (dedup, featurize, score) cut the pool into shards of at most
+`run.shard_docs` documents. For each shard the stage task (in the flow's process, the only one
+that writes the DuckDB store) exports the shard's inputs from the store to a Parquet part,
+submits one shard task to the flow's task runner (threads, local processes, a Dask or a Ray
 cluster), and, as each shard task finishes, loads its output part into the stage's tables and
-records the shard in `shard_done`, both in one transaction. A shard task reads only Parquet
-parts and writes only its own output part (to a temporary name, renamed when complete), so it
-can run on any machine that sees the parts directory.
+records the shard in `shard_done`, both in one transaction. A shard task reads only parts and
+writes only its own output part, so it can run on any machine that reaches the parts: a local
+or shared directory, or an s3:// prefix (`run.parts`), where workers need no shared file system.
+
+A part is whole or absent: on a file system it is written to a temporary name and renamed, on an
+object store it is uploaded (and verified) in one object, which S3 makes visible only complete.
 
 Resume: a rerun of the stage skips the shards that `shard_done` records for the stage's key,
 loads output parts that were finished but not yet recorded (killed between the two), and
 recomputes only the rest. Loading deletes the shard's doc_idx range before inserting, so a shard
 is never counted twice. Parts are deleted once the stage's partition is complete.
 
-Layout of the parts directory (default `<store>.parts/`, or `run.parts`):
+Layout of one stage partition's parts (under `run.parts`, default `<store>.parts/`):
     <stage>-<key>/in-<role>-<lo>-<hi>.parquet     inputs exported from the store
     <stage>-<key>/out-<role>-<lo>-<hi>.parquet    outputs written by shard tasks
     <stage>-<key>/...                             fitted state the shard tasks load (e.g. lsa.npz)
@@ -22,9 +25,12 @@ Layout of the parts directory (default `<store>.parts/`, or `run.parts`):
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +40,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from quadflow import objectstore as ob
 from quadflow.log import get_logger
+from quadflow.objectstore import ObjectStoreError, ObjectStoreSettings
 from quadflow.settings import ConfigError, RunSettings
 from quadflow.store import query_sql, run_sql, transaction
 
@@ -72,20 +80,6 @@ def plan_shards(counts: dict[str, int], shard_docs: int) -> list[Shard]:
     if shard_docs < 1:
         raise ValueError(f"shard_docs must be >= 1, got {shard_docs!r}")
     return [Shard(role, lo, min(lo + shard_docs, n)) for role, n in counts.items() for lo in range(0, n, shard_docs)]
-
-
-def parts_dir(run: RunSettings, store_path: str, stage: str, key: str) -> Path:
-    """Directory of one stage partition's parts (shared storage when shard tasks run elsewhere)."""
-    root = Path(run.parts) if run.parts else Path(f"{store_path}.parts")
-    return root / f"{stage}-{key}"
-
-
-def input_path(directory: Path, shard: Shard) -> Path:
-    return directory / f"in-{shard.name}.parquet"
-
-
-def output_path(directory: Path, shard: Shard) -> Path:
-    return directory / f"out-{shard.name}.parquet"
 
 
 def write_parquet_atomic(path: Path, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None) -> int:
@@ -127,6 +121,153 @@ def part_rows(path: Path) -> int | None:
         return pq.ParquetFile(path).metadata.num_rows
     except (FileNotFoundError, OSError, pa.ArrowInvalid):
         return None
+
+
+class Parts:
+    """Where one stage partition's parts live: a local (or shared) directory, or an s3:// prefix.
+
+    Every method takes a part's location as `url(name)` spells it. Shard tasks get the Parts (it
+    pickles without its client; each process makes its own from `objectstore`, credentials from the
+    standard AWS chain of the machine it runs on).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], objectstore: ObjectStoreSettings | None = None):
+        root = str(root)
+        self.remote = ob.is_s3(root)
+        self.root = root.rstrip("/") if self.remote else root
+        self.objectstore = objectstore
+        self._client: ob.ObjectStoreClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def __repr__(self) -> str:
+        return f"Parts({self.root!r})"
+
+    @property
+    def client(self) -> ob.ObjectStoreClient:
+        if self._client is None:
+            self._client = ob.client(self.objectstore)
+        return self._client
+
+    def url(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.remote else str(Path(self.root) / name)
+
+    def input(self, shard: Shard) -> str:
+        return self.url(f"in-{shard.name}.parquet")
+
+    def output(self, shard: Shard) -> str:
+        return self.url(f"out-{shard.name}.parquet")
+
+    def check(self) -> None:
+        """Fail fast, naming the bucket, when an s3:// parts prefix cannot be listed."""
+        if self.remote:
+            ob.check_access(self.client, self.root + "/")
+
+    def write_parquet(self, url: str, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None
+                      ) -> int:
+        """Write a part whole (see write_parquet_atomic); returns its rows."""
+        if not self.remote:
+            return write_parquet_atomic(Path(url), batches, schema)
+        with tempfile.TemporaryDirectory(prefix="quadflow-part-") as tmp:
+            local = Path(tmp) / "part.parquet"
+            rows = write_parquet_atomic(local, batches, schema)
+            ob.upload_file(self.client, local, url)  # one object, visible only once complete; size and ETag checked
+        return rows
+
+    def save(self, url: str, write: Callable[[Path], None]) -> None:
+        """Store a file `write(path)` creates (fitted state for the shard tasks) at `url`."""
+        if not self.remote:
+            write(Path(url))
+            return
+        with tempfile.TemporaryDirectory(prefix="quadflow-part-") as tmp:
+            local = Path(tmp) / url.rsplit("/", 1)[-1]
+            write(local)
+            ob.upload_file(self.client, local, url)
+
+    def exists(self, url: str) -> bool:
+        return ob.exists(self.client, url) if self.remote else Path(url).is_file()
+
+    def rows(self, url: str) -> int | None:
+        """Rows of a complete part, or None when it is missing or unreadable (see part_rows)."""
+        if not self.remote:
+            return part_rows(Path(url))
+        try:
+            with ob.open_read(self.client, url) as fh:  # ranged reads of the footer only
+                return pq.ParquetFile(fh).metadata.num_rows
+        except ObjectStoreError as err:
+            if err.code == "NoSuchKey":
+                return None
+            raise
+        except pa.ArrowInvalid:
+            return None
+
+    def read_table(self, url: str, columns: list[str] | None = None) -> pa.Table:
+        if not self.remote:
+            return pq.read_table(url, columns=columns)
+        with tempfile.TemporaryDirectory(prefix="quadflow-part-") as tmp:
+            local = Path(tmp) / "part.parquet"
+            self._download(url, local)
+            return pq.read_table(local, columns=columns)
+
+    def local(self, url: str) -> Path:
+        """A local path holding the file at `url`: itself, or a copy kept for this process (keyed by ETag,
+        so a worker that runs many shards downloads fitted state once)."""
+        if not self.remote:
+            return Path(url)
+        info = ob.head(self.client, url)
+        digest = hashlib.sha256(f"{url}\0{info.etag}".encode()).hexdigest()[:16]
+        path = _cache_dir() / f"{digest}-{url.rsplit('/', 1)[-1]}"
+        if not path.is_file():
+            tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+            try:
+                self._download(url, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return path
+
+    def delete(self, url: str) -> None:
+        if self.remote:
+            ob.delete(self.client, url)
+        else:
+            Path(url).unlink(missing_ok=True)
+
+    def clean(self) -> None:
+        """Remove every part (everything is in the store now), and any upload a killed run left open."""
+        if not self.remote:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        bucket, prefix = ob.parse(self.root + "/")
+        for item in ob.list_prefix(self.client, bucket, prefix):
+            ob.delete(self.client, item.url)
+        ob.abort_incomplete_uploads(self.client, self.root + "/")
+
+    def _download(self, url: str, path: Path) -> None:
+        with ob.open_read(self.client, url) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 * 1024 * 1024)
+
+
+_CACHE: list[tuple[Path, int]] = []
+
+
+def _cache_dir() -> Path:
+    """This process's directory for copies of remote fitted state; removed when the process exits."""
+    if not _CACHE or _CACHE[0][1] != os.getpid():
+        path = Path(tempfile.mkdtemp(prefix="quadflow-parts-cache-"))
+        atexit.register(shutil.rmtree, path, True)
+        _CACHE[:] = [(path, os.getpid())]
+    return _CACHE[0][0]
+
+
+def stage_parts(run: RunSettings, store_path: str, stage: str, key: str,
+                objectstore: ObjectStoreSettings | None = None) -> Parts:
+    """The parts of one stage partition: under `run.parts` (a directory or an s3:// prefix), default
+    `<store>.parts/`; `objectstore` says where an s3:// prefix's endpoint is."""
+    root = run.parts or f"{store_path}.parts"
+    if ob.is_s3(root):
+        return Parts(f"{root.rstrip('/')}/{stage}-{key}", objectstore)
+    return Parts(Path(root) / f"{stage}-{key}")
 
 
 def worker_name() -> str:
@@ -185,8 +326,8 @@ def run_shards(
     stage: str,
     key: str,
     shards: list[Shard],
-    directory: Path,
-    export_input: Callable[[Shard, Path], None] | None,
+    parts: Parts,
+    export_input: Callable[[Shard, str], None] | None,
     shard_task: Any,
     task_kwargs: dict[str, Any],
     load: Callable[[Any, ShardResult], str | None],
@@ -195,9 +336,10 @@ def run_shards(
 ) -> ShardRun:
     """Compute the shards not yet done and load each as it finishes; see the module docstring.
 
-    `export_input(shard, path)` writes a shard's input part (skipped when a complete one exists);
-    `shard_task` is a Prefect task whose `.fn(shard, input_path, output_path, **task_kwargs)`
-    returns a ShardResult; `load(con, result)` inserts the output part's rows (inside the
+    `export_input(shard, url)` writes a shard's input part with `parts.write_parquet` (skipped when a
+    complete one exists); `shard_task` is a Prefect task whose
+    `.fn(shard, input_url, output_url, parts=parts, **task_kwargs)` returns a ShardResult;
+    `load(con, result)` inserts the output part's rows (read with `parts.read_table`, inside the
     transaction that also records the shard) and returns the shard's info (JSON text) or None.
     """
     log = get_logger()
@@ -210,10 +352,10 @@ def run_shards(
             stats.docs_skipped += shard.docs
             _progress(progress, shard.docs)
             continue
-        out = output_path(directory, shard)
-        rows = part_rows(out)
+        out = parts.output(shard)
+        rows = parts.rows(out)
         if rows == shard.docs * rows_per_doc:  # finished by a killed run: load it, do not recompute
-            _load(con, stage, key, load, ShardResult(shard, str(out), rows, 0.0, "recovered"), "recovered",
+            _load(con, stage, key, parts, load, ShardResult(shard, out, rows, 0.0, "recovered"), "recovered",
                   rows_per_doc)
             stats.recovered += 1
             stats.docs_skipped += shard.docs
@@ -226,12 +368,12 @@ def run_shards(
 
     def prepare(shard: Shard) -> None:  # the input part, just before its shard is submitted
         if export_input is not None:
-            path = input_path(directory, shard)
-            if part_rows(path) != shard.docs:
-                export_input(shard, path)
+            url = parts.input(shard)
+            if parts.rows(url) != shard.docs:
+                export_input(shard, url)
 
-    for result in _execute(shard_task, todo, directory, task_kwargs, prepare):
-        _load(con, stage, key, load, result, "computed", rows_per_doc)
+    for result in _execute(shard_task, todo, parts, task_kwargs, prepare):
+        _load(con, stage, key, parts, load, result, "computed", rows_per_doc)
         stats.computed += 1
         stats.docs_computed += result.shard.docs
         _progress(progress, result.shard.docs)
@@ -243,20 +385,20 @@ def _progress(progress: Any, n: int) -> None:
         progress.update(n)
 
 
-def _load(con: Any, stage: str, key: str, load: Callable[[Any, ShardResult], str | None], result: ShardResult,
-          source: str, rows_per_doc: int) -> None:
-    rows = part_rows(Path(result.path))
+def _load(con: Any, stage: str, key: str, parts: Parts, load: Callable[[Any, ShardResult], str | None],
+          result: ShardResult, source: str, rows_per_doc: int) -> None:
+    rows = parts.rows(result.path)
     if rows != result.shard.docs * rows_per_doc:
         raise RuntimeError(f"{stage} part {result.path} holds {rows} rows for shard {result.shard.name} "
                            f"({result.shard.docs} documents x {rows_per_doc})")
     with transaction(con):
         info = load(con, result)
         record_shard(con, stage, key, result, source, info)
-    # its input is no longer needed; the output part stays until the stage completes (clean_parts)
-    input_path(Path(result.path).parent, result.shard).unlink(missing_ok=True)
+    # its input is no longer needed; the output part stays until the stage completes (Parts.clean)
+    parts.delete(parts.input(result.shard))
 
 
-def _execute(shard_task: Any, todo: list[Shard], directory: Path, kwargs: dict[str, Any],
+def _execute(shard_task: Any, todo: list[Shard], parts: Parts, kwargs: dict[str, Any],
              prepare: Callable[[Shard], None]) -> Iterator[ShardResult]:
     """Shard results as they finish: on the flow's task runner inside a flow run, else one by one here.
 
@@ -264,7 +406,8 @@ def _execute(shard_task: Any, todo: list[Shard], directory: Path, kwargs: dict[s
     are still being exported. A single shard runs in this process: starting workers would cost more
     than it saves.
     """
-    args = [(s, str(input_path(directory, s)), str(output_path(directory, s))) for s in todo]
+    args = [(s, parts.input(s), parts.output(s)) for s in todo]
+    kwargs = {**kwargs, "parts": parts}
     if len(args) > 1 and _in_flow_run():
         from prefect.futures import as_completed
 
@@ -289,11 +432,6 @@ def _in_flow_run() -> bool:
     from prefect.context import FlowRunContext
 
     return FlowRunContext.get() is not None
-
-
-def clean_parts(directory: Path) -> None:
-    """Remove a finished stage partition's parts (everything is in the store now)."""
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

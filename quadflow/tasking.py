@@ -38,6 +38,6 @@ def transient_failure(task, task_run, state) -> bool:
 # For stages that read inputs or write outputs: two retries, 5 s then 30 s apart, transient errors only.
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_failure}
 
-# Stages that run shards take `run` (runner, workers, shard size, parts directory): how they run, never what
-# they compute, so it stays out of the cache key.
-SHARDED_CACHE_POLICY = (INPUTS - "run") + TASK_SOURCE
+# Stages that run shards take `run` (runner, workers, shard size, parts location) and `objectstore` (where an
+# s3:// parts prefix is): how they run, never what they compute, so both stay out of the cache key.
+SHARDED_CACHE_POLICY = (INPUTS - "run" - "objectstore") + TASK_SOURCE

@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -50,8 +48,8 @@ from scipy.sparse.csgraph import connected_components
 
 from quadflow.log import Progress, get_logger
 from quadflow.settings import DedupSettings, RunSettings
-from quadflow.shards import (Shard, ShardResult, clean_parts, parts_dir, plan_shards, run_shards, worker_name,
-                             write_parquet_atomic)
+from quadflow.objectstore import ObjectStoreSettings
+from quadflow.shards import Parts, Shard, ShardResult, plan_shards, run_shards, stage_parts, worker_name
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 from quadflow.tasks.featurize import batch_bounds, role_counts
@@ -348,29 +346,30 @@ def semantic_pairs(vectors: np.ndarray, eps: float, block: int = 2048) -> tuple[
 
 
 @task(name="dedup-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
-def dedup_shard(shard: Shard, input_path: str, output_path: str, settings: DedupSettings, seed: int) -> ShardResult:
+def dedup_shard(shard: Shard, input_path: str, output_path: str, settings: DedupSettings, seed: int,
+                parts: Parts) -> ShardResult:
     """Key one shard: its input part (doc_idx, text) -> its output part (doc_idx, n_words, buckets)."""
     start = time.perf_counter()
-    texts = pl.read_parquet(input_path, columns=["doc_idx", "text"])
+    texts = pl.from_arrow(parts.read_table(input_path, columns=["doc_idx", "text"]))
     if not np.array_equal(texts["doc_idx"].to_numpy(), np.arange(shard.lo, shard.hi)):
         raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
-    rows = write_parquet_atomic(Path(output_path), keys_part(texts, settings, seed), schema=KEYS_SCHEMA)
+    rows = parts.write_parquet(output_path, keys_part(texts, settings, seed), schema=KEYS_SCHEMA)
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
 
 
-def _export_texts(con: Any, docs_key: str):
-    def export(shard: Shard, path: Path) -> None:
+def _export_texts(con: Any, docs_key: str, parts: Parts):
+    def export(shard: Shard, url: str) -> None:
         reader = query_sql(con, "dedup_texts_range", {"key": docs_key, "lo": shard.lo, "hi": shard.hi}
                            ).fetch_record_batch(10_000)
-        write_parquet_atomic(path, reader, schema=reader.schema)
+        parts.write_parquet(url, reader, schema=reader.schema)
     return export
 
 
-def _load_keys(key: str):
+def _load_keys(key: str, parts: Parts):
     def load(con: Any, result: ShardResult) -> None:
         s = result.shard
         run_sql(con, "dedup_delete_range", {"key": key, "lo": s.lo, "hi": s.hi})
-        insert_frame(con, "dedup_insert_buckets", pq.read_table(result.path), {"key": key})
+        insert_frame(con, "dedup_insert_buckets", parts.read_table(result.path), {"key": key})
         return None
     return load
 
@@ -390,7 +389,8 @@ def _ref(con: Any, stage: str, key: str, docs: StageRef) -> StageRef:
 
 
 @stage_task("dedup", cache_policy=SHARDED_CACHE_POLICY)
-def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings = RunSettings()) -> StageRef:
+def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings = RunSettings(),
+          objectstore: ObjectStoreSettings | None = None) -> StageRef:
     """Find the pool's near-duplicate components and record every document but each component's first.
 
     Shard by shard (quadflow.shards): each shard task turns its documents into keys (LSH bands
@@ -407,15 +407,16 @@ def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings =
         info: dict[str, Any] = {"version": VERSION, "enabled": settings.enabled, "docs_key": docs.key,
                                 "pool_docs": n_pool, "bands": bands, "rows": rows,
                                 "lsh_threshold": round((1 / bands) ** (1 / rows), 4)}
-        directory = None
+        parts = None
         if not settings.enabled or n_pool == 0:
             frame = dropped_frame(*(np.zeros(0, dtype=np.int64),) * 3, REASON_NEAR)
         else:
-            directory = parts_dir(run, docs.store.path, "dedup", key)
+            parts = stage_parts(run, docs.store.path, "dedup", key, objectstore)
+            parts.check()
             progress = Progress("dedup", n_pool)
-            stats = run_shards(con, "dedup", key, plan_shards({"pool": n_pool}, run.shard_docs), directory,
-                               _export_texts(con, docs.key), dedup_shard, {"settings": settings, "seed": seed},
-                               _load_keys(key), progress)
+            stats = run_shards(con, "dedup", key, plan_shards({"pool": n_pool}, run.shard_docs), parts,
+                               _export_texts(con, docs.key, parts), dedup_shard, {"settings": settings, "seed": seed},
+                               _load_keys(key, parts), progress)
             progress.close()
             log.info(f"dedup: {stats.summary()}")
             edges = query_sql(con, "dedup_candidates", {"key": key}).fetchnumpy()
@@ -429,8 +430,8 @@ def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings =
         info.update(dropped=frame.height, seconds=round(time.perf_counter() - start, 3))
         _write(con, key, frame, info)
         ref = _ref(con, "dedup", key, docs)
-    if directory is not None:
-        clean_parts(directory)
+    if parts is not None:
+        parts.clean()
     log.info(f"dedup: {frame.height:,} of {n_pool:,} pool documents are near duplicates of a kept one"
              + ("" if settings.enabled else " (dedup.enabled is false)"))
     return ref

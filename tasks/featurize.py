@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import sklearn
 from sklearn.decomposition import TruncatedSVD
@@ -35,8 +34,8 @@ from threadpoolctl import threadpool_limits
 
 from quadflow.log import Progress, get_logger
 from quadflow.settings import FeaturizeSettings, RunSettings
-from quadflow.shards import (Shard, ShardResult, clean_parts, parts_dir, plan_shards, run_shards, worker_name,
-                             write_parquet_atomic)
+from quadflow.objectstore import ObjectStoreSettings
+from quadflow.shards import Parts, Shard, ShardResult, plan_shards, run_shards, stage_parts, worker_name
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 
@@ -392,17 +391,18 @@ def _sample_texts(con: Any, key: str, idx: np.ndarray) -> pl.Series:
     return pl.from_arrow(cols.column("text")).alias("text")
 
 
-def _fitted_lsa(con: Any, settings: FeaturizeSettings, docs_key: str, n_pool: int, seed: int, path: Path) -> LSA:
+def _fitted_lsa(con: Any, settings: FeaturizeSettings, docs_key: str, n_pool: int, seed: int, parts: Parts,
+                url: str) -> LSA:
     """The LSA of this partition: loaded when an earlier (killed) run saved it, else fitted on a sample and saved."""
     log = get_logger()
-    if path.is_file():
-        lsa = LSA.load(path)
-        log.info(f"featurize: reusing the LSA fitted by an earlier run ({path})")
+    if parts.exists(url):
+        lsa = LSA.load(parts.local(url))
+        log.info(f"featurize: reusing the LSA fitted by an earlier run ({url})")
         return lsa
     sample = sample_rows(n_pool, settings.svd_sample, seed)
     counts = hashed_ngrams(_sample_texts(con, docs_key, sample), settings.n_features, settings.max_chars)
     lsa = LSA(settings.dim, settings.svd_sample, seed).fit(counts)
-    lsa.save(path)
+    parts.save(url, lsa.save)
     log.info(
         f"featurize: LSA fitted on {lsa.n_fit_docs_:,} pool docs, dim {settings.dim}, "
         f"explained variance {lsa.explained_variance_ratio_.sum():.3f}"
@@ -431,23 +431,23 @@ def featurize_part(texts: pl.DataFrame, settings: FeaturizeSettings, lsa: LSA) -
 
 @task(name="featurize-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
 def featurize_shard(shard: Shard, input_path: str, output_path: str, settings: FeaturizeSettings,
-                    lsa_path: str) -> ShardResult:
+                    lsa_path: str, parts: Parts) -> ShardResult:
     """Featurize one shard: its input part (doc_idx, text) -> its output part (doc_idx, vec, buckets, counts)."""
     start = time.perf_counter()
-    texts = pl.read_parquet(input_path, columns=["doc_idx", "text"])
+    texts = pl.from_arrow(parts.read_table(input_path, columns=["doc_idx", "text"]))
     if not np.array_equal(texts["doc_idx"].to_numpy(), np.arange(shard.lo, shard.hi)):
         raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
-    lsa = LSA.load(Path(lsa_path))
-    rows = write_parquet_atomic(Path(output_path), featurize_part(texts, settings, lsa))
+    lsa = LSA.load(parts.local(lsa_path))
+    rows = parts.write_parquet(output_path, featurize_part(texts, settings, lsa))
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
 
 
-def _load_part(key: str):
+def _load_part(key: str, parts: Parts):
     def load(con: Any, result: ShardResult) -> str | None:
         s = result.shard
         params = {"key": key, "role": s.role, "lo": s.lo, "hi": s.hi}
         run_sql(con, "featurize_delete_range", params)
-        table = pq.read_table(result.path)
+        table = parts.read_table(result.path)
         params = {"key": key, "role": s.role}
         insert_frame(con, "featurize_vectors_insert", table.select(["doc_idx", "vec"]), params)
         insert_frame(con, "featurize_ngrams_insert", table.select(["doc_idx", "buckets", "counts"]), params)
@@ -455,16 +455,17 @@ def _load_part(key: str):
     return load
 
 
-def _export_texts(con: Any, docs_key: str):
-    def export(shard: Shard, path: Path) -> None:
+def _export_texts(con: Any, docs_key: str, parts: Parts):
+    def export(shard: Shard, url: str) -> None:
         reader = query_sql(con, "featurize_texts_range", {"key": docs_key, "role": shard.role, "lo": shard.lo,
                                                           "hi": shard.hi}).fetch_record_batch(10_000)
-        write_parquet_atomic(path, reader, schema=reader.schema)
+        parts.write_parquet(url, reader, schema=reader.schema)
     return export
 
 
 @stage_task("featurize", cache_policy=SHARDED_CACHE_POLICY)
-def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSettings = RunSettings()) -> StageRef:
+def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSettings = RunSettings(),
+              objectstore: ObjectStoreSettings | None = None) -> StageRef:
     """Write LSA vectors and DSIR-space n-gram counts for the pool and target of an ingest partition.
 
     Shard by shard (quadflow.shards): the LSA is fitted here on a seeded sample, each shard is
@@ -477,13 +478,14 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
         counts = role_counts(con, docs.key)
         if counts["pool"] == 0:
             raise ValueError(f"ingest partition {docs.key!r} has no pool documents to featurize")
-        directory = parts_dir(run, docs.store.path, "featurize", key)
-        lsa_path = directory / "lsa.npz"
-        lsa = _fitted_lsa(con, settings, docs.key, counts["pool"], seed, lsa_path)
+        parts = stage_parts(run, docs.store.path, "featurize", key, objectstore)
+        parts.check()
+        lsa_path = parts.url("lsa.npz")
+        lsa = _fitted_lsa(con, settings, docs.key, counts["pool"], seed, parts, lsa_path)
         shards = plan_shards(counts, run.shard_docs)
         progress = Progress("featurize", sum(counts.values()))
-        stats = run_shards(con, "featurize", key, shards, directory, _export_texts(con, docs.key), featurize_shard,
-                           {"settings": settings, "lsa_path": str(lsa_path)}, _load_part(key), progress)
+        stats = run_shards(con, "featurize", key, shards, parts, _export_texts(con, docs.key, parts), featurize_shard,
+                           {"settings": settings, "lsa_path": lsa_path}, _load_part(key, parts), progress)
         progress.close()
         log.info(f"featurize: {stats.summary()}")
         with transaction(con):
@@ -505,5 +507,5 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
                 },
             )
         ref = make_ref(con, "featurize", key, docs.store, "featurize_vectors", ["role", "doc_idx", "vec"])
-    clean_parts(directory)
+    parts.clean()
     return ref

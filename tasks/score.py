@@ -37,16 +37,16 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from quadflow import settings as qsettings
 from quadflow.log import Progress, get_logger
+from quadflow.objectstore import ObjectStoreSettings
 from quadflow.settings import ConfigError, InfluenceSettings, RunSettings, ScoreSettings
-from quadflow.shards import (Shard, ShardResult, clean_parts, parts_dir, plan_shards, run_shards, shard_infos,
-                             worker_name, write_parquet_atomic)
+from quadflow.shards import (Parts, Shard, ShardResult, plan_shards, run_shards, shard_infos, stage_parts,
+                             worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 from quadflow.tasks.featurize import _list_column, load_ngrams, role_counts
@@ -344,18 +344,19 @@ def score_part(table: pa.Table, scorers: list[Scorer], n_buckets: int) -> tuple[
 
 
 @task(name="score-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
-def score_shard(shard: Shard, input_path: str, output_path: str, scorers_path: str, n_buckets: int) -> ShardResult:
+def score_shard(shard: Shard, input_path: str, output_path: str, scorers_path: str, n_buckets: int,
+                parts: Parts) -> ShardResult:
     """Score one shard: its input part -> its output part (score_docs rows; per-scorer params in the metadata)."""
     start = time.perf_counter()
-    with open(scorers_path, "rb") as fh:
+    with open(parts.local(scorers_path), "rb") as fh:
         scorers = pickle.load(fh)
-    table = pq.read_table(input_path)
+    table = parts.read_table(input_path)
     if not np.array_equal(table.column("doc_idx").to_numpy(), np.arange(shard.lo, shard.hi)):
         raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
     frame, params = score_part(table, scorers, n_buckets)
     out = frame.to_arrow()
     out = out.replace_schema_metadata({PARAMS_META: json.dumps(params, default=_json_default)})
-    rows = write_parquet_atomic(Path(output_path), [out])
+    rows = parts.write_parquet(output_path, [out])
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
 
 
@@ -371,7 +372,8 @@ def _save_scorers(scorers: list[Scorer], path: Path) -> None:
 
 
 def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list[str], docs: StageRef,
-                 features: StageRef, key: str, n_pool: int, seed: int) -> pl.DataFrame:
+                 features: StageRef, key: str, n_pool: int, seed: int,
+                 objectstore: ObjectStoreSettings | None) -> tuple[pl.DataFrame, Parts]:
     """Fit the pool-wide scorers, score the pool shard by shard, combine; returns their score_info rows."""
     log = get_logger()
     scorers = build_scorers(settings, wide, seed)
@@ -381,26 +383,27 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
         scorer.fit(fit)
     n_buckets = int(fit.pool_totals.size) if fit.pool_totals is not None else 1
     log.info(f"score: fitted {', '.join(wide)} in {time.perf_counter() - start:.1f}s")
-    directory = parts_dir(run, docs.store.path, "score", key)
-    scorers_path = directory / "scorers.pkl"
-    _save_scorers(scorers, scorers_path)
+    parts = stage_parts(run, docs.store.path, "score", key, objectstore)
+    parts.check()
+    scorers_path = parts.url("scorers.pkl")
+    parts.save(scorers_path, lambda path: _save_scorers(scorers, path))
     params: dict[str, list[dict]] = {s.name: [] for s in scorers}
 
-    def export(shard: Shard, path: Path) -> None:
+    def export(shard: Shard, url: str) -> None:
         reader = query_sql(con, "score_inputs_range", {"docs_key": docs.key, "features_key": features.key,
                                                        "lo": shard.lo, "hi": shard.hi}).fetch_record_batch(10_000)
-        write_parquet_atomic(path, reader, schema=reader.schema)
+        parts.write_parquet(url, reader, schema=reader.schema)
 
     def load(con: Any, result: ShardResult) -> None:
         s = result.shard
         run_sql(con, "score_delete_range", {"key": key, "lo": s.lo, "hi": s.hi})
-        table = pq.read_table(result.path)
+        table = parts.read_table(result.path)
         insert_frame(con, "score_insert_docs", table.replace_schema_metadata(None), {"key": key})
         return (table.schema.metadata or {}).get(PARAMS_META.encode(), b"{}").decode()
 
     progress = Progress("score", n_pool)
-    stats = run_shards(con, "score", key, plan_shards({"pool": n_pool}, run.shard_docs), directory, export,
-                       score_shard, {"scorers_path": str(scorers_path), "n_buckets": n_buckets}, load, progress,
+    stats = run_shards(con, "score", key, plan_shards({"pool": n_pool}, run.shard_docs), parts, export,
+                       score_shard, {"scorers_path": scorers_path, "n_buckets": n_buckets}, load, progress,
                        rows_per_doc=len(scorers))
     progress.close()
     log.info(f"score: {stats.summary()}")
@@ -424,7 +427,7 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
             frame = _docs_frame(np.arange(lo, hi, dtype=np.int64), COMBINED, version, combine_ranks(ranks, w), None)
             insert_frame(con, "score_insert_docs", frame, {"key": key})
         con.execute("drop table if exists score_ranks")
-    return info_frame(info), directory
+    return info_frame(info), parts
 
 
 def _chunk_ranks(con: Any, scorer: str, lo: int, hi: int) -> np.ndarray:
@@ -436,7 +439,7 @@ def _chunk_ranks(con: Any, scorer: str, lo: int, hi: int) -> np.ndarray:
 
 @stage_task("score", cache_policy=SHARDED_CACHE_POLICY)
 def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int,
-          run: RunSettings = RunSettings()) -> StageRef:
+          run: RunSettings = RunSettings(), objectstore: ObjectStoreSettings | None = None) -> StageRef:
     """Score every pool document with the pool-wide scorers and their combination; fit the influence scorer.
 
     Shard by shard (quadflow.shards): scorers are fitted here on pool-wide statistics (n-gram
@@ -445,7 +448,7 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
     """
     key = stage_key("score", VERSION, settings, docs, features, seed)
     log = get_logger()
-    directory = None
+    parts = None
     with connect(docs.store) as con:
         counts = role_counts(con, docs.key)
         n_pool, has_targets = counts.get("pool", 0), counts.get("target", 0) > 0
@@ -467,7 +470,7 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
         reuse = _influence_info(con, key)  # read before this run rewrites score_info
         info = info_frame([])
         if wide:
-            info, directory = _score_parts(con, settings, run, wide, docs, features, key, n_pool, seed)
+            info, parts = _score_parts(con, settings, run, wide, docs, features, key, n_pool, seed, objectstore)
         else:
             with transaction(con):
                 run_sql(con, "score_delete", {"key": key})
@@ -480,6 +483,6 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
             run_sql(con, "score_delete_info_only", {"key": key})
             insert_frame(con, "score_insert_info", info, {"key": key})
         ref = make_ref(con, "score", key, docs.store, "score_docs", ["doc_idx", "scorer", "score"])
-    if directory is not None:
-        clean_parts(directory)
+    if parts is not None:
+        parts.clean()
     return ref

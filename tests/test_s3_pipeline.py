@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import date
@@ -334,6 +335,40 @@ def test_run_through_faults_gives_the_same_selection_and_reports_retries(world, 
     assert retries > 0, (manifest["objectstore"], proxy.counts)
     assert manifest["objectstore"]["endpoint_url"] == proxy.endpoint
     assert world.selected_ids("out-fault/") == local_run
+
+
+def test_shard_parts_on_the_object_store_give_the_same_selection_without_a_shared_directory(world, local_run):
+    """run.parts = s3://...: worker processes get their inputs and fitted state from the bucket and put their
+    outputs there; the run selects what the run on local parts selected and leaves the prefix empty."""
+    host, port = world.endpoint.removeprefix("http://").rsplit(":", 1)
+    proxy = FaultProxy((host, int(port)), fault_rate=0.0).start()  # no faults: it logs every request
+    try:
+        settings = world.settings("s3parts.duckdb", str(world.tmp / "s3parts-out"),
+                                  inputs=[str(world.tmp / "local" / "raw")], endpoint=proxy.endpoint)
+        settings = settings.model_copy(update={
+            "ingest": settings.ingest.model_copy(update={"targets": [str(SAMPLE_TARGET)]}),
+            "run": settings.run.model_copy(update={"parts": f"s3://{world.bucket}/shard-parts", "shard_docs": 1_000,
+                                                   "runner": "processes", "workers": 2})})
+        world.run(settings)
+    finally:
+        proxy.stop()
+    assert pl.read_parquet(world.tmp / "s3parts-out" / "selection.parquet")["id"].to_list() == local_run
+    puts = set()  # (stage, kind of object) of every object written under the parts prefix
+    for r in proxy.log:
+        if r.method == "PUT" and "/shard-parts/" in r.path and r.outcome == "ok":
+            stage_dir, name = r.path.split("?")[0].split("/shard-parts/", 1)[1].split("/", 1)
+            puts.add((stage_dir.split("-", 1)[0], name.split("-", 1)[0] if name.endswith(".parquet") else name))
+    assert puts == {("dedup", "in"), ("dedup", "out"), ("featurize", "in"), ("featurize", "out"),
+                    ("featurize", "lsa.npz"), ("score", "in"), ("score", "out"), ("score", "scorers.pkl")}, puts
+    assert world.admin.list_objects_v2(Bucket=world.bucket, Prefix="shard-parts/").get("KeyCount") == 0  # cleaned
+    assert not Path(f"{settings.store}.parts").exists()  # nothing went through a local directory
+    sharded = "stage in ('dedup', 'featurize', 'score')"
+    counts = _query(settings.store, f"select stage, count(*) from shard_done where {sharded} and source = 'computed' "
+                                    "group by stage order by stage")
+    assert [c[0] for c in counts] == ["dedup", "featurize", "score"] and all(n >= 4 for _, n in counts), counts
+    pids = {w.rsplit(":", 1)[-1] for (w,) in _query(settings.store, f"select distinct worker from shard_done "
+                                                                    f"where {sharded}")}
+    assert str(os.getpid()) not in pids  # every shard ran in a worker process, reading its parts from the bucket
 
 
 def test_publish_killed_before_the_manifest_leaves_nothing_complete_and_rerun_publishes(

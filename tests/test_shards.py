@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from quadflow.settings import FeaturizeSettings, RunSettings, ScoreSettings
+from quadflow.settings import ConfigError, FeaturizeSettings, RunSettings, ScoreSettings
 from quadflow.shards import Shard, part_rows, plan_shards, write_parquet_atomic
 from quadflow.store import StageRef, connect, open_store
 from quadflow.tasks import featurize as featurize_mod
@@ -176,6 +176,59 @@ def test_a_crashed_stage_resumes_without_redoing_or_double_counting_shards(tmp_p
     with connect(docs.store, read_only=True) as con:
         sources = con.execute("select stage, source, count(*) from shard_done group by all order by all").fetchall()
     assert sources == [("featurize", "computed", 5), ("featurize", "recovered", 1), ("score", "computed", 5)]
+
+
+def _keys(admin, bucket: str, prefix: str) -> list[str]:
+    return sorted(o["Key"] for page in admin.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                  for o in page.get("Contents", []))
+
+
+def test_parts_on_an_object_store_give_the_same_results_and_resume_from_finished_parts(
+        tmp_path, monkeypatch, s3_settings, s3_admin, s3_bucket):
+    """run.parts = s3://...: inputs, fitted state and outputs go through the bucket, never a local directory;
+    a crash leaves whole parts there, and the rerun loads the finished one instead of recomputing it."""
+    clean = make_docs(tmp_path / "clean")
+    fc, sc = _run(clean, RunSettings(shard_docs=10))
+    expected = _tables(clean.store, fc, sc)
+
+    docs = make_docs(tmp_path / "s3")
+    run = RunSettings(shard_docs=10, parts=f"s3://{s3_bucket}/parts/")
+    flaky = _Flaky(featurize_mod.featurize_shard, ok=2, finish_part_of_next=True)
+    monkeypatch.setattr(featurize_mod, "featurize_shard", flaky)
+    with pytest.raises(_Crash):
+        featurize.fn(FEAT, docs, 0, run, s3_settings)
+    left = [k.rsplit("/", 1)[-1] for k in _keys(s3_admin, s3_bucket, "parts/")]
+    # the fitted LSA, two loaded outputs, the crashed shard's finished output and its input: all whole objects
+    assert sorted(left) == sorted(["lsa.npz", "out-pool-000000000000-000000000010.parquet",
+                                   "out-pool-000000000010-000000000020.parquet",
+                                   "out-pool-000000000020-000000000030.parquet",
+                                   "in-pool-000000000020-000000000030.parquet"])
+    counting = _Counting(flaky.task)
+    monkeypatch.setattr(featurize_mod, "featurize_shard", counting)
+    feats = featurize.fn(FEAT, docs, 0, run, s3_settings)
+    assert [(s.role, s.lo) for s in counting.calls] == [("pool", 30), ("pool", 40), ("target", 0)]
+    scores = score.fn(SCORE, docs, feats, 0, run, s3_settings)
+    assert _tables(docs.store, feats, scores) == expected  # identical to a run on local parts
+    with connect(docs.store, read_only=True) as con:
+        sources = con.execute("select stage, source, count(*) from shard_done group by all order by all").fetchall()
+    assert sources == [("featurize", "computed", 5), ("featurize", "recovered", 1), ("score", "computed", 5)]
+    assert _keys(s3_admin, s3_bucket, "parts/") == []  # cleaned once each stage was complete
+    assert not (tmp_path / "s3" / "store.duckdb.parts").exists()
+
+
+def test_an_unreachable_parts_bucket_fails_before_any_work_naming_it(tmp_path, s3_settings):
+    docs = make_docs(tmp_path)
+    with pytest.raises(ConfigError, match="qf-no-such-bucket"):
+        featurize.fn(FEAT, docs, 0, RunSettings(parts="s3://qf-no-such-bucket/parts"), s3_settings)
+    with connect(docs.store, read_only=True) as con:
+        assert con.execute("select count(*) from featurize_vectors").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("bad, why", [("s3:///parts", "no valid bucket"), ("gs://b/parts", "only local"),
+                                      (" ", "empty")])
+def test_parts_must_be_a_directory_or_an_s3_prefix(bad, why):
+    with pytest.raises(ValueError, match=why):
+        RunSettings(parts=bad)
 
 
 # --------------------------------------------------------------------------- ingest dedup in the store
