@@ -120,9 +120,12 @@ def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: 
     stage = {m.group(1): float(m.group(2)) for m in re.finditer(r"(featurize|score): [\d,]+/[\d,]+ docs \(100%\).*?"
                                                                r"done in ([\d.]+)s", text)}
     ids = sorted(pl.read_parquet(work / "out" / "selection.parquet", columns=["id"])["id"].to_list())
+    cpu = re.search(r"flow process CPU: ([\d.]+) s in all; by stage: (.*)", text)
+    flow_cpu = {m.group(1): float(m.group(2)) for m in re.finditer(r"(\w+) ([\d.]+) s", cpu.group(2))} if cpu else {}
     return {"docs": size, "runner": runner, "workers": workers, "parts": "s3" if s3 else "local",
             "wall_s": round(wall, 1), "docs_per_s": round(size / wall), "peak_rss_mb_main": round(peak),
-            "featurize_s": stage.get("featurize"), "score_s": stage.get("score"), "selected_docs": len(ids),
+            "featurize_s": stage.get("featurize"), "score_s": stage.get("score"),
+            "flow_cpu_s": float(cpu.group(1)) if cpu else None, "flow_cpu_by_stage_s": flow_cpu, "selected_docs": len(ids),
             "selection_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
 
 
@@ -233,12 +236,14 @@ def markdown(results: dict) -> str:
     if results.get("workers"):
         lines.append("")
         lines.append("| pool docs | runner | workers | parts | end to end | docs/s | featurize | score | "
-                     "flow process peak RSS | selected (ids digest) |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                     "flow process CPU (per 1M docs) | flow process peak RSS | selected (ids digest) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(results["workers"], key=_run_id):
+            cpu = r.get("flow_cpu_s")
+            cpu_cell = f"{cpu:.0f} s ({cpu / r['docs'] * 1e6:.0f} s)" if cpu is not None else ""
             lines.append(f"| {r['docs']:,} | {r.get('runner', 'processes')} | {r['workers']} | "
                          f"{r.get('parts', 'local')} | {r['wall_s']:.0f} s | {r['docs_per_s']:,} | {r['featurize_s']} s | "
-                         f"{r['score_s']} s | {r['peak_rss_mb_main'] / 1024:.2f} GB | "
+                         f"{r['score_s']} s | {cpu_cell} | {r['peak_rss_mb_main'] / 1024:.2f} GB | "
                          f"{r.get('selected_docs', '')} ({r.get('selection_sha256', '')}) |")
     return "\n".join(lines)
 

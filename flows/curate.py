@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -57,21 +59,50 @@ def _run_name() -> str:
     return f"curate-{selector}-{budget}tok"
 
 
+class _FlowCPU:
+    """CPU seconds (user + system, every thread) the flow's own process spends per stage; shard tasks on
+    the runner's workers are not in it. Logged at the end of a run: the coordinator's cost, which
+    does not shrink with more workers."""
+
+    def __init__(self) -> None:
+        self.by_stage: dict[str, float] = {}
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def __call__(self, stage: str, fn, *args, **kwargs):
+        t0 = self._now()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.by_stage[stage] = self.by_stage.get(stage, 0.0) + self._now() - t0
+
+    def line(self) -> str:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.by_stage.items())
+        return f"flow process CPU: {self._now() - self.start:.1f} s in all; by stage: {stages}"
+
+
 @flow(name="curate", flow_run_name=_run_name, validate_parameters=True, task_runner=task_runner(RunSettings()))
 def curate(settings: Settings) -> dict:
     """Select a token-budgeted, high-quality, diverse subset of the pool; return where it went."""
     check_flow_runner(settings.run)
+    cpu = _FlowCPU()
     store = open_store_task(settings.store)
-    files, targets = resolve_inputs(settings.ingest, settings.objectstore)
-    docs = ingest(settings.ingest, files, targets, store, settings.objectstore)
-    near = dedup(settings.dedup, docs, settings.seed, settings.run, settings.objectstore)
-    features = featurize(settings.featurize, docs, settings.seed, settings.run, settings.objectstore)
-    clusters = cluster(settings.cluster, features, settings.seed)
-    semantic = semdedup(settings.dedup, near, features, clusters)
-    scores = score(settings.score, docs, features, settings.seed, settings.run, settings.objectstore)
-    selection = select(settings.select, docs, features, clusters, scores, settings.seed, dedup=(near, semantic))
-    exported = export(settings, files, targets, docs, clusters, scores, selection, features=features)
-    reported = report(settings, docs, features, clusters, scores, selection, exported)
+    files, targets = cpu("resolve", resolve_inputs, settings.ingest, settings.objectstore)
+    docs = cpu("ingest", ingest, settings.ingest, files, targets, store, settings.objectstore, settings.run)
+    near = cpu("dedup", dedup, settings.dedup, docs, settings.seed, settings.run, settings.objectstore)
+    features = cpu("featurize", featurize, settings.featurize, docs, settings.seed, settings.run, settings.objectstore)
+    clusters = cpu("cluster", cluster, settings.cluster, features, settings.seed)
+    semantic = cpu("semdedup", semdedup, settings.dedup, near, features, clusters)
+    scores = cpu("score", score, settings.score, docs, features, settings.seed, settings.run, settings.objectstore)
+    selection = cpu("select", select, settings.select, docs, features, clusters, scores, settings.seed,
+                    dedup=(near, semantic))
+    exported = cpu("export", export, settings, files, targets, docs, clusters, scores, selection, features=features)
+    reported = cpu("report", report, settings, docs, features, clusters, scores, selection, exported)
+    get_run_logger().info(cpu.line())
     return {
         "store": store.path,
         "selection": exported.selection_path,

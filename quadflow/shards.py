@@ -66,13 +66,15 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardResult:
-    """What a shard task hands back: where its output part is and how long it took."""
+    """What a shard task hands back: where its output part is and how long it took (and, for stages that
+    need it, what else the task found out, JSON-serializable)."""
 
     shard: Shard
     path: str
     rows: int
     seconds: float
     worker: str
+    info: dict[str, Any] | None = None
 
 
 def plan_shards(counts: dict[str, int], shard_docs: int) -> list[Shard]:
@@ -201,6 +203,16 @@ class Parts:
             raise
         except pa.ArrowInvalid:
             return None
+
+    def iter_batches(self, url: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """A part's rows in batches of at most batch_rows (memory bounded by the batch, not the part)."""
+        if not self.remote:
+            yield from pq.ParquetFile(url).iter_batches(batch_size=batch_rows)
+            return
+        with tempfile.TemporaryDirectory(prefix="quadflow-part-") as tmp:
+            local = Path(tmp) / "part.parquet"
+            self._download(url, local)
+            yield from pq.ParquetFile(local).iter_batches(batch_size=batch_rows)
 
     def read_table(self, url: str, columns: list[str] | None = None) -> pa.Table:
         if not self.remote:
@@ -372,7 +384,7 @@ def run_shards(
             if parts.rows(url) != shard.docs:
                 export_input(shard, url)
 
-    for result in _execute(shard_task, todo, parts, task_kwargs, prepare):
+    for result in execute_shards(shard_task, todo, parts, task_kwargs, prepare):
         _load(con, stage, key, parts, load, result, "computed", rows_per_doc)
         stats.computed += 1
         stats.docs_computed += result.shard.docs
@@ -398,8 +410,8 @@ def _load(con: Any, stage: str, key: str, parts: Parts, load: Callable[[Any, Sha
     parts.delete(parts.input(result.shard))
 
 
-def _execute(shard_task: Any, todo: list[Shard], parts: Parts, kwargs: dict[str, Any],
-             prepare: Callable[[Shard], None]) -> Iterator[ShardResult]:
+def execute_shards(shard_task: Any, todo: list[Shard], parts: Parts, kwargs: dict[str, Any],
+                   prepare: Callable[[Shard], None] = lambda shard: None) -> Iterator[ShardResult]:
     """Shard results as they finish: on the flow's task runner inside a flow run, else one by one here.
 
     Each shard's input is prepared just before it is submitted, so workers start while later inputs

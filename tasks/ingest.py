@@ -7,6 +7,13 @@ Core (no Prefect, no DuckDB): `expand_inputs`, `list_inputs`, `resolve_files`,
 `plan_increment`. Task: `ingest`, which writes ingest_docs, ingest_quarantine,
 ingest_duplicates, ingest_files, ingest_objects and ingest_runs for one key.
 
+Inputs are parsed by shard tasks on the flow's task runner (`ingest_read`, one per input: JSON,
+validation, ids and token counts, into a Parquet part of documents and one of quarantined
+records, under `run.parts`); the flow's process loads the parts in input order, deduplicating
+each batch against the store, and commits each input with its `shard_done` row. The order of
+loading, not of parsing, decides which copy of a document is kept, so the partition is the same
+however many workers parse.
+
 A broken container (missing file, corrupt gzip/zstd stream, Parquet without the text column)
 is an input error and stops the run; a broken record is a data error and is quarantined.
 
@@ -56,8 +63,12 @@ from quadflow.settings import ConfigError, IngestSettings
 from quadflow.store import (
     StageRef, StoreRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction,
 )
-from quadflow.shards import Shard, ShardResult, record_shard, worker_name
-from quadflow.tasking import IO_RETRIES, stage_task
+from prefect import task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+
+from quadflow.settings import RunSettings
+from quadflow.shards import Parts, Shard, ShardResult, execute_shards, record_shard, stage_parts, worker_name
+from quadflow.tasking import IO_RETRIES, stage_task, transient_failure
 from quadflow.text import count_tokens_expr
 
 VERSION = "ingest-2"  # 2: records nested deeper than MAX_DEPTH are quarantined (too_deep)
@@ -1062,43 +1073,76 @@ def _done_inputs(con, key: str) -> list[tuple[str, int, str]]:
     return [(r, int(lo), info) for r, lo, info in query_sql(con, "ingest_done_inputs", {"key": key}).fetchall()]
 
 
-def _read_input(con, key: str, role: str, fp: FileFingerprint, settings: IngestSettings, dedup: StoreDeduplicator,
-                c: ob.ObjectStoreClient | None, totals: _Totals, progress: Progress) -> None:
-    """Read one input into partition `key`: its documents, quarantined records, duplicates and file rows."""
-    counts: Counter[str] = Counter()
-    stats = ObjectRead()
+@task(name="ingest-read", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
+def ingest_read(shard: Shard, input_path: str, output_path: str, reads: tuple[tuple[str, FileFingerprint], ...],
+                settings: IngestSettings, objectstore: ObjectStoreSettings | None, parts: Parts) -> ShardResult:
+    """Parse one input (`reads[shard.lo]`) into two parts: its documents (DOC_SCHEMA, in file order) at
+    `output_path` and its quarantined records (BAD_SCHEMA) beside it; what was read goes in `info`."""
+    start = time.perf_counter()
+    role, fp = reads[shard.lo]
+    stats, bad, records = ObjectRead(), [], 0
     args = (role, settings.text_field, settings.id_field, settings.max_doc_chars, settings.batch_rows)
     if fp.is_object:
-        batches = read_object(c, fp, *args, stats=stats)
+        batches = read_object(ob.client(objectstore), fp, *args, stats=stats)
     else:
         _check_unchanged(fp)
         batches = read_file(fp.path, *args)
-    for batch in batches:
-        kept, dups = dedup.update(batch.good)
+
+    def documents() -> Iterator[Any]:
+        nonlocal records
+        for batch in batches:
+            records += batch.records
+            if batch.bad.height:
+                bad.append(batch.bad)  # excerpts are capped, so this stays small next to the documents
+            yield batch.good.to_arrow()
+
+    rows = parts.write_parquet(output_path, documents(), schema=_DOC_ARROW)
+    parts.write_parquet(_bad_path(output_path), [pl.concat(bad).to_arrow() if bad else _EMPTY_BAD.to_arrow()])
+    info = {"records": records, "sha256": stats.sha256 if fp.is_object else fp.sha256, "bytes": stats.bytes,
+            "version_id": stats.version_id, "retries": stats.retries}
+    return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name(), info)
+
+
+_EMPTY_BAD = pl.DataFrame(schema=BAD_SCHEMA)
+_DOC_ARROW = pl.DataFrame(schema=DOC_SCHEMA).to_arrow().schema
+
+
+def _bad_path(output_path: str) -> str:
+    head, _, name = output_path.rpartition("out-")
+    return f"{head}bad-{name}"
+
+
+def _load_input(con, key: str, fp: FileFingerprint, result: ShardResult, parts: Parts, settings: IngestSettings,
+                dedup: StoreDeduplicator, totals: _Totals, progress: Progress) -> None:
+    """Load one parsed input into partition `key`: its documents, quarantined records, duplicates and file rows."""
+    role, info = result.shard.role, result.info or {}
+    counts: Counter[str] = Counter(records=info["records"])
+    for rb in parts.iter_batches(result.path, settings.batch_rows):
+        kept, dups = dedup.update(pl.from_arrow(rb).cast(DOC_SCHEMA))
         _insert(con, "ingest_insert_docs", kept, key)
-        _insert(con, "ingest_insert_quarantine", batch.bad, key)
         _insert(con, "ingest_insert_duplicates", dups, key)
-        counts.update(records=batch.records, ingested=kept.height, quarantined=batch.bad.height,
-                      duplicates=dups.height)
+        counts.update(ingested=kept.height, duplicates=dups.height)
         totals.docs += kept.height
-        totals.reasons.update(batch.bad["reason"].to_list())
-        progress.update(batch.records)
-    sha = stats.sha256 if fp.is_object else fp.sha256
+    bad = pl.from_arrow(parts.read_table(_bad_path(result.path))).cast(BAD_SCHEMA)
+    _insert(con, "ingest_insert_quarantine", bad, key)
+    counts.update(quarantined=bad.height)
+    totals.reasons.update(bad["reason"].to_list())
+    progress.update(info["records"])
     file_row = pl.DataFrame([{
-        "role": role, "file": fp.path, "size_bytes": fp.size, "sha256": sha, "records": counts["records"],
+        "role": role, "file": fp.path, "size_bytes": fp.size, "sha256": info["sha256"], "records": counts["records"],
         "ingested": counts["ingested"], "quarantined": counts["quarantined"], "duplicates": counts["duplicates"],
     }])
     _insert(con, "ingest_insert_files", file_row, key)
     object_row = pl.DataFrame([{
         "role": role, "file": fp.path, "size_bytes": fp.size, "identity": fp.identity, "etag": fp.etag,
-        "version_id": stats.version_id or fp.version_id, "retries": stats.retries,
+        "version_id": info["version_id"] or fp.version_id, "retries": info["retries"],
     }], schema={"role": pl.String, "file": pl.String, "size_bytes": pl.Int64, "identity": pl.String,
                 "etag": pl.String, "version_id": pl.String, "retries": pl.Int64})
     _insert(con, "ingest_insert_objects", object_row, key)
     if fp.is_object:
         totals.objects_read += 1
-        totals.bytes_read += stats.bytes
-        totals.retries += stats.retries
+        totals.bytes_read += info["bytes"]
+        totals.retries += info["retries"]
 
 
 def require_documents(counts: list[tuple[str, str | None, int]], settings: IngestSettings,
@@ -1150,17 +1194,20 @@ def _run_row(plan: IngestPlan, section_json: str, reused_docs: int, totals: _Tot
     return pl.DataFrame([row], schema=schema)
 
 
-@stage_task("ingest", **IO_RETRIES)
+@stage_task("ingest", cache_policy=(INPUTS - "run") + TASK_SOURCE, **IO_RETRIES)
 def ingest(
     settings: IngestSettings,
     files: tuple[FileFingerprint, ...],
     targets: tuple[FileFingerprint, ...],
     store: StoreRef,
     objectstore: ObjectStoreSettings | None = None,
+    run: RunSettings = RunSettings(),
 ) -> StageRef:
     """Load pool and target inputs into one ingest partition; bad records are quarantined, not dropped.
 
-    Inputs already ingested unchanged into this store are copied, not read (see the module doc).
+    Inputs already ingested unchanged into this store are copied, not read (see the module doc);
+    the others are parsed by shard tasks on the flow's task runner and loaded here in input order.
+    `run` (runner, parts) says how, never what: it is not in the cache key.
     """
     if not files:
         raise InputError("no pool input files: give at least one input")
@@ -1192,7 +1239,6 @@ def ingest(
         if plan.base_key is not None:
             log.info(f"ingest: building on partition {plan.base_key}: {len(plan.kept)} inputs reused, "
                      f"{plan.added} added, {plan.changed} changed, {plan.removed} removed, {plan.reread} re-read")
-        client = ob.client(objectstore) if any(fp.is_object for _, fp in plan.read) else None
         progress = Progress("ingest", total=None, unit="docs")
         totals = _Totals()
         done = {(role, lo): info for role, lo, info in _done_inputs(con, key)}
@@ -1211,21 +1257,38 @@ def ingest(
         else:
             log.info(f"ingest: resuming partition {key}: {len(done) - 1} of {len(plan.read)} inputs already in the store")
         reused_docs = int(json.loads(done[("base", 0)])["docs"])
-        for role in ROLES:
-            dedup = StoreDeduplicator(con, key, role)
-            for i, (r, fp) in enumerate(plan.read):
-                if r != role:
-                    continue
-                if (role, i) in done:  # committed by an earlier, killed attempt: its counts come from the ledger
-                    totals.add(_Totals.from_json(done[(role, i)]))
-                    continue
-                start, part = time.perf_counter(), _Totals()
+        # load order: pool inputs, then target inputs, each in plan order (it decides which copy is kept)
+        order = [(role, i) for role in ROLES for i, (r, _) in enumerate(plan.read) if r == role]
+        for role, i in order:
+            if (role, i) in done:  # committed by an earlier, killed attempt: its counts come from the ledger
+                totals.add(_Totals.from_json(done[(role, i)]))
+        todo = [Shard(role, i, i + 1) for role, i in order if (role, i) not in done]
+        parts = stage_parts(run, store.path, "ingest", key, objectstore)
+        parts.check()
+        dedups: dict[str, StoreDeduplicator] = {}
+        ready: dict[tuple[str, int], ShardResult] = {}
+        next_up = 0
+        reads = tuple(plan.read)
+        for result in execute_shards(ingest_read, todo, parts, {"reads": reads, "settings": settings,
+                                                                 "objectstore": objectstore}):
+            ready[(result.shard.role, result.shard.lo)] = result
+            while next_up < len(todo) and (todo[next_up].role, todo[next_up].lo) in ready:
+                shard = todo[next_up]
+                result = ready.pop((shard.role, shard.lo))
+                if shard.role not in dedups:
+                    dedups[shard.role] = StoreDeduplicator(con, key, shard.role)
+                part = _Totals()
                 with transaction(con):
-                    _read_input(con, key, role, fp, settings, dedup, client, part, progress)
-                    record_shard(con, "ingest", key, ShardResult(Shard(role, i, i + 1), fp.path, part.docs,
-                                                                 time.perf_counter() - start, worker_name()),
+                    _load_input(con, key, reads[shard.lo][1], result, parts, settings, dedups[shard.role], part,
+                                progress)
+                    record_shard(con, "ingest", key, ShardResult(shard, reads[shard.lo][1].path, part.docs,
+                                                                 result.seconds, result.worker),
                                  "computed", part.to_json())
                 totals.add(part)
+                parts.delete(result.path)
+                parts.delete(_bad_path(result.path))
+                next_up += 1
+        parts.clean()
         with transaction(con):
             _insert(con, "ingest_insert_run", _run_row(plan, section_json, reused_docs, totals), key)
         progress.close()

@@ -10,7 +10,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from tests.conftest import SAMPLE_POOL, SAMPLE_TARGET
+from tests.conftest import SAMPLE_POOL, SAMPLE_TARGET, task_run_states
 
 pytestmark = pytest.mark.e2e
 
@@ -59,17 +59,11 @@ def _settings(tmp: Path, store: Path, output: Path, extra_inputs=(), **score):
 
 def _run(settings):
     from quadflow.flows.curate import curate
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     state = curate(settings=settings, return_state=True)
     assert state.is_completed(), state
     result = state.result()
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
-    states = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in runs}
+    states = task_run_states(state.state_details.flow_run_id, STAGES)
     result["_flow_run_id"] = state.state_details.flow_run_id
     return result, states
 

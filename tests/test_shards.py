@@ -294,21 +294,57 @@ def test_a_crashed_ingest_resumes_at_the_first_input_it_had_not_committed(tmp_pa
     expected = _ingest_tables(clean.store, clean.key)
 
     store = open_store(tmp_path / "crash.duckdb")
-    real, calls = ingest_mod._read_input, []
+    real, calls = ingest_mod._load_input, []
 
-    def dies_in_the_second_file(con, key, role, fp, *args):
+    def dies_in_the_second_file(con, key, fp, *args):
         calls.append(fp.path)
-        if len(calls) == 2:  # killed half way through b.jsonl: its rows so far must not survive
-            real(con, key, role, fp, *args)
-            raise _Crash(f"killed while reading {fp.path}")
-        return real(con, key, role, fp, *args)
+        if len(calls) == 2:  # killed half way through loading b.jsonl: its rows so far must not survive
+            real(con, key, fp, *args)
+            raise _Crash(f"killed while loading {fp.path}")
+        return real(con, key, fp, *args)
 
-    monkeypatch.setattr(ingest_mod, "_read_input", dies_in_the_second_file)
+    monkeypatch.setattr(ingest_mod, "_load_input", dies_in_the_second_file)
     with pytest.raises(_Crash):
         ingest.fn(settings, files, (), store)
     calls.clear()
-    monkeypatch.setattr(ingest_mod, "_read_input", lambda con, key, role, fp, *a: (calls.append(fp.path),
-                                                                                   real(con, key, role, fp, *a)))
+    monkeypatch.setattr(ingest_mod, "_load_input", lambda con, key, fp, *a: (calls.append(fp.path),
+                                                                            real(con, key, fp, *a)))
+    parsed = _Counting(ingest_mod.ingest_read)
+    monkeypatch.setattr(ingest_mod, "ingest_read", parsed)
     ref = ingest.fn(settings, files, (), store)
     assert [p.rsplit("/", 1)[1] for p in calls] == ["b.jsonl", "c.jsonl"]  # a.jsonl was committed: not read again
+    assert [s.lo for s in parsed.calls] == [1, 2]  # ... nor parsed
     assert ref.key == clean.key and _ingest_tables(store, ref.key) == expected
+    assert not any((tmp_path / "crash.duckdb.parts").iterdir())  # parsed parts removed once the partition is complete
+
+
+def test_inputs_parsed_by_worker_processes_give_the_partition_parsing_here_gives(tmp_path, prefect_server):
+    """Shard tasks on a process pool parse the inputs in any order; loading in input order keeps the same
+    copy of every duplicate, so the partition is the one a single process builds."""
+    import os
+
+    from prefect import flow
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    from quadflow.settings import IngestSettings
+    from quadflow.tasks.ingest import expand_inputs, fingerprint_files, ingest
+
+    pool = _corpus(tmp_path)
+    for i in range(4):  # more inputs than workers, each repeating documents of the others
+        rows = [f'{{"text": "shared document {j}"}}' for j in range(i, i + 3)] + [f'{{"text": "own {i}"}}', "{bad"]
+        (pool / f"d{i}.jsonl").write_text("\n".join(rows) + "\n")
+    settings = IngestSettings(inputs=[str(pool)], batch_rows=2)
+    files = fingerprint_files(expand_inputs(settings.inputs))
+    here = ingest.fn(settings, files, (), open_store(tmp_path / "here.duckdb"))
+
+    @flow(task_runner=ProcessPoolTaskRunner(max_workers=2))
+    def ingest_on_workers():
+        return ingest(settings, files, (), open_store(tmp_path / "workers.duckdb"))
+
+    ref = ingest_on_workers()
+    assert ref.key == here.key
+    assert _ingest_tables(ref.store, ref.key) == _ingest_tables(here.store, here.key)
+    with connect(ref.store, read_only=True) as con:
+        workers = con.execute("select worker from shard_done where stage = 'ingest' and role = 'pool'").fetchall()
+    assert len(workers) == len(files) == 7
+    assert all(not w.endswith(f":{os.getpid()}") for (w,) in workers)  # parsed in the pool's processes
