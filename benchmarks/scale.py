@@ -132,9 +132,12 @@ def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: 
 @contextlib.contextmanager
 def s3_parts_server():
     """moto's S3 server on a free loopback port with one bucket; the --parts prefix and the runs' environment."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
