@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import multiprocessing.util
 import os
 import shutil
 import socket
@@ -224,13 +225,16 @@ class Parts:
 
     def local(self, url: str) -> Path:
         """A local path holding the file at `url`: itself, or a copy kept for this process (keyed by ETag,
-        so a worker that runs many shards downloads fitted state once)."""
+        so a worker that runs many shards downloads fitted state once). Only the latest copy is kept:
+        a stage's shards all load the same file."""
         if not self.remote:
             return Path(url)
         info = ob.head(self.client, url)
         digest = hashlib.sha256(f"{url}\0{info.etag}".encode()).hexdigest()[:16]
         path = _cache_dir() / f"{digest}-{url.rsplit('/', 1)[-1]}"
         if not path.is_file():
+            for old in path.parent.iterdir():
+                old.unlink(missing_ok=True)
             tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
             try:
                 self._download(url, tmp)
@@ -264,10 +268,12 @@ _CACHE: list[tuple[Path, int]] = []
 
 
 def _cache_dir() -> Path:
-    """This process's directory for copies of remote fitted state; removed when the process exits."""
+    """This process's directory for copies of remote fitted state; removed when the process exits
+    (atexit, and multiprocessing's finalizers for pool workers, which leave without running atexit)."""
     if not _CACHE or _CACHE[0][1] != os.getpid():
         path = Path(tempfile.mkdtemp(prefix="quadflow-parts-cache-"))
         atexit.register(shutil.rmtree, path, True)
+        multiprocessing.util.Finalize(None, shutil.rmtree, args=(path, True), exitpriority=0)
         _CACHE[:] = [(path, os.getpid())]
     return _CACHE[0][0]
 

@@ -55,18 +55,16 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import polars as pl
 import zstandard
+from prefect import task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from quadflow import objectstore as ob
 from quadflow.log import Progress, get_logger
 from quadflow.objectstore import ObjectStoreError, ObjectStoreIOError, ObjectStoreSettings
-from quadflow.settings import ConfigError, IngestSettings
+from quadflow.settings import ConfigError, IngestSettings, RunSettings
 from quadflow.store import (
     StageRef, StoreRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction,
 )
-from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
-
-from quadflow.settings import RunSettings
 from quadflow.shards import Parts, Shard, ShardResult, execute_shards, record_shard, stage_parts, worker_name
 from quadflow.tasking import IO_RETRIES, stage_task, transient_failure
 from quadflow.text import count_tokens_expr
@@ -1115,7 +1113,7 @@ def _bad_path(output_path: str) -> str:
 def _load_input(con, key: str, fp: FileFingerprint, result: ShardResult, parts: Parts, settings: IngestSettings,
                 dedup: StoreDeduplicator, totals: _Totals, progress: Progress) -> None:
     """Load one parsed input into partition `key`: its documents, quarantined records, duplicates and file rows."""
-    role, info = result.shard.role, result.info or {}
+    role, info = result.shard.role, result.info
     counts: Counter[str] = Counter(records=info["records"])
     for rb in parts.iter_batches(result.path, settings.batch_rows):
         kept, dups = dedup.update(pl.from_arrow(rb).cast(DOC_SCHEMA))
@@ -1274,19 +1272,17 @@ def ingest(
             ready[(result.shard.role, result.shard.lo)] = result
             while next_up < len(todo) and (todo[next_up].role, todo[next_up].lo) in ready:
                 shard = todo[next_up]
-                result = ready.pop((shard.role, shard.lo))
+                parsed, fp = ready.pop((shard.role, shard.lo)), reads[shard.lo][1]
                 if shard.role not in dedups:
                     dedups[shard.role] = StoreDeduplicator(con, key, shard.role)
                 part = _Totals()
                 with transaction(con):
-                    _load_input(con, key, reads[shard.lo][1], result, parts, settings, dedups[shard.role], part,
-                                progress)
-                    record_shard(con, "ingest", key, ShardResult(shard, reads[shard.lo][1].path, part.docs,
-                                                                 result.seconds, result.worker),
-                                 "computed", part.to_json())
+                    _load_input(con, key, fp, parsed, parts, settings, dedups[shard.role], part, progress)
+                    record_shard(con, "ingest", key, ShardResult(shard, fp.path, part.docs, parsed.seconds,
+                                                                 parsed.worker), "computed", part.to_json())
                 totals.add(part)
-                parts.delete(result.path)
-                parts.delete(_bad_path(result.path))
+                parts.delete(parsed.path)
+                parts.delete(_bad_path(parsed.path))
                 next_up += 1
         parts.clean()
         with transaction(con):
