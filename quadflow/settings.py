@@ -387,7 +387,8 @@ class RunSettings(Section):
     )
     workers: int | None = Field(None, ge=1, description="Worker processes/threads (default: one per core).")
     shard_docs: int = Field(
-        50_000, ge=1, description="Documents per shard of featurize and score: sets their peak memory, not the results."
+        50_000, ge=1, description="Documents per shard of dedup, featurize and score: sets their peak memory, not the "
+        "results."
     )
     parts: str | None = Field(
         None, description="Where shard parts go: a directory the workers share, or an s3://bucket/prefix on the "
@@ -402,10 +403,13 @@ class RunSettings(Section):
             return v
         if not v.strip():
             raise ValueError("parts is empty: name a directory or an s3://bucket/prefix, or leave it unset")
-        if v[:5].lower() == "s3://":
-            bucket = v[5:].split("/", 1)[0]
-            if not bucket or any(ch.isspace() for ch in bucket):
-                raise ValueError(f"parts {v!r} has no valid bucket name: write s3://bucket/prefix")
+        from quadflow import objectstore as ob  # here: the two modules import each other
+
+        if ob.is_s3(v):
+            try:
+                ob.parse(v)
+            except ConfigError as err:  # no valid bucket name
+                raise ValueError(f"parts: {err}") from None
             return "s3://" + v[5:]
         if "://" in v:
             raise ValueError(f"parts {v!r}: only local directories and s3:// prefixes are supported")
