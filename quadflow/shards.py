@@ -34,6 +34,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,16 +171,13 @@ class Parts:
     def write_parquet(self, url: str, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None
                       ) -> int:
         """Write a part whole (see write_parquet_atomic); returns its rows."""
-        if not self.remote:
-            return write_parquet_atomic(Path(url), batches, schema)
-        with tempfile.TemporaryDirectory(prefix="quadflow-part-") as tmp:
-            local = Path(tmp) / "part.parquet"
-            rows = write_parquet_atomic(local, batches, schema)
-            ob.upload_file(self.client, local, url)  # one object, visible only once complete; size and ETag checked
-        return rows
+        rows = []
+        self.save(url, lambda path: rows.append(write_parquet_atomic(path, batches, schema)))
+        return rows[0]
 
     def save(self, url: str, write: Callable[[Path], None]) -> None:
-        """Store a file `write(path)` creates (fitted state for the shard tasks) at `url`."""
+        """Store a file `write(path)` creates (a part, fitted state for the shard tasks) at `url`: in place,
+        or written aside and uploaded as one object, visible only once complete (size and ETag checked)."""
         if not self.remote:
             write(Path(url))
             return
@@ -207,21 +205,12 @@ class Parts:
 
     def iter_batches(self, url: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
         """A part's rows in batches of at most batch_rows (memory bounded by the batch, not the part)."""
-        if not self.remote:
-            yield from pq.ParquetFile(url).iter_batches(batch_size=batch_rows)
-            return
-        with tempfile.TemporaryDirectory(prefix="quadflow-part-") as tmp:
-            local = Path(tmp) / "part.parquet"
-            self._download(url, local)
-            yield from pq.ParquetFile(local).iter_batches(batch_size=batch_rows)
+        with self._readable(url) as path:
+            yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
 
     def read_table(self, url: str, columns: list[str] | None = None) -> pa.Table:
-        if not self.remote:
-            return pq.read_table(url, columns=columns)
-        with tempfile.TemporaryDirectory(prefix="quadflow-part-") as tmp:
-            local = Path(tmp) / "part.parquet"
-            self._download(url, local)
-            return pq.read_table(local, columns=columns)
+        with self._readable(url) as path:
+            return pq.read_table(path, columns=columns)
 
     def local(self, url: str) -> Path:
         """A local path holding the file at `url`: itself, or a copy kept for this process (keyed by ETag,
@@ -258,6 +247,17 @@ class Parts:
         for item in ob.list_prefix(self.client, bucket, prefix):
             ob.delete(self.client, item.url)
         ob.abort_incomplete_uploads(self.client, self.root + "/")
+
+    @contextmanager
+    def _readable(self, url: str) -> Iterator[str]:
+        """A local path of the part at `url` while the block runs: itself, or a temporary download."""
+        if not self.remote:
+            yield url
+            return
+        with tempfile.TemporaryDirectory(prefix="quadflow-part-") as tmp:
+            local = Path(tmp) / "part.parquet"
+            self._download(url, local)
+            yield str(local)
 
     def _download(self, url: str, path: Path) -> None:
         with ob.open_read(self.client, url) as src, open(path, "wb") as dst:
