@@ -22,6 +22,11 @@ DEMO_CONFIG = REPO_ROOT / "examples" / "demo.yaml"
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
+TEMPORARY_SERVER_WAIT_S = 120
+
+
+class TemporaryServerError(RuntimeError):
+    """Prefect's temporary server did not come up; the run exits 1 with what to do."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,9 +131,19 @@ def _prefect_api() -> Iterator[None]:
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
+    # Prefect waits 20 s by default; a first start creates and migrates its SQLite database, which on
+    # a busy 2-core machine took longer than that. A larger value the user set is kept.
+    wait = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), TEMPORARY_SERVER_WAIT_S)
     server = SubprocessASGIServer()
-    server.start()
+    try:
+        server.start(timeout=wait)
+    except RuntimeError as e:
+        raise TemporaryServerError(
+            f"Prefect's temporary server did not answer within {wait} s ({e}); set PREFECT_API_URL to a "
+            "running server (`prefect server start`), or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        ) from e
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
@@ -234,6 +249,9 @@ def _main(args: argparse.Namespace) -> int:
     except ConfigError as e:  # includes ObjectStoreError: missing bucket/key, denied, bad credentials
         print(f"quadflow: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except TemporaryServerError as e:
+        print(f"quadflow: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (OSError, duckdb.Error) as e:
         from quadflow.locking import StoreLockTimeout
         from quadflow.objectstore import ObjectStoreIOError

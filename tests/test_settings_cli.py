@@ -173,3 +173,32 @@ def test_runner_names_choose_where_shard_tasks_run(monkeypatch):
     with pytest.raises(ConfigError) as e:
         build_settings(overrides={"ingest": {"inputs": ["x"]}, "run": {"runner": "spark"}})
     assert "run.runner" in str(e.value) and "spark" in str(e.value)
+
+
+@pytest.mark.parametrize("configured, expected_wait", [(None, 120), ("300", 300)])
+def test_a_temporary_server_that_does_not_come_up_exits_1_saying_what_to_do(configured, expected_wait, tmp_path,
+                                                                             monkeypatch, capsys):
+    """Without PREFECT_API_URL the run starts Prefect's temporary server. It waits at least 120 s for it
+    (Prefect's own 20 s was too short for a first start on a busy 2-core machine) or longer if the user
+    set more; if it still does not answer, the run exits 1 with how to avoid it, not a traceback."""
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    waits = []
+
+    def start(self, timeout=None):
+        waits.append(timeout)
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.setattr(prefect_server.SubprocessASGIServer, "start", start)
+    updates = {PREFECT_API_URL: None}
+    if configured:
+        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = configured
+    with temporary_settings(updates=updates):
+        code = main(["run", "--input", str(SAMPLE_POOL), "--target", str(SAMPLE_TARGET),
+                     "--store", str(tmp_path / "s.duckdb"), "--output", str(tmp_path / "out")])
+    assert code == 1
+    assert waits == [expected_wait]
+    err = capsys.readouterr().err
+    assert f"temporary server did not answer within {expected_wait} s" in err
+    assert "PREFECT_API_URL" in err and "Traceback" not in err
