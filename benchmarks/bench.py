@@ -342,7 +342,7 @@ def run_pipeline(settings: Settings, state_path: Path, force: bool = False,
         docs = timed("ingest", ingest.fn, settings.ingest, files, targets, store)
         near = timed("dedup", dedup.fn, settings.dedup, docs, settings.seed)
         feats = timed("featurize", featurize.fn, settings.featurize, docs, settings.seed)
-        clus = timed("cluster", cluster.fn, settings.cluster, feats, settings.seed)
+        clus = timed("cluster", cluster.fn, settings.cluster, feats, settings.seed, docs)
         semantic = timed("semdedup", semdedup.fn, settings.dedup, near, feats, clus)
         scores = timed("score", score.fn, settings.score, docs, feats, settings.seed)
     finally:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     files, targets = resolve_inputs.fn(settings.ingest, settings.objectstore)
     docs = timed("ingest", ingest.fn, settings.ingest, files, targets, store, settings.objectstore)
     features = timed("featurize", featurize.fn, settings.featurize, docs, settings.seed)
-    clusters = timed("cluster", cluster.fn, settings.cluster, features, settings.seed)
+    clusters = timed("cluster", cluster.fn, settings.cluster, features, settings.seed, docs)
     scores = timed("score", score.fn, settings.score, docs, features, settings.seed)
 
     with connect(store, read_only=True) as con:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "featurize":
         featurize.fn(settings.featurize, docs, settings.seed, settings.run)
     elif args.stage == "cluster":
-        cluster.fn(settings.cluster, features, settings.seed)
+        cluster.fn(settings.cluster, features, settings.seed, docs)
     else:
         score.fn(settings.score, docs, features, settings.seed, settings.run)
     seconds = time.perf_counter() - t0

@@ -84,7 +84,7 @@ def main() -> None:
                                                  fingerprint_files(expand_inputs(settings.ingest.targets))))
     docs = timed("ingest", ingest.fn, settings.ingest, files, targets, store)
     feats = timed("featurize", featurize.fn, settings.featurize, docs, settings.seed)
-    clus = timed("cluster", cluster.fn, settings.cluster, feats, settings.seed)
+    clus = timed("cluster", cluster.fn, settings.cluster, feats, settings.seed, docs)
     scores = timed("score", score.fn, settings.score, docs, feats, settings.seed)
     for selector in args.selector or [settings.select.selector]:
         sel_settings = settings.select.model_copy(update={"selector": selector})

@@ -259,7 +259,7 @@ def run_quadflow(timer: Timer, size: str, pool: Path, target: Path, work: Path, 
     s = build_settings(overrides=base | {"select": {"selector": "quad",
                                                     "budget_tokens": max(1, round(BUDGET_FRACTION * pool_tokens))}})
     f = timer(size, q, "featurize", docs, mb, featurize.fn, s.featurize, d, s.seed)
-    c = timer(size, q, "cluster", docs, mb, cluster.fn, s.cluster, f, s.seed)
+    c = timer(size, q, "cluster", docs, mb, cluster.fn, s.cluster, f, s.seed, d)
     sc = timer(size, q, "score", docs, mb, score.fn, s.score, d, f, s.seed)
     from quadflow.tasks.select import select
 

@@ -95,7 +95,7 @@ def curate(settings: Settings) -> dict:
     docs = cpu("ingest", ingest, settings.ingest, files, targets, store, settings.objectstore, settings.run)
     near = cpu("dedup", dedup, settings.dedup, docs, settings.seed, settings.run, settings.objectstore)
     features = cpu("featurize", featurize, settings.featurize, docs, settings.seed, settings.run, settings.objectstore)
-    clusters = cpu("cluster", cluster, settings.cluster, features, settings.seed)
+    clusters = cpu("cluster", cluster, settings.cluster, features, settings.seed, docs)
     semantic = cpu("semdedup", semdedup, settings.dedup, near, features, clusters)
     scores = cpu("score", score, settings.score, docs, features, settings.seed, settings.run, settings.objectstore)
     selection = cpu("select", select, settings.select, docs, features, clusters, scores, settings.seed,

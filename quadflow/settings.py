@@ -170,6 +170,16 @@ class ClusterSettings(Section):
         description="Neighbour radius (cosine distance between centroids) for reward sharing; "
         "auto: median distance from a centroid to its 5th-nearest centroid.",
     )
+    balance: Literal["tokens", "docs"] = Field(
+        "tokens",
+        description="tokens: a k-means cluster holding more than max_token_multiple / k of the pool's tokens is "
+        "split by a token-weighted k-means of its members, so long manuals of different sources do not share one "
+        "huge cluster (k may end above the k asked for); docs: plain k-means over documents.",
+    )
+    max_token_multiple: float = Field(
+        6.0, ge=1, description="With balance = tokens: the most tokens a cluster may hold, in multiples of an "
+        "even share (1/k of the pool's tokens); at the auto k of a 354k-document pool, about 1%.",
+    )
 
     @model_validator(mode="after")
     def _k_fits_the_sample(self) -> "ClusterSettings":

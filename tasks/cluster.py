@@ -30,7 +30,7 @@ from quadflow.tasking import stage_task
 
 from quadflow.tasks.featurize import sample_rows
 
-VERSION = f"cluster-2/sklearn-{sklearn.__version__}"
+VERSION = f"cluster-3/sklearn-{sklearn.__version__}"
 
 MIN_K, MAX_K = 8, 10_000  # Quad (ICLR 2025) uses 10k clusters for ~600M documents: the upper end
 N_NEAREST = 5  # auto gamma: median distance to the 5th-nearest other centroid, so ~half the arms share with >= 5
@@ -38,6 +38,7 @@ _BLOCK = 2048  # rows per block of pairwise centroid or document-centroid simila
 _SIM_FLOATS = 2**25  # at most 128 MiB of float32 document-centroid similarities at once (32k rows up to k 1024)
 STREAM_ROWS = 200_000  # pool documents per streamed batch: ~51 MiB of 64-dim float32 vectors
 _READ_ROWS = 65_536  # rows per arrow record batch fetched from the store (~17 MiB of 64-dim vectors)
+_MAX_SPLIT_ROUNDS = 4  # splits of splits: a cluster whose parts are still over the token cap is split again
 
 PAIRS_SCHEMA = {"cluster": pl.Int32, "neighbor": pl.Int32, "distance": pl.Float32}
 
@@ -69,57 +70,115 @@ class Clusterer:
     centroids, and `partial_distances(X_batch)` over every batch gives the final labels and
     distances and sums the inertia (pass 2). `fit(X)` is exactly these steps with X as one batch.
 
-    After fit: labels_ (n,) int32, the most cosine-similar k-means center; centroids_ (k, dim)
-    float32, the normalized mean of each cluster's members; distances_ (n,) float32 cosine
-    distance to the own centroid; sizes_ (k,) int64 (may hold zeros); inertia_ = sum of
-    squared Euclidean distances to the own centroid. Documents with a zero vector (no n-grams)
+    Token-balanced (`fit(X, tokens)` with max_token_multiple): clusters holding more than
+    max_token_multiple / k of the tokens are split, so long manuals of different sources do not
+    share one huge cluster (see fit_sample).
+
+    After fit: k_ clusters (k, or more after splits); labels_ (n,) int32, the most cosine-similar
+    k-means center; centroids_ (k_, dim) float32, the normalized mean of each cluster's members;
+    distances_ (n,) float32 cosine distance to the own centroid; sizes_ (k_,) int64 (may hold
+    zeros); inertia_ = sum of squared Euclidean distances to the own centroid. Documents with a zero vector (no n-grams)
     keep MiniBatchKMeans' label and get distance 1. The batch steps keep no per-document state:
     labels_ and distances_ exist after fit(X) only.
     """
 
     def __init__(self, k: int, batch_size: int = 4096, random_state: int | None = 0, n_init: int = 3,
-                 max_iter: int = 100):
+                 max_iter: int = 100, max_token_multiple: float | None = None):
         self.k = k
         self.batch_size = batch_size
         self.random_state = random_state
         self.n_init = n_init
         self.max_iter = max_iter
+        self.max_token_multiple = max_token_multiple
 
-    def fit(self, X: np.ndarray) -> "Clusterer":
+    def fit(self, X: np.ndarray, tokens: np.ndarray | None = None) -> "Clusterer":
         X = _as_matrix(X)
-        self.fit_sample(X)
+        self.fit_sample(X, tokens)
         labels = self.partial_assign(X)
         self.finalize()
         self.labels_, self.distances_ = self.partial_distances(X, labels)
         return self
 
-    def fit_sample(self, X: np.ndarray) -> "Clusterer":
-        """Fit the k-means centers on (a sample of) the pool and reset the pass-1 sums."""
+    def fit_sample(self, X: np.ndarray, tokens: np.ndarray | None = None) -> "Clusterer":
+        """Fit the k-means centers on (a sample of) the pool and reset the pass-1 sums.
+
+        With max_token_multiple and `tokens` (each row's token count), any cluster holding more
+        than max_token_multiple / k of the sample's tokens is split by a token-weighted k-means of
+        its members into as many parts as it holds multiples of that share (repeated while a split
+        still separates something). The k-means over documents is untouched, so clusters of short
+        documents stay as they were; the split centers join them and k_ may end above k.
+        """
         X = _as_matrix(X)
         n = X.shape[0]
         if not 1 <= self.k <= n:
             raise ValueError(f"k must be in [1, n_docs={n}], got {self.k!r}")
-        km = MiniBatchKMeans(
-            n_clusters=self.k,
-            batch_size=self.batch_size,
-            n_init=self.n_init,
-            max_iter=self.max_iter,
-            random_state=self.random_state,
-        )
+        weights = None
+        if tokens is not None:
+            weights = np.asarray(tokens, dtype=np.float64).ravel()
+            if weights.shape != (n,) or not (np.isfinite(weights).all() and (weights >= 0).all()):
+                raise ValueError(f"tokens must be {n} finite counts >= 0, one per row of X")
+            weights = np.maximum(weights, 1.0)  # an empty document still counts
+        elif self.max_token_multiple is not None:
+            raise ValueError("max_token_multiple splits clusters by their tokens: pass tokens to fit_sample()")
+        km = self._kmeans(self.k, self.random_state, X, None)
+        for name in ("centroids_", "labels_", "distances_"):
+            self.__dict__.pop(name, None)
+        self.kmeans_ = km
+        raw = np.asarray(km.cluster_centers_, dtype=np.float32)  # (k, dim)
+        self.n_split_ = 0
+        if self.max_token_multiple is not None and weights is not None:
+            raw = self._split_heavy(X, weights, raw)
+        self.raw_centers_ = raw  # (k_, dim) k-means centers, split ones included
+        self.centers_ = _l2_normalize_rows(raw)  # (k_, dim) normalized k-means centers
+        self.k_ = int(raw.shape[0])
+        self.n_iter_ = int(km.n_iter_)
+        self.member_sums_ = np.zeros((self.k_, X.shape[1]), dtype=np.float64)  # (k_, dim)
+        self.sizes_ = np.zeros(self.k_, dtype=np.int64)
+        self.inertia_ = 0.0
+        return self
+
+    def _kmeans(self, k: int, seed: int | None, X: np.ndarray, weights: np.ndarray | None) -> MiniBatchKMeans:
+        """MiniBatchKMeans with k clusters fitted on X (rows weighted by `weights` if given)."""
+        km = MiniBatchKMeans(n_clusters=k, batch_size=self.batch_size, n_init=self.n_init, max_iter=self.max_iter,
+                             random_state=seed)
         # One thread: the per-step matrices are small, and on 2 busy cores BLAS/OpenMP hand-offs
         # cost 3-15x the CPU (measured on the Debian pool); it also makes the fit independent of
         # the machine's core count, so a seed gives the same clusters everywhere.
         with threadpool_limits(limits=1):
-            km.fit(X)
-        for name in ("centroids_", "labels_", "distances_"):
-            self.__dict__.pop(name, None)
-        self.kmeans_ = km
-        self.centers_ = _l2_normalize_rows(km.cluster_centers_)  # (k, dim) normalized k-means centers
-        self.n_iter_ = int(km.n_iter_)
-        self.member_sums_ = np.zeros((self.k, X.shape[1]), dtype=np.float64)  # (k, dim)
-        self.sizes_ = np.zeros(self.k, dtype=np.int64)
-        self.inertia_ = 0.0
-        return self
+            return km.fit(X, sample_weight=weights)
+
+    def _split_heavy(self, X: np.ndarray, weights: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """Centers with every cluster over the token cap split; a split center keeps its index
+        (the first part) and the others are appended, so k-means' own labels stay valid.
+
+        The sample is labelled once; a split relabels only the split cluster's members among its
+        parts (the final labels come from the passes, against every center).
+        """
+        cap = float(self.max_token_multiple) / self.k * weights.sum()
+        rng = np.random.default_rng(self.random_state)
+        labels, _ = assign(X, _l2_normalize_rows(raw))  # (n,)
+        for _ in range(_MAX_SPLIT_ROUNDS):
+            mass = np.bincount(labels, weights=weights, minlength=raw.shape[0])
+            split_any = False
+            for j in np.flatnonzero(mass > cap):
+                members = np.flatnonzero(labels == j)
+                parts = min(int(np.ceil(mass[j] / cap)), members.size)
+                if parts < 2:
+                    continue
+                sub = self._kmeans(parts, int(rng.integers(2**31)), X[members], weights[members])
+                centers = np.asarray(sub.cluster_centers_, dtype=np.float32)[np.unique(sub.labels_)]
+                if centers.shape[0] < 2:  # identical directions: nothing to separate
+                    continue
+                part, _ = assign(X[members], _l2_normalize_rows(centers))
+                ids = np.concatenate([[j], raw.shape[0] + np.arange(centers.shape[0] - 1)])
+                labels[members] = ids[part]
+                raw[j] = centers[0]
+                raw = np.vstack([raw, centers[1:]])
+                self.n_split_ += 1
+                split_any = True
+            if not split_any:
+                break
+        return raw
 
     def partial_assign(self, X: np.ndarray) -> np.ndarray:
         """Pass 1 over one batch: its labels (b,) int32, added to the member sums and sizes."""
@@ -130,10 +189,10 @@ class Clusterer:
         X = _as_matrix(X, self.centers_.shape[1])
         labels = self._kmeans_labels(X)
         b = X.shape[0]
-        members = sp.csr_matrix((np.ones(b, np.float32), (labels, np.arange(b))), shape=(self.k, b))
-        # (k, dim) float32 sum per batch, in doc order as one sparse product; float64 across batches
+        members = sp.csr_matrix((np.ones(b, np.float32), (labels, np.arange(b))), shape=(self.k_, b))
+        # (k_, dim) float32 sum per batch, in doc order as one sparse product; float64 across batches
         self.member_sums_ += np.asarray(members @ X)
-        self.sizes_ += np.bincount(labels, minlength=self.k)
+        self.sizes_ += np.bincount(labels, minlength=self.k_)
         return labels
 
     def finalize(self) -> "Clusterer":
@@ -142,9 +201,9 @@ class Clusterer:
             raise RuntimeError("Clusterer has no member sums: call fit_sample() and partial_assign() first")
         # Mini-batch centers lag behind on small pools, so the centroid is the members' mean
         # direction; an empty cluster keeps its k-means center.
-        sums = self.member_sums_.astype(np.float32)  # (k, dim)
+        sums = self.member_sums_.astype(np.float32)  # (k_, dim)
         empty = ~np.any(sums, axis=1)
-        sums[empty] = self.kmeans_.cluster_centers_[empty]
+        sums[empty] = self.raw_centers_[empty]
         self.centroids_ = _l2_normalize_rows(sums)  # (k, dim)
         self.inertia_ = 0.0
         return self
@@ -327,6 +386,23 @@ def read_rows(con: Any, key: str, rows: np.ndarray, dim: int) -> np.ndarray:
         con.unregister("picked")
 
 
+def read_tokens(con: Any, docs_key: str, rows: np.ndarray) -> np.ndarray:
+    """(len(rows),) token counts of the sorted, distinct pool doc_idx `rows` of an ingest partition."""
+    rows = np.asarray(rows, dtype=np.int64)
+    con.register("picked", pa.table({"doc_idx": pa.array(rows)}))
+    try:
+        table = query_sql(con, "cluster_sample_tokens", {"key": docs_key}).fetch_arrow_table()
+    finally:
+        con.unregister("picked")
+    out = np.zeros(len(rows), dtype=np.int64)
+    got = table.column("doc_idx").to_numpy()
+    if len(got) != len(rows):
+        raise ValueError(f"ingest_docs {docs_key}/pool: {len(got)} of the {len(rows)} sampled documents found; "
+                         "the docs and features refs are of different partitions")
+    out[np.searchsorted(rows, got)] = table.column("n_tokens").to_numpy()
+    return out
+
+
 def _ranges(n: int):
     for lo in range(0, n, STREAM_ROWS):
         yield lo, min(lo + STREAM_ROWS, n)
@@ -347,8 +423,10 @@ def load_neighbors(con: Any, key: str) -> pl.DataFrame:
     return pairs.cast(PAIRS_SCHEMA)  # type: ignore[arg-type]
 
 
-def _fit(con: Any, key: str, model: Clusterer, n: int, dim: int, rows: np.ndarray) -> Iterator[tuple]:
-    """Fit `model` on the pool's sample `rows`; yield (first doc_idx, labels, distances) per batch.
+def _fit(con: Any, key: str, model: Clusterer, n: int, dim: int, rows: np.ndarray,
+         tokens: np.ndarray | None) -> Iterator[tuple]:
+    """Fit `model` on the pool's sample `rows` (with their token counts, if given); yield (first
+    doc_idx, labels, distances) per batch.
 
     A pool that is its own sample is in memory anyway: Clusterer.fit, sliced. Otherwise pass 1
     runs here and pass 2 runs as the batches are consumed (model.inertia_ is complete after).
@@ -357,9 +435,9 @@ def _fit(con: Any, key: str, model: Clusterer, n: int, dim: int, rows: np.ndarra
         X = np.empty((n, dim), dtype=np.float32)  # (n, dim)
         for lo, hi in _ranges(n):
             X[lo:hi] = read_range(con, key, lo, hi, dim)
-        model.fit(X)
+        model.fit(X, tokens)
         return ((lo, model.labels_[lo:hi], model.distances_[lo:hi]) for lo, hi in _ranges(n))
-    model.fit_sample(read_rows(con, key, rows, dim))
+    model.fit_sample(read_rows(con, key, rows, dim), tokens)
     progress = Progress("cluster assign", n)
     for lo, hi in _ranges(n):  # pass 1: labels -> member sums
         model.partial_assign(read_range(con, key, lo, hi, dim))
@@ -381,14 +459,19 @@ def _assignments(lo: int, labels: np.ndarray, distances: np.ndarray) -> pa.Table
 
 
 @stage_task("cluster")
-def cluster(settings: ClusterSettings, features: StageRef, seed: int) -> StageRef:
+def cluster(settings: ClusterSettings, features: StageRef, seed: int, docs: StageRef | None = None) -> StageRef:
     """Cluster the pool's vectors and write assignments, centroids, the neighbour graph and info.
 
     Memory is bounded by fit_sample and STREAM_ROWS, not by the pool: k-means is fitted on a
     seeded sample, then every document is labelled in two streamed passes over the vectors.
+    With balance = tokens the fit weighs the sample by its token counts, read from `docs` (the
+    ingest partition `features` was made from), and splits clusters over the token cap.
     """
-    key = stage_key("cluster", VERSION, settings, features, seed)
+    key = stage_key("cluster", VERSION, settings, features, seed)  # features' key holds docs' key
     log = get_logger()
+    if settings.balance == "tokens" and docs is None:
+        raise ValueError("cluster.balance = 'tokens' weighs documents by their tokens: pass the docs ref the "
+                         "features were made from, or set cluster.balance = 'docs'")
     with connect(features.store) as con:
         run_sql(con, "cluster_create")
         n, dim = _pool_shape(con, features.key)
@@ -398,11 +481,16 @@ def cluster(settings: ClusterSettings, features: StageRef, seed: int) -> StageRe
             where = f"the pool's {n} documents" if len(rows) == n else f"the fit sample's {len(rows)} documents"
             log.warning(f"cluster: k = {k} exceeds {where}; using k = {len(rows)}")
             k = len(rows)
-        model = Clusterer(k, settings.batch_size, seed)
-        batches = _fit(con, features.key, model, n, dim, rows)
+        balanced = settings.balance == "tokens"
+        tokens = read_tokens(con, docs.key, rows) if balanced else None
+        model = Clusterer(k, settings.batch_size, seed,
+                          max_token_multiple=settings.max_token_multiple if balanced else None)
+        batches = _fit(con, features.key, model, n, dim, rows, tokens)
+        asked, k = k, model.k_
         pairs, gamma = neighbor_graph(model.centroids_, settings.gamma)
+        split = f" ({model.n_split_} split from k {asked} by tokens)" if model.n_split_ else ""
         log.info(
-            f"cluster: k {k} fitted on {len(rows):,} of {n:,} docs, {int((model.sizes_ == 0).sum())} empty, "
+            f"cluster: k {k}{split} fitted on {len(rows):,} of {n:,} docs, {int((model.sizes_ == 0).sum())} empty, "
             f"{model.n_iter_} epochs, gamma {gamma:.4f}{' (auto)' if settings.gamma is None else ''}, "
             f"{len(pairs) / max(k, 1):.1f} neighbours per cluster"
         )

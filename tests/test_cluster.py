@@ -102,6 +102,47 @@ def test_clusterer_rejects_more_clusters_than_documents():
         Clusterer(12, random_state=0).fit(np.eye(4, dtype=np.float32))
 
 
+def heavy_pool(seed=0):
+    """Four tight groups of 60 documents; group 0 holds long documents (1,000 tokens each), the rest 10."""
+    x, y = blobs(n_per=60, dim=8, groups=4, noise=0.1, seed=seed)
+    tokens = np.where(y == 0, 1000, 10)
+    return x, y, tokens
+
+
+def test_token_balance_splits_a_cluster_holding_too_many_tokens():
+    """With tokens, a cluster over max_token_multiple / k of the tokens is split until none is (when
+    its documents differ at all); the clusters of the light groups are left as they were."""
+    x, y, tokens = heavy_pool()
+    plain = Clusterer(4, batch_size=64, random_state=0).fit(x)
+    assert plain.k_ == 4 and same_partition(plain.labels_, y)  # group 0 holds 97% of the tokens in one cluster
+    model = Clusterer(4, batch_size=64, random_state=0, max_token_multiple=2.0).fit(x, tokens)
+    cap = 2.0 / 4 * tokens.sum()
+    mass = np.bincount(model.labels_, weights=tokens, minlength=model.k_)
+    assert model.k_ > 4 and model.n_split_ >= 1 and mass.max() <= cap
+    assert model.centroids_.shape == (model.k_, 8) and model.sizes_.sum() == len(x)
+    assert np.unique(model.labels_[y == 0]).size >= 2  # the heavy group is spread over several clusters
+    for g in (1, 2, 3):  # and no cluster mixes groups
+        assert np.unique(model.labels_[y == g]).size == 1
+        assert set(model.labels_[y == g]).isdisjoint(model.labels_[y != g])
+    again = Clusterer(4, batch_size=64, random_state=0, max_token_multiple=2.0).fit(x, tokens)
+    assert np.array_equal(again.labels_, model.labels_)  # seeded: the same splits
+
+
+def test_token_balance_leaves_a_cluster_of_identical_documents_whole():
+    x, y, tokens = heavy_pool()
+    x[y == 0] = x[0]  # the heavy group's documents all point the same way: nothing to split by
+    model = Clusterer(4, batch_size=64, random_state=0, max_token_multiple=2.0).fit(x, tokens)
+    assert model.k_ == 4 and model.n_split_ == 0 and same_partition(model.labels_, y)
+
+
+def test_token_balance_needs_token_counts():
+    x, _, tokens = heavy_pool()
+    with pytest.raises(ValueError, match="pass tokens"):
+        Clusterer(4, random_state=0, max_token_multiple=2.0).fit(x)
+    with pytest.raises(ValueError, match="tokens must be 240 finite counts"):
+        Clusterer(4, random_state=0, max_token_multiple=2.0).fit(x, tokens[:-1])
+
+
 def reference_fit(X, k, batch_size, seed):
     """Clusterer.fit of cluster-1 (whole pool in memory), frozen here to prove the streamed rewrite equal."""
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -303,7 +344,7 @@ def make_features(tmp_path, x, key="features-key"):
 def test_task_writes_tables_that_round_trip(tmp_path):
     x, y = blobs(n_per=40, groups=4)
     features = make_features(tmp_path, x)
-    settings = ClusterSettings(k=4, batch_size=64)
+    settings = ClusterSettings(k=4, batch_size=64, balance="docs")
     ref = cluster.fn(settings, features, 0)
     assert ref.stage == "cluster" and ref.rows == len(x)
     model = Clusterer(4, 64, 0).fit(x)
@@ -330,8 +371,8 @@ def test_task_writes_tables_that_round_trip(tmp_path):
 def test_task_rerun_is_idempotent_and_auto_k_clamps_to_the_pool(tmp_path):
     x, _ = blobs(n_per=2, groups=3)  # 6 documents: auto k would be 8
     features = make_features(tmp_path, x)
-    first = cluster.fn(ClusterSettings(batch_size=64), features, 0)
-    again = cluster.fn(ClusterSettings(batch_size=64), features, 0)
+    first = cluster.fn(ClusterSettings(batch_size=64, balance="docs"), features, 0)
+    again = cluster.fn(ClusterSettings(batch_size=64, balance="docs"), features, 0)
     assert again == first
     with connect(features.store, read_only=True) as con:
         assert con.execute("select count(*) from cluster_assignments").fetchone()[0] == 6
@@ -355,7 +396,7 @@ def test_task_on_a_pool_within_fit_sample_writes_what_the_whole_pool_clusterer_d
     x, k = POOLS["zero vectors"]  # 90 docs
     monkeypatch.setattr(cluster_mod, "STREAM_ROWS", 25)  # read and written in 4 batches
     features = make_features(tmp_path, x)
-    ref = cluster.fn(ClusterSettings(k=k, batch_size=64), features, 3)
+    ref = cluster.fn(ClusterSettings(k=k, batch_size=64, balance="docs"), features, 3)
     labels, centroids, distances, sizes, inertia = reference_fit(x, k, 64, 3)
     a, got_sizes, got_centroids, (got_k, gamma, got_inertia), pairs = read_partition(features.store, ref.key)
     assert np.array_equal(a["doc_idx"], np.arange(len(x))) and np.array_equal(a["cluster"], labels)
@@ -369,7 +410,7 @@ def test_task_streams_a_pool_larger_than_fit_sample(tmp_path, monkeypatch):
     x, y = blobs(n_per=1000, dim=16, groups=5, noise=0.1, seed=5)  # 5000 docs
     monkeypatch.setattr(cluster_mod, "STREAM_ROWS", 1500)  # 3 full batches and a partial one
     features = make_features(tmp_path, x)
-    settings = ClusterSettings(k=5, batch_size=256, fit_sample=1000)
+    settings = ClusterSettings(k=5, batch_size=256, fit_sample=1000, balance="docs")
     ref = cluster.fn(settings, features, 0)
     assert ref.rows == 5000
     model, labels, distances = stream(x, 5, sample=1000, batch=1500, batch_size=256)
@@ -393,7 +434,7 @@ def test_task_clamps_auto_k_to_the_fit_sample(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cluster_mod, "auto_k", lambda n: 1100)
     features = make_features(tmp_path, x)
     with caplog.at_level(logging.WARNING, logger="quadflow"):
-        ref = cluster.fn(ClusterSettings(batch_size=1024, fit_sample=1000), features, 0)
+        ref = cluster.fn(ClusterSettings(batch_size=1024, fit_sample=1000, balance="docs"), features, 0)
     assert "fit sample's 1000 documents; using k = 1000" in caplog.text
     with connect(features.store, read_only=True) as con:
         assert con.execute("select k from cluster_info where key = ?", [ref.key]).fetchone()[0] == 1000
@@ -410,8 +451,62 @@ def test_task_rejects_pools_it_cannot_stream(tmp_path):
             run_sql(con, "featurize_vectors_insert", {"key": key, "role": "pool"})
             con.unregister("batch")
     with pytest.raises(ValueError, match=r"not dense 0..2 \(runs 0..3\)"):
-        cluster.fn(ClusterSettings(k=2), StageRef("featurize", "gap", store, 3, "fp"), 0)
+        cluster.fn(ClusterSettings(k=2, balance="docs"), StageRef("featurize", "gap", store, 3, "fp"), 0)
     with pytest.raises(ValueError, match="to [34] dims, expected 4"):
-        cluster.fn(ClusterSettings(k=2), StageRef("featurize", "widths", store, 4, "fp"), 0)
+        cluster.fn(ClusterSettings(k=2, balance="docs"), StageRef("featurize", "widths", store, 4, "fp"), 0)
     with pytest.raises(ValueError, match="no pool vectors"):
-        cluster.fn(ClusterSettings(k=2), StageRef("featurize", "none", store, 0, "fp"), 0)
+        cluster.fn(ClusterSettings(k=2, balance="docs"), StageRef("featurize", "none", store, 0, "fp"), 0)
+
+
+def make_docs(store, tokens, key="ingest-key"):
+    """An ingest partition's pool documents with these token counts (the cluster stage reads only those)."""
+    with connect(store) as con:
+        run_sql(con, "ingest_schema")
+        n = len(tokens)
+        con.execute(
+            "insert into ingest_docs select ?, 'pool', i, 'h' || i, null, 'text', t, 4 * t, 'src', 'f', i + 1, null "
+            "from (select unnest(range(?)) as i, unnest(?::bigint[]) as t)", [key, n, [int(t) for t in tokens]])
+    return StageRef("ingest", key, store, len(tokens), "fp")
+
+
+def test_task_balances_clusters_by_the_docs_token_counts(tmp_path, monkeypatch):
+    """The default (balance = tokens) reads the fit sample's token counts from the ingest partition and
+    writes the split clusters: k in cluster_info, one centroid row per cluster, dense ids."""
+    x, y, tokens = heavy_pool(seed=1)
+    monkeypatch.setattr(cluster_mod, "STREAM_ROWS", 100)
+    features = make_features(tmp_path, x)
+    docs = make_docs(features.store, tokens)
+    settings = ClusterSettings(k=4, batch_size=64, max_token_multiple=2.0)
+    assert settings.balance == "tokens"
+    ref = cluster.fn(settings, features, 0, docs)
+    model = Clusterer(4, 64, 0, max_token_multiple=2.0).fit(x, tokens)
+    a, sizes, centroids, (k, gamma, inertia), pairs = read_partition(features.store, ref.key)
+    assert k == model.k_ > 4 and len(sizes) == k and np.array_equal(a["cluster"], model.labels_)
+    assert np.array_equal(sizes, model.sizes_) and np.array_equal(centroids, model.centroids_)
+    assert np.bincount(a["cluster"], weights=tokens).max() <= 2.0 / 4 * tokens.sum()
+    # streamed (pool larger than the fit sample): the sample's own token counts are read
+    x2, y2 = blobs(n_per=600, dim=8, groups=4, noise=0.1, seed=2)
+    tok2 = np.where(y2 == 0, 1000, 10)
+    (tmp_path / "b").mkdir()
+    f2 = make_features(tmp_path / "b", x2)
+    d2 = make_docs(f2.store, tok2)
+    big = ClusterSettings(k=4, batch_size=256, fit_sample=1000, max_token_multiple=2.0)
+    ref2 = cluster.fn(big, f2, 0, d2)
+    rows = sample_rows(len(x2), 1000, 0)
+    m2 = Clusterer(4, 256, 0, max_token_multiple=2.0).fit_sample(x2[rows], tok2[rows])
+    a2, *_ = read_partition(f2.store, ref2.key)
+    for lo in range(0, len(x2), 100):
+        m2.partial_assign(x2[lo:lo + 100])
+    m2.finalize()
+    expected = np.concatenate([m2.partial_distances(x2[lo:lo + 100])[0] for lo in range(0, len(x2), 100)])
+    assert m2.k_ > 4 and np.array_equal(a2["cluster"], expected)
+
+
+def test_task_balancing_by_tokens_needs_the_docs_ref(tmp_path):
+    x, _, _ = heavy_pool()
+    features = make_features(tmp_path, x)
+    with pytest.raises(ValueError, match="balance = 'tokens'.*pass the docs ref"):
+        cluster.fn(ClusterSettings(k=4), features, 0)
+    make_docs(features.store, np.ones(240, dtype=np.int64), key="another-partition")
+    with pytest.raises(ValueError, match="0 of the 240 sampled documents found"):
+        cluster.fn(ClusterSettings(k=4), features, 0, StageRef("ingest", "missing", features.store, 240, "fp"))

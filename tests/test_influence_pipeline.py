@@ -65,7 +65,7 @@ def upstream(tmp_path_factory):
             con.unregister("batch")
     docs = StageRef("ingest", "docs", store, N_POOL + N_TARGET, "docs-fp")
     features = featurize.fn(FeaturizeSettings(dim=8, svd_sample=200, n_features=4096, dsir_buckets=1024), docs, 0)
-    clusters = cluster.fn(ClusterSettings(k=12), features, 0)
+    clusters = cluster.fn(ClusterSettings(k=12), features, 0, docs)
     tokens = np.array([count_tokens(r["text"]) for r in pool])
     return {"store": store, "docs": docs, "features": features, "clusters": clusters, "tokens": tokens}
 
