@@ -77,9 +77,9 @@ class Clusterer:
     After fit: k_ clusters (k, or more after splits); labels_ (n,) int32, the most cosine-similar
     k-means center; centroids_ (k_, dim) float32, the normalized mean of each cluster's members;
     distances_ (n,) float32 cosine distance to the own centroid; sizes_ (k_,) int64 (may hold
-    zeros); inertia_ = sum of squared Euclidean distances to the own centroid. Documents with a zero vector (no n-grams)
-    keep MiniBatchKMeans' label and get distance 1. The batch steps keep no per-document state:
-    labels_ and distances_ exist after fit(X) only.
+    zeros); inertia_ = sum of squared Euclidean distances to the own centroid. Documents with a
+    zero vector (no n-grams) keep MiniBatchKMeans' label and get distance 1. The batch steps keep
+    no per-document state: labels_ and distances_ exist after fit(X) only.
     """
 
     def __init__(self, k: int, batch_size: int = 4096, random_state: int | None = 0, n_init: int = 3,
@@ -124,7 +124,7 @@ class Clusterer:
         for name in ("centroids_", "labels_", "distances_"):
             self.__dict__.pop(name, None)
         self.kmeans_ = km
-        raw = np.asarray(km.cluster_centers_, dtype=np.float32)  # (k, dim)
+        raw = np.array(km.cluster_centers_, dtype=np.float32, copy=True)  # (k, dim); splits must not touch km's
         self.n_split_ = 0
         if self.max_token_multiple is not None and weights is not None:
             raw = self._split_heavy(X, weights, raw)

@@ -126,6 +126,8 @@ def test_token_balance_splits_a_cluster_holding_too_many_tokens():
         assert set(model.labels_[y == g]).isdisjoint(model.labels_[y != g])
     again = Clusterer(4, batch_size=64, random_state=0, max_token_multiple=2.0).fit(x, tokens)
     assert np.array_equal(again.labels_, model.labels_)  # seeded: the same splits
+    # k-means itself is left as fitted: documents without a direction keep its label
+    assert np.array_equal(model.kmeans_.cluster_centers_, plain.kmeans_.cluster_centers_)
 
 
 def test_token_balance_leaves_a_cluster_of_identical_documents_whole():
