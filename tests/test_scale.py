@@ -257,7 +257,7 @@ def test_peak_memory_is_set_by_the_shard_not_the_pool(tmp_path):
     pool = _make_pool(tmp_path / "pool", 160_000, 20_000, seed=3)
     files = sorted(str(p) for p in pool.glob("part-*.jsonl.zst"))
     env = {**os.environ, "QUADFLOW_DUCKDB_MEMORY": "128MB", "PYTHONPATH": str(REPO)}
-    peaks, text = {}, {}
+    configs, text = {}, {}
     for n_files in (1, 8):
         work = tmp_path / f"w{n_files}"
         config = tmp_path / f"w{n_files}.yaml"
@@ -274,20 +274,22 @@ def test_peak_memory_is_set_by_the_shard_not_the_pool(tmp_path):
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stages.py"), "--config", str(config)],
                               cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        peaks[n_files] = {}
-        for stage in ("featurize", "cluster", "score"):
-            runs = []
-            for _ in range(2):  # the lower of two fresh processes: a busy machine's allocator adds spikes to one
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.stage_rss", "--config", str(config),
-                                       "--stage", stage], cwd=REPO, capture_output=True, text=True, timeout=600,
-                                      env=env)
-                assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-                runs.append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"])
-            peaks[n_files][stage] = min(runs)
+        configs[n_files] = config
         with duckdb.connect(str(work / "q.duckdb"), read_only=True) as con:
             text[n_files] = con.execute("select sum(strlen(text)) / 2^20 from ingest_docs where role = 'pool'"
                                         ).fetchone()[0]
     extra_text = text[8] - text[1]
     assert extra_text > 100, text  # the big pool really is bigger
+
+    def peak(n_files: int, stage: str) -> float:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.stage_rss", "--config", str(configs[n_files]),
+                               "--stage", stage], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
     for stage in ("featurize", "cluster", "score"):
-        assert peaks[8][stage] - peaks[1][stage] < 0.9 * extra_text, (stage, peaks, text)
+        peaks = {n: [peak(n, stage)] for n in (1, 8)}
+        if peaks[8][0] - peaks[1][0] >= 0.9 * extra_text:
+            # a busy machine's allocator can add a spike to one process: the lower of two fresh ones decides
+            peaks = {n: runs + [peak(n, stage)] for n, runs in peaks.items()}
+        assert min(peaks[8]) - min(peaks[1]) < 0.9 * extra_text, (stage, peaks, text)
