@@ -102,32 +102,31 @@ class Clusterer:
     def fit_sample(self, X: np.ndarray, tokens: np.ndarray | None = None) -> "Clusterer":
         """Fit the k-means centers on (a sample of) the pool and reset the pass-1 sums.
 
-        With max_token_multiple and `tokens` (each row's token count), any cluster holding more
-        than max_token_multiple / k of the sample's tokens is split by a token-weighted k-means of
-        its members into as many parts as it holds multiples of that share (repeated while a split
-        still separates something). The k-means over documents is untouched, so clusters of short
-        documents stay as they were; the split centers join them and k_ may end above k.
+        With max_token_multiple, `tokens` (each row's token count) is required, and any cluster
+        holding more than max_token_multiple / k of the sample's tokens is split by a token-weighted
+        k-means of its members into as many parts as it holds multiples of that share (repeated
+        while a split still separates something). The k-means over documents is untouched, so
+        clusters of short documents stay as they were; the split centers join them and k_ may end
+        above k. Without max_token_multiple, `tokens` is not used.
         """
         X = _as_matrix(X)
         n = X.shape[0]
         if not 1 <= self.k <= n:
             raise ValueError(f"k must be in [1, n_docs={n}], got {self.k!r}")
-        weights = None
-        if tokens is not None:
+        if self.max_token_multiple is not None:
+            if tokens is None:
+                raise ValueError("max_token_multiple splits clusters by their tokens: pass tokens to fit_sample()")
             weights = np.asarray(tokens, dtype=np.float64).ravel()
             if weights.shape != (n,) or not (np.isfinite(weights).all() and (weights >= 0).all()):
                 raise ValueError(f"tokens must be {n} finite counts >= 0, one per row of X")
-            weights = np.maximum(weights, 1.0)  # an empty document still counts
-        elif self.max_token_multiple is not None:
-            raise ValueError("max_token_multiple splits clusters by their tokens: pass tokens to fit_sample()")
         km = self._kmeans(self.k, self.random_state, X, None)
         for name in ("centroids_", "labels_", "distances_"):
             self.__dict__.pop(name, None)
         self.kmeans_ = km
         raw = np.array(km.cluster_centers_, dtype=np.float32, copy=True)  # (k, dim); splits must not touch km's
         self.n_split_ = 0
-        if self.max_token_multiple is not None and weights is not None:
-            raw = self._split_heavy(X, weights, raw)
+        if self.max_token_multiple is not None:
+            raw = self._split_heavy(X, np.maximum(weights, 1.0), raw)  # an empty document still counts
         self.raw_centers_ = raw  # (k_, dim) k-means centers, split ones included
         self.centers_ = _l2_normalize_rows(raw)  # (k_, dim) normalized k-means centers
         self.k_ = int(raw.shape[0])
