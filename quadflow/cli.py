@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--probe-scorer", choices=("combined", *SCORERS),
                      help="score the bandit probes with (default: the rank score, the classifier when it ran; "
                           "influence scores only probed docs)")
-    run.add_argument("--clusters", type=int, help="number of clusters (default: about sqrt(pool size))")
+    run.add_argument("--clusters", type=int, help="number of k-means clusters (default: about sqrt(pool size)); "
+                     "clusters holding too many tokens are then split (cluster.balance)")
     run.add_argument("--seed", type=int, help="seed for every random step (default 0)")
     run.add_argument("--text-field", help="field holding the document text (default 'text')")
     run.add_argument("--format", choices=("parquet", "jsonl"), help="selection file format (default parquet)")
