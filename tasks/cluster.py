@@ -13,6 +13,7 @@ some with size 0 (the select stage gives them no arm).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -203,7 +204,7 @@ class Clusterer:
         sums = self.member_sums_.astype(np.float32)  # (k_, dim)
         empty = ~np.any(sums, axis=1)
         sums[empty] = self.raw_centers_[empty]
-        self.centroids_ = _l2_normalize_rows(sums)  # (k, dim)
+        self.centroids_ = _l2_normalize_rows(sums)  # (k_, dim)
         self.inertia_ = 0.0
         return self
 
@@ -369,6 +370,16 @@ def read_range(con: Any, key: str, lo: int, hi: int, dim: int) -> np.ndarray:
     return _fill(reader, np.empty((hi - lo, dim), dtype=np.float32), positions, what)
 
 
+@contextmanager
+def _picked(con: Any, rows: np.ndarray) -> Iterator[None]:
+    """The doc_idx `rows` registered as the arrow table `picked` the sample queries join on."""
+    con.register("picked", pa.table({"doc_idx": pa.array(rows)}))
+    try:
+        yield
+    finally:
+        con.unregister("picked")
+
+
 def read_rows(con: Any, key: str, rows: np.ndarray, dim: int) -> np.ndarray:
     """(len(rows), dim) float32 pool vectors of the sorted, distinct doc_idx `rows`, in that order."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -376,23 +387,17 @@ def read_rows(con: Any, key: str, rows: np.ndarray, dim: int) -> np.ndarray:
     def positions(doc_idx: np.ndarray) -> np.ndarray:
         return np.searchsorted(rows, doc_idx)  # the query keeps doc_idx in rows
 
-    con.register("picked", pa.table({"doc_idx": pa.array(rows)}))
-    try:
+    with _picked(con, rows):
         reader = query_sql(con, "cluster_vectors_rows", {"key": key}).fetch_record_batch(_READ_ROWS)
         out = np.empty((len(rows), dim), dtype=np.float32)
         return _fill(reader, out, positions, f"featurize_vectors {key}/pool sample")
-    finally:
-        con.unregister("picked")
 
 
 def read_tokens(con: Any, docs_key: str, rows: np.ndarray) -> np.ndarray:
     """(len(rows),) token counts of the sorted, distinct pool doc_idx `rows` of an ingest partition."""
     rows = np.asarray(rows, dtype=np.int64)
-    con.register("picked", pa.table({"doc_idx": pa.array(rows)}))
-    try:
+    with _picked(con, rows):
         table = query_sql(con, "cluster_sample_tokens", {"key": docs_key}).fetch_arrow_table()
-    finally:
-        con.unregister("picked")
     out = np.zeros(len(rows), dtype=np.int64)
     got = table.column("doc_idx").to_numpy()
     if len(got) != len(rows):
@@ -463,8 +468,8 @@ def cluster(settings: ClusterSettings, features: StageRef, seed: int, docs: Stag
 
     Memory is bounded by fit_sample and STREAM_ROWS, not by the pool: k-means is fitted on a
     seeded sample, then every document is labelled in two streamed passes over the vectors.
-    With balance = tokens the fit weighs the sample by its token counts, read from `docs` (the
-    ingest partition `features` was made from), and splits clusters over the token cap.
+    With balance = tokens, clusters over the token cap are split on the sample, whose token counts
+    are read from `docs` (the ingest partition `features` was made from).
     """
     key = stage_key("cluster", VERSION, settings, features, seed)  # features' key holds docs' key
     log = get_logger()
