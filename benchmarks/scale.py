@@ -33,18 +33,20 @@ import hashlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import polars as pl
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.prefect_server import prefect_server  # noqa: E402
+
 TARGET = REPO / "examples" / "data" / "target.jsonl.zst"
 FILE_DOCS = 100_000
 
@@ -151,44 +153,6 @@ def s3_parts_server():
         server.stop()
 
 
-@contextlib.contextmanager
-def prefect_server(out: Path):
-    """A Prefect server on a free loopback port for the runs' flow and its workers; its API URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    home = out / "prefect-home"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": url,
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}
-    home.mkdir(parents=True, exist_ok=True)
-    log = open(out / "prefect-server.log", "wb")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the Prefect server did not come up; see {out / 'prefect-server.log'}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", type=Path, required=True, help="directory of make_scale_pool.py output")
@@ -210,12 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{size:,} docs: {r['wall_s']} s, peak RSS {r['peak_rss_mb']} MB", flush=True)
     if args.workers_at:
         wheres = args.parts.split(",")
-        with prefect_server(args.out) as url, (s3_parts_server() if "s3" in wheres
+        with prefect_server(args.out) as server, (s3_parts_server() if "s3" in wheres
                                                else contextlib.nullcontext()) as s3:
             for runner in args.runners.split(","):
                 for w in (int(x) for x in args.workers.split(",")):
                     for where in wheres:
-                        r = workers_profile(args.pool, args.workers_at, args.out, args.shard_docs, w, runner, url,
+                        r = workers_profile(args.pool, args.workers_at, args.out, args.shard_docs, w, runner, server.url,
                                             s3 if where == "s3" else None)
                         results["workers"] = [x for x in results["workers"] if _run_id(x) != _run_id(r)]
                         results["workers"].append(r)

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -27,6 +23,9 @@ from uuid import UUID
 import pytest
 import yaml
 
+from benchmarks.prefect_server import prefect_server
+from benchmarks.prefect_server import stop_group as _stop
+from benchmarks.prefect_server import tail as _tail
 from quadflow.settings import Settings
 from tests.conftest import REPO, SAMPLE_TARGET
 
@@ -43,36 +42,6 @@ def _load_demo_partitions():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
-def _stop(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the process group, SIGKILL it after `grace` seconds."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _settings_dict(tmp: Path, name: str) -> dict[str, Any]:
@@ -107,70 +76,42 @@ def stack(tmp_path_factory):
     config = tmp / "nightly.yaml"
     config.write_text(yaml.safe_dump(nightly))
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
+    extra = {
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "results"),
         "QUADFLOW_CONFIG": str(config),
         "QUADFLOW_NIGHTLY_CRON": "* * * * *",
     }
-    env.pop("PREFECT_PROFILE", None)
-    server_log, serve_log = tmp / "server.log", tmp / "serve.log"
-    prefect_cli = str(Path(sys.executable).parent / "prefect")
-    procs: list[subprocess.Popen] = []
-    try:
-        with open(server_log, "wb") as out:
-            procs.append(subprocess.Popen(
-                [prefect_cli, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if procs[0].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Prefect server did not come up:\n{_tail(server_log)}")
-            time.sleep(0.5)
-
+    serve_log = tmp / "serve.log"
+    with prefect_server(tmp, extra) as server:
         with open(serve_log, "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, str(REPO / "deployments" / "serve.py")],
-                                          env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        started = time.monotonic()
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results")}):
-            from prefect.client.orchestration import get_client
-            from prefect.exceptions import ObjectNotFound
+            serve = subprocess.Popen([sys.executable, str(REPO / "deployments" / "serve.py")], env=server.env,
+                                     cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:  # serve stops first, while the server is up: it pauses its schedules through the server
+            started = time.monotonic()
+            with temporary_settings({PREFECT_API_URL: server.url, PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results")}):
+                from prefect.client.orchestration import get_client
+                from prefect.exceptions import ObjectNotFound
 
-            with get_client(sync_client=True) as client:
-                deadline = time.monotonic() + 90
-                for name in ("curate-partition/partition", "nightly/nightly", "backfill/backfill"):
-                    while True:
-                        try:
-                            client.read_deployment_by_name(name)
-                            break
-                        except ObjectNotFound:
-                            if procs[1].poll() is not None or time.monotonic() > deadline:
-                                pytest.fail(f"serve.py did not register {name}:\n{_tail(serve_log)}")
-                            time.sleep(0.5)
-            try:
-                yield Stack(tmp=tmp, url=url, env=env, nightly_settings=nightly, serve_log=serve_log,
-                            started=started)
-            finally:
-                _drain_in_process_workers()  # while the server is up: logs of in-process runs
-    finally:
-        for proc in reversed(procs):  # serve first: it pauses its schedules through the server
-            _stop(proc, grace=10)
+                with get_client(sync_client=True) as client:
+                    deadline = time.monotonic() + 90
+                    for name in ("curate-partition/partition", "nightly/nightly", "backfill/backfill"):
+                        while True:
+                            try:
+                                client.read_deployment_by_name(name)
+                                break
+                            except ObjectNotFound:
+                                if serve.poll() is not None or time.monotonic() > deadline:
+                                    pytest.fail(f"serve.py did not register {name}:\n{_tail(serve_log)}")
+                                time.sleep(0.5)
+                try:
+                    yield Stack(tmp=tmp, url=server.url, env=server.env, nightly_settings=nightly,
+                                serve_log=serve_log, started=started)
+                finally:
+                    _drain_in_process_workers()  # while the server is up: logs of in-process runs
+        finally:
+            _stop(serve, grace=10)
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -24,8 +24,11 @@ import polars as pl
 import pytest
 import yaml
 
+from benchmarks.prefect_server import free_port as _free_port
+from benchmarks.prefect_server import prefect_server
+from benchmarks.prefect_server import stop_group as _stop
+from benchmarks.prefect_server import tail as _tail
 from tests.conftest import REPO, SAMPLE_TARGET
-from tests.test_deployments import _free_port, _stop, _tail
 
 POOL_DOCS = 12_000
 SHARD_DOCS = 1_500
@@ -45,33 +48,9 @@ def _make_pool(path: Path, docs: int, per_file: int, seed: int) -> Path:
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
     pool = _make_pool(tmp / "pool", POOL_DOCS, POOL_DOCS // 2, seed=1)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
-           "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "results"), "PYTHONPATH": str(REPO)}
-    env.pop("PREFECT_PROFILE", None)
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                   "127.0.0.1", "--port", str(port)], env=env, cwd=tmp, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Prefect server did not come up:\n{_tail(log)}")
-            time.sleep(0.5)
-        yield {"tmp": tmp, "pool": pool, "env": env}
-    finally:
-        _stop(server, grace=10)
+    extra = {"PREFECT_LOCAL_STORAGE_PATH": str(tmp / "results"), "PYTHONPATH": str(REPO)}
+    with prefect_server(tmp, extra) as server:
+        yield {"tmp": tmp, "pool": pool, "env": server.env}
 
 
 def _config(env, name: str) -> Path:
