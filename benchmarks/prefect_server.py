@@ -91,7 +91,7 @@ def prefect_server(workdir: Path, extra_env: Mapping[str, str] | None = None,
             if proc.poll() is not None:
                 raise ServerDidNotStart(f"prefect server start exited with {proc.returncode}; {log}:\n{tail(log)}")
             if time.monotonic() > deadline:
-                raise ServerDidNotStart(f"the Prefect server at {url} did not answer /health within {timeout:.0f} s; "
+                raise ServerDidNotStart(f"the Prefect server at {url} did not answer /health within {timeout:g} s; "
                                         f"{log}:\n{tail(log)}")
             time.sleep(0.5)
         yield LoopbackServer(url=url, env=env, log=log, process=proc)

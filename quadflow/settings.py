@@ -327,6 +327,10 @@ class SelectSettings(Section):
         0.02, ge=0, lt=1, description="Ranked blocks: ... and likely of that kind (taken next, by score) when it "
         "reaches the score only this share of the target's documents fall below.",
     )
+    dsir_min_tokens: int = Field(
+        100, ge=0, description="selector dsir: documents shorter than this many tokens are drawn only after every "
+        "longer one (the published DSIR's min_example_length, 100 words, leaves them out); 0: no floor.",
+    )
     max_doc_share: float = Field(
         0.03, gt=0, le=1, description="Ranked blocks: likely and related documents (not surely of the target's kind) "
         "longer than this share of the budget are left to the fill, so no single document crowds out the rest.",

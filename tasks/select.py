@@ -162,13 +162,24 @@ def select_topk(scores: np.ndarray, tokens: np.ndarray, budget: int) -> np.ndarr
     return fill_budget(order, tokens, budget)
 
 
-def select_dsir(log_weights: np.ndarray, tokens: np.ndarray, budget: int, seed: int) -> np.ndarray:
-    """DSIR importance resampling without replacement (Gumbel top-k on log weights), to the budget."""
+def select_dsir(log_weights: np.ndarray, tokens: np.ndarray, budget: int, seed: int,
+                min_tokens: int = 0) -> np.ndarray:
+    """DSIR importance resampling without replacement (Gumbel top-k on log weights), to the budget.
+
+    Documents shorter than `min_tokens` come after every longer one: they are drawn only when the
+    longer documents cannot fill the budget (a pool of short records still gets a selection).
+    """
     log_weights = np.asarray(log_weights, dtype=np.float64)
-    if log_weights.shape != np.asarray(tokens).shape:
-        raise ValueError(f"log_weights has shape {log_weights.shape}, tokens {np.asarray(tokens).shape}")
-    keys = gumbel_keys(log_weights, seed)
+    tokens = np.asarray(tokens)
+    if log_weights.shape != tokens.shape:
+        raise ValueError(f"log_weights has shape {log_weights.shape}, tokens {tokens.shape}")
+    if min_tokens < 0:
+        raise ValueError(f"min_tokens must be >= 0, got {min_tokens!r}")
+    keys = gumbel_keys(log_weights, seed)  # every document's key, so a document's key does not depend on min_tokens
     order = np.lexsort((np.arange(keys.size), -keys))
+    if min_tokens:
+        long_ = tokens[order] >= min_tokens
+        order = np.concatenate([order[long_], order[~long_]])
     return fill_budget(order, tokens, budget)
 
 
@@ -910,7 +921,8 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
         elif selector == "dsir":
             if log_weights is None:
                 raise ValueError("selector 'dsir' needs log_weights")
-            chosen = select_dsir(log_weights, tokens, budget, seed)
+            chosen = select_dsir(log_weights, tokens, budget, seed, settings.dsir_min_tokens)
+            info.update(dsir_min_tokens=settings.dsir_min_tokens)
         else:
             raise ValueError(f"unknown selector {selector!r}")
         reasons = np.full(chosen.size, selector, dtype=object)

@@ -116,6 +116,23 @@ def test_dsir_gumbel_is_seeded_and_follows_the_weights():
     assert np.array_equal(gumbel_keys(log_w, 3), gumbel_keys(log_w, 3))
 
 
+def test_dsir_draws_documents_below_min_tokens_only_after_every_longer_one():
+    rng = np.random.default_rng(0)
+    log_w = rng.normal(size=2000)
+    log_w[:100] = 20.0  # the likeliest documents are the short ones
+    tokens = np.where(np.arange(2000) < 100, 5, 50).astype(np.int64)
+    chosen = select_dsir(log_w, tokens, 5000, 7, min_tokens=50)
+    assert chosen.size == 100 and (tokens[chosen] >= 50).all()
+    # The long documents come in the order they would have without the floor.
+    everything = select_dsir(log_w, tokens, int(tokens.sum()), 7)
+    assert chosen.tolist() == everything[tokens[everything] >= 50][:100].tolist()
+    # Too few long documents: every one of them first, then the short ones in their keys' order.
+    more = select_dsir(log_w, tokens, 1900 * 50 + 25, 7, min_tokens=50)
+    assert (tokens[more[:1900]] == 50).all() and more[1900:].tolist() == everything[tokens[everything] < 50][:5].tolist()
+    with pytest.raises(ValueError, match="min_tokens"):
+        select_dsir(log_w, tokens, 100, 7, min_tokens=-1)
+
+
 @pytest.mark.parametrize("selector", ["random", "topk", "dsir"])
 def test_baselines_fill_the_budget_on_a_large_pool(selector):
     clusters, tokens, scores = _pool()

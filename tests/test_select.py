@@ -193,6 +193,25 @@ def test_baselines_write_selection_and_info_only(upstream, selector):
         assert (idx % 2 == 1).mean() > 0.7
 
 
+def test_dsir_min_tokens_takes_short_documents_last_and_is_recorded(upstream):
+    store, refs = upstream["store"], upstream["refs"]
+    tokens = upstream["tokens"]
+    floor = int(np.median(tokens))
+    budget = int(tokens[tokens >= floor].sum() * 0.5)
+    ref = select.fn(SelectSettings(selector="dsir", budget_tokens=budget, dsir_min_tokens=floor), seed=3, **refs)
+    query = "select doc_idx from select_selection where key = ? order by rank"
+    idx = np.array([r[0] for r in _rows(store, query, [ref.key])])
+    short = tokens[idx] < floor
+    # Short documents only after every long one, filling the last few tokens the long ones left.
+    assert idx.size and (np.diff(short.astype(int)) >= 0).all() and tokens[idx[short]].sum() < 0.05 * budget
+    plain = select.fn(SelectSettings(selector="dsir", budget_tokens=budget, dsir_min_tokens=0), seed=3, **refs)
+    assert plain.key != ref.key
+    plain_idx = np.array([r[0] for r in _rows(store, query, [plain.key])])
+    assert (tokens[plain_idx[: plain_idx.size // 2]] < floor).any()
+    info = dict(_rows(store, "select name, value from select_info where key = ?", [ref.key]))
+    assert info["dsir_min_tokens"] == str(floor)
+
+
 def test_missing_scores_fail_with_the_table_named(upstream):
     refs = dict(upstream["refs"], scores=_ref("score", "nope", upstream["store"], 0))
     with pytest.raises(ValueError, match="score_docs"):
