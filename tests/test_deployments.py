@@ -23,9 +23,7 @@ from uuid import UUID
 import pytest
 import yaml
 
-from benchmarks.prefect_server import prefect_server
-from benchmarks.prefect_server import stop_group as _stop
-from benchmarks.prefect_server import tail as _tail
+from benchmarks.prefect_server import prefect_server, stop_group, tail
 from quadflow.settings import Settings
 from tests.conftest import REPO, SAMPLE_TARGET
 
@@ -103,7 +101,7 @@ def stack(tmp_path_factory):
                                 break
                             except ObjectNotFound:
                                 if serve.poll() is not None or time.monotonic() > deadline:
-                                    pytest.fail(f"serve.py did not register {name}:\n{_tail(serve_log)}")
+                                    pytest.fail(f"serve.py did not register {name}:\n{tail(serve_log)}")
                                 time.sleep(0.5)
                 try:
                     yield Stack(tmp=tmp, url=server.url, env=server.env, nightly_settings=nightly,
@@ -111,7 +109,7 @@ def stack(tmp_path_factory):
                 finally:
                     _drain_in_process_workers()  # while the server is up: logs of in-process runs
         finally:
-            _stop(serve, grace=10)
+            stop_group(serve, grace=10)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -145,7 +143,7 @@ def _wait(stack: Stack, run_ids: list[UUID], timeout: float = RUN_TIMEOUT) -> li
                 return runs
             if time.monotonic() > deadline:
                 states = ", ".join(f"{r.name}: {r.state.name if r.state else None}" for r in runs)
-                pytest.fail(f"runs not finished after {timeout:.0f}s ({states}); serve log:\n{_tail(stack.serve_log)}")
+                pytest.fail(f"runs not finished after {timeout:.0f}s ({states}); serve log:\n{tail(stack.serve_log)}")
             time.sleep(1)
 
 
@@ -276,7 +274,7 @@ def nightly_run(stack):
                 break
             if time.monotonic() > deadline:
                 pytest.fail(f"no scheduled nightly run finished; runs: {[(r.name, r.state.name) for r in runs]}\n"
-                            f"{_tail(stack.serve_log)}")
+                            f"{tail(stack.serve_log)}")
             time.sleep(2)
         client.pause_deployment(dep.id)  # one is enough; later ticks would only skip
     return first

@@ -24,10 +24,7 @@ import polars as pl
 import pytest
 import yaml
 
-from benchmarks.prefect_server import free_port as _free_port
-from benchmarks.prefect_server import prefect_server
-from benchmarks.prefect_server import stop_group as _stop
-from benchmarks.prefect_server import tail as _tail
+from benchmarks.prefect_server import free_port, prefect_server, stop_group, tail
 from tests.conftest import REPO, SAMPLE_TARGET
 
 POOL_DOCS = 12_000
@@ -79,9 +76,9 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
     try:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        _stop(proc, grace=5)
-        pytest.fail(f"quadflow run did not finish in {timeout}s:\n{_tail(log)}")
-    assert rc == 0, _tail(log)
+        stop_group(proc, grace=5)
+        pytest.fail(f"quadflow run did not finish in {timeout}s:\n{tail(log)}")
+    assert rc == 0, tail(log)
 
 
 def _selected(name: str, env) -> list[str]:
@@ -93,10 +90,10 @@ def _kill_when(proc: subprocess.Popen, parts: Path, stage: str, n: int, log: Pat
     deadline = time.monotonic() + timeout
     while len(list(parts.glob(f"{stage}-*/out-*.parquet"))) < n:
         if proc.poll() is not None:
-            pytest.fail(f"the run ended before {n} {stage} shards were done:\n{_tail(log)}")
+            pytest.fail(f"the run ended before {n} {stage} shards were done:\n{tail(log)}")
         if time.monotonic() > deadline:
-            _stop(proc, grace=1)
-            pytest.fail(f"no {n} {stage} parts after {timeout}s:\n{_tail(log)}")
+            stop_group(proc, grace=1)
+            pytest.fail(f"no {n} {stage} parts after {timeout}s:\n{tail(log)}")
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -160,7 +157,7 @@ SUMMARY = re.compile(r"(featurize|score): (\d+) shards: (\d+) computed")
 def test_dask_cluster_of_separate_processes_gives_the_same_selection(env, baseline):
     dask = Path(sys.executable).parent / "dask"
     assert dask.exists(), "dask is not installed: make test installs '.[dask]'"
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     try:
         for i, cmd in enumerate([[str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port),
@@ -176,14 +173,14 @@ def test_dask_cluster_of_separate_processes_gives_the_same_selection(env, baseli
         deadline = time.monotonic() + 90
         while sum("Starting established connection" in p.read_text(errors="replace") for p in logs[1:]) < 2:
             if time.monotonic() > deadline:
-                pytest.fail("dask workers did not connect:\n" + "\n".join(_tail(p) for p in logs))
+                pytest.fail("dask workers did not connect:\n" + "\n".join(tail(p) for p in logs))
             time.sleep(0.5)
         config, log = _config(env, "dask"), env["tmp"] / "dask.log"
         run = _start(env, config, "--runner", f"dask://127.0.0.1:{port}", log=log)
         _finish(run, log)
     finally:
         for proc in reversed(procs):
-            _stop(proc, grace=5)
+            stop_group(proc, grace=5)
     assert _selected("dask", env) == baseline
     with duckdb.connect(str(env["tmp"] / "dask" / "quadflow.duckdb"), read_only=True) as con:
         workers = {w for (w,) in con.execute("select distinct worker from shard_done where source = 'computed' "
@@ -197,7 +194,7 @@ def test_ray_cluster_of_separate_processes_gives_the_same_selection(env, baselin
     driver through RAY_ADDRESS, as a flow run on a cluster's head node (or submitted as a Ray job) does."""
     ray = Path(sys.executable).parent / "ray"
     assert ray.exists(), "ray is not installed: make test installs '.[ray]'"
-    gcs = _free_port()
+    gcs = free_port()
     temp = Path(tempfile.mkdtemp(prefix="qf-ray-", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
     # RAY_AUTH_MODE explicit for head and driver alike: unset, `ray start` turns token authentication on when
     # ~/.ray/auth_token exists (any earlier local Ray instance writes one) and the driver then fails to connect
@@ -209,7 +206,7 @@ def test_ray_cluster_of_separate_processes_gives_the_same_selection(env, baselin
     try:
         with open(log, "wb") as out:
             started = subprocess.run(base, env=ray_env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=180)
-        assert started.returncode == 0, _tail(log)
+        assert started.returncode == 0, tail(log)
         config, log = _config(env, "ray"), env["tmp"] / "ray.log"
         run = _start({**env, "env": {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}}, config, "--runner", "ray",
                      log=log)
