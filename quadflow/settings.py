@@ -148,6 +148,12 @@ class FeaturizeSettings(Section):
     svd_sample: int = Field(
         20_000, ge=100, description="Documents the TF-IDF weights and SVD are fitted on."
     )
+    svd_sample_by: Literal["docs", "tokens"] = Field(
+        "docs", description="How the svd_sample documents are drawn: docs (uniformly, so short records "
+        "that are most of a pool's documents shape the components) or tokens (in proportion to their tokens, so "
+        "the components describe the text most of the pool's tokens are in: long documents get vectors that tell "
+        "their domains apart).",
+    )
     max_chars: int = Field(
         20_000, ge=100, description="Only the first max_chars of a document are featurized."
     )

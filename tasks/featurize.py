@@ -382,6 +382,17 @@ def role_counts(con: Any, key: str) -> dict[str, int]:
     return out
 
 
+def token_weighted_sample(con: Any, key: str, n: int, seed: int) -> np.ndarray:
+    """Sorted doc_idx of `n` pool documents drawn without replacement in proportion to their tokens (seeded).
+
+    All documents with tokens when the pool has at most `n` of them; documents without tokens never.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n!r}")
+    got = query_sql(con, "featurize_sample_tokens", {"key": key, "n": int(n), "seed": int(seed)}).fetchnumpy()
+    return np.asarray(got["doc_idx"], dtype=np.int64)
+
+
 def _sample_texts(con: Any, key: str, idx: np.ndarray) -> pl.Series:
     """Full texts of the pool documents `idx` (sorted), in that order."""
     cols = query_sql(con, "featurize_texts_at", {"key": key, "role": "pool", "idx": idx.tolist()}).fetch_arrow_table()
@@ -399,13 +410,19 @@ def _fitted_lsa(con: Any, settings: FeaturizeSettings, docs_key: str, n_pool: in
         lsa = LSA.load(parts.local(url))
         log.info(f"featurize: reusing the LSA fitted by an earlier run ({url})")
         return lsa
-    sample = sample_rows(n_pool, settings.svd_sample, seed)
+    if settings.svd_sample_by == "tokens":
+        sample = token_weighted_sample(con, docs_key, settings.svd_sample, seed)
+        if sample.size == 0:
+            raise ValueError(f"ingest_docs {docs_key}/pool: no document has tokens, so featurize.svd_sample_by = "
+                             "'tokens' has nothing to draw; use 'docs'")
+    else:
+        sample = sample_rows(n_pool, settings.svd_sample, seed)
     counts = hashed_ngrams(_sample_texts(con, docs_key, sample), settings.n_features, settings.max_chars)
     lsa = LSA(settings.dim, settings.svd_sample, seed).fit(counts)
     parts.save(url, lsa.save)
     log.info(
-        f"featurize: LSA fitted on {lsa.n_fit_docs_:,} pool docs, dim {settings.dim}, "
-        f"explained variance {lsa.explained_variance_ratio_.sum():.3f}"
+        f"featurize: LSA fitted on {lsa.n_fit_docs_:,} pool docs (drawn by {settings.svd_sample_by}), "
+        f"dim {settings.dim}, explained variance {lsa.explained_variance_ratio_.sum():.3f}"
     )
     return lsa
 

@@ -25,6 +25,7 @@ from quadflow.tasks.featurize import (
     load_vectors,
     ngrams_batch,
     sample_rows,
+    token_weighted_sample,
 )
 
 BIG = 2**22  # big enough that a handful of n-grams never collide
@@ -217,16 +218,17 @@ create table if not exists ingest_docs (
 """
 
 
-def make_docs(tmp_path, pool, target=(), key="ingest-key"):
+def make_docs(tmp_path, pool, target=(), key="ingest-key", pool_tokens=None):
+    """An ingest partition of `pool` and `target`; pool documents have `pool_tokens` tokens (default 0)."""
     store = open_store(tmp_path / "store.duckdb")
+    tokens = {"pool": list(pool_tokens) if pool_tokens is not None else [0] * len(pool), "target": [0] * len(target)}
     with connect(store) as con:
         con.execute(DOCS_DDL)
         for role, texts in (("pool", pool), ("target", target)):
-            for i, text in enumerate(texts):
-                con.execute(
-                    "insert into ingest_docs values (?, ?, ?, ?, null, ?, 0, ?, 's', 'f', ?, null)",
-                    [key, role, i, f"id{role}{i}", text, len(text), i + 1],
-                )
+            rows = [[key, role, i, f"id{role}{i}", text, tokens[role][i], len(text), i + 1]
+                    for i, text in enumerate(texts)]
+            if rows:
+                con.executemany("insert into ingest_docs values (?, ?, ?, ?, null, ?, ?, ?, 's', 'f', ?, null)", rows)
     return StageRef("ingest", key, store, len(pool) + len(target), "fp")
 
 
@@ -285,3 +287,50 @@ def test_task_rejects_an_empty_pool_and_gappy_doc_idx(tmp_path):
         )
     with pytest.raises(ValueError, match="not dense"):
         featurize.fn(SMALL, docs, 0)
+
+
+# ---------------------------------------------------------------- the LSA's sample drawn by tokens
+
+
+def test_token_weighted_sample_draws_long_documents_in_proportion_and_never_empty_ones(tmp_path):
+    tokens = np.ones(2000, dtype=np.int64)
+    tokens[::100] = 100  # 20 long documents: half of the pool's tokens, 1% of its documents
+    tokens[7::200] = 0  # 10 documents without tokens
+    docs = make_docs(tmp_path, ["w"] * tokens.size, pool_tokens=tokens.tolist())
+    long_ = np.flatnonzero(tokens == 100)
+    with connect(docs.store, read_only=True) as con:
+        a, b, c = (token_weighted_sample(con, docs.key, 50, seed) for seed in (3, 3, 4))
+        everything = token_weighted_sample(con, docs.key, 5000, 3)
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+    assert a.size == 50 and (np.diff(a) > 0).all() and (tokens[a] > 0).all()
+    # A uniform sample of 50 holds 0.5 long documents on average; by tokens, most of them.
+    assert np.isin(long_, a).sum() >= 15 and np.isin(long_, c).sum() >= 15
+    # A pool smaller than the sample: every document with tokens, none without.
+    assert everything.tolist() == np.flatnonzero(tokens > 0).tolist()
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        with connect(docs.store, read_only=True) as con:
+            token_weighted_sample(con, docs.key, 0, 3)
+
+
+def test_task_fits_the_lsa_on_a_sample_drawn_by_tokens_when_asked(tmp_path):
+    pool, _ = topic_texts(n_per_topic=40)
+    tokens = [len(t.split()) for t in pool]
+    docs = make_docs(tmp_path, pool, pool_tokens=tokens)
+    settings = SMALL.model_copy(update={"svd_sample": 30, "svd_sample_by": "tokens"})
+    ref = featurize.fn(settings, docs, 5)
+    plain = featurize.fn(SMALL.model_copy(update={"svd_sample": 30}), docs, 5)
+    assert ref.key != plain.key
+    with connect(docs.store, read_only=True) as con:
+        rows = token_weighted_sample(con, docs.key, 30, 5)
+        got = load_vectors(con, ref.key, "pool")
+        assert not np.allclose(got, load_vectors(con, plain.key, "pool"))
+    texts = [pool[i] for i in rows]
+    lsa = LSA(8, 30, 5).fit(hashed_ngrams(texts, 2048, 200))
+    assert np.allclose(got, lsa.transform(hashed_ngrams(pool, 2048, 200)), atol=1e-6)
+
+
+def test_task_says_why_a_pool_without_tokens_cannot_be_sampled_by_tokens(tmp_path):
+    pool, _ = topic_texts(n_per_topic=5)
+    docs = make_docs(tmp_path, pool)  # every n_tokens is 0
+    with pytest.raises(ValueError, match="no document has tokens.*svd_sample_by"):
+        featurize.fn(SMALL.model_copy(update={"svd_sample_by": "tokens"}), docs, 0)
