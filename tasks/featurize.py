@@ -393,9 +393,10 @@ def token_weighted_sample(con: Any, key: str, n: int, seed: int) -> np.ndarray:
     return np.asarray(got["doc_idx"], dtype=np.int64)
 
 
-def _sample_texts(con: Any, key: str, idx: np.ndarray) -> pl.Series:
-    """Full texts of the pool documents `idx` (sorted), in that order."""
-    cols = query_sql(con, "featurize_texts_at", {"key": key, "role": "pool", "idx": idx.tolist()}).fetch_arrow_table()
+def _sample_texts(con: Any, key: str, idx: np.ndarray, max_chars: int) -> pl.Series:
+    """The first `max_chars` characters of the pool documents `idx` (sorted), in that order."""
+    cols = query_sql(con, "featurize_texts_at", {"key": key, "role": "pool", "idx": idx.tolist(),
+                                                 "max_chars": int(max_chars)}).fetch_arrow_table()
     got = cols.column("doc_idx").to_numpy()
     if not np.array_equal(got, idx):
         raise ValueError(f"ingest_docs {key}/pool lacks sampled documents (wanted {idx.size}, got {got.size})")
@@ -417,7 +418,8 @@ def _fitted_lsa(con: Any, settings: FeaturizeSettings, docs_key: str, n_pool: in
                              "'tokens' has nothing to draw; use 'docs'")
     else:
         sample = sample_rows(n_pool, settings.svd_sample, seed)
-    counts = hashed_ngrams(_sample_texts(con, docs_key, sample), settings.n_features, settings.max_chars)
+    counts = hashed_ngrams(_sample_texts(con, docs_key, sample, settings.max_chars), settings.n_features,
+                           settings.max_chars)
     lsa = LSA(settings.dim, settings.svd_sample, seed).fit(counts)
     parts.save(url, lsa.save)
     log.info(

@@ -24,6 +24,7 @@ from quadflow.tasks.featurize import (
     load_ngrams,
     load_vectors,
     ngrams_batch,
+    _sample_texts,
     sample_rows,
     token_weighted_sample,
 )
@@ -334,3 +335,11 @@ def test_task_says_why_a_pool_without_tokens_cannot_be_sampled_by_tokens(tmp_pat
     docs = make_docs(tmp_path, pool)  # every n_tokens is 0
     with pytest.raises(ValueError, match="no document has tokens.*svd_sample_by"):
         featurize.fn(SMALL.model_copy(update={"svd_sample_by": "tokens"}), docs, 0)
+
+
+def test_the_lsa_sample_is_read_only_as_far_as_featurizing_looks(tmp_path):
+    pool = ["é" * 50_000, "short text", "word " * 30]
+    docs = make_docs(tmp_path, pool, pool_tokens=[50_000, 2, 30])
+    with connect(docs.store, read_only=True) as con:
+        texts = _sample_texts(con, docs.key, np.array([0, 1, 2]), 200)
+    assert texts.to_list() == ["é" * 200, "short text", ("word " * 30)[:200]]
