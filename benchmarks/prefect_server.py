@@ -73,17 +73,17 @@ def prefect_server(workdir: Path, extra_env: Mapping[str, str] | None = None,
     """Start a Prefect server for `workdir` (home, database and log inside it) and yield it once healthy."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{free_port()}/api"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_API_URL": url,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir / 'prefect.db'}",
            **(extra_env or {})}
     env.pop("PREFECT_PROFILE", None)
     log = workdir / "prefect-server.log"
-    port = url.rsplit(":", 1)[1].split("/")[0]
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                 "127.0.0.1", "--port", port], env=env, cwd=workdir, stdout=out,
+                                 "127.0.0.1", "--port", str(port)], env=env, cwd=workdir, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
