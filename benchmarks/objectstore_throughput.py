@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +24,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from quadflow import objectstore as ob
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.prefect_server import free_port  # noqa: E402
+from quadflow import objectstore as ob  # noqa: E402
 
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
