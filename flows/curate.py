@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from quadflow.crashes import claim, mark_crashed, running_here
 from quadflow.objectstore import ObjectStoreSettings
 from quadflow.settings import IngestSettings, RunSettings, Settings
-from quadflow.shards import check_flow_runner, task_runner
+from quadflow.shards import check_flow_runner, task_runner, text_parts
 from quadflow.store import StoreRef, open_store
 from quadflow.tasking import IO_RETRIES
 from quadflow.tasks.cluster import cluster
@@ -98,6 +98,8 @@ def curate(settings: Settings) -> dict:
     clusters = cpu("cluster", cluster, settings.cluster, features, settings.seed, docs)
     semantic = cpu("semdedup", semdedup, settings.dedup, near, features, clusters)
     scores = cpu("score", score, settings.score, docs, features, settings.seed, settings.run, settings.objectstore)
+    # every stage that reads the pool's shard texts (dedup, featurize, score) is done with them
+    cpu("score", text_parts(settings.run, docs.store.path, docs.key, settings.objectstore).clean)
     selection = cpu("select", select, settings.select, docs, features, clusters, scores, settings.seed,
                     dedup=(near, semantic))
     exported = cpu("export", export, settings, files, targets, docs, clusters, scores, selection, features=features)

@@ -12,13 +12,20 @@ or shared directory, or an s3:// prefix (`run.parts`), where workers need no sha
 A part is whole or absent: on a file system it is written to a temporary name and renamed, on an
 object store it is uploaded (and verified) in one object, which S3 makes visible only complete.
 
+Shared inputs: dedup, featurize and score all read the same thing, each shard's texts. Those are
+exported once per ingest partition and shard into `texts-<docs key>` (`text_parts`,
+`export_texts`) and read there by all three; the flow removes them once the score stage has run
+(`Parts.clean`). Each stage exports a shard's texts only when no complete part holds them.
+
 Resume: a rerun of the stage skips the shards that `shard_done` records for the stage's key,
 loads output parts that were finished but not yet recorded (killed between the two), and
 recomputes only the rest. Loading deletes the shard's doc_idx range before inserting, so a shard
 is never counted twice. Parts are deleted once the stage's partition is complete.
 
-Layout of one stage partition's parts (under `run.parts`, default `<store>.parts/`):
-    <stage>-<key>/in-<role>-<lo>-<hi>.parquet     inputs exported from the store
+Layout of the parts (under `run.parts`, default `<store>.parts/`):
+    texts-<docs key>/in-<role>-<lo>-<hi>.parquet  shard texts (doc_idx, text), shared by the stages
+    <stage>-<key>/in-<role>-<lo>-<hi>.parquet     a stage's own inputs, if it exports any (run_shards
+                                                  without `inputs`; deleted once the shard is loaded)
     <stage>-<key>/out-<role>-<lo>-<hi>.parquet    outputs written by shard tasks
     <stage>-<key>/...                             fitted state the shard tasks load (e.g. lsa.npz)
 """
@@ -288,6 +295,21 @@ def stage_parts(run: RunSettings, store_path: str, stage: str, key: str,
     return Parts(Path(root) / f"{stage}-{key}")
 
 
+def text_parts(run: RunSettings, store_path: str, docs_key: str,
+               objectstore: ObjectStoreSettings | None = None) -> Parts:
+    """Where the shard texts of ingest partition `docs_key` are exported once for every stage that reads them."""
+    return stage_parts(run, store_path, "texts", docs_key, objectstore)
+
+
+def export_texts(con: Any, docs_key: str, texts: Parts) -> Callable[[Shard, str], None]:
+    """run_shards' export_input for text parts: the shard's (doc_idx, text) rows, in doc_idx order."""
+    def export(shard: Shard, url: str) -> None:
+        reader = query_sql(con, "featurize_texts_range", {"key": docs_key, "role": shard.role, "lo": shard.lo,
+                                                          "hi": shard.hi}).fetch_record_batch(10_000)
+        texts.write_parquet(url, reader, schema=reader.schema)
+    return export
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -351,11 +373,13 @@ def run_shards(
     load: Callable[[Any, ShardResult], str | None],
     progress: Any = None,
     rows_per_doc: int = 1,
+    inputs: Parts | None = None,
 ) -> ShardRun:
     """Compute the shards not yet done and load each as it finishes; see the module docstring.
 
-    `export_input(shard, url)` writes a shard's input part with `parts.write_parquet` (skipped when a
-    complete one exists); `shard_task` is a Prefect task whose
+    `export_input(shard, url)` writes a shard's input part (skipped when a complete one exists): into
+    `inputs` when given (shared with other stages, e.g. `text_parts`: kept after the shard loads),
+    else into the stage's own `parts` (deleted once the shard is loaded); `shard_task` is a Prefect task whose
     `.fn(shard, input_url, output_url, parts=parts, **task_kwargs)` returns a ShardResult;
     `load(con, result)` inserts the output part's rows (read with `parts.read_table`, inside the
     transaction that also records the shard) and returns the shard's info (JSON text) or None.
@@ -384,14 +408,16 @@ def run_shards(
         log.info(f"{stage}: resuming: {stats.skipped} shards already in the store, {stats.recovered} loaded from "
                  f"finished parts, {len(todo)} to compute")
 
+    source = parts if inputs is None else inputs
+
     def prepare(shard: Shard) -> None:  # the input part, just before its shard is submitted
         if export_input is not None:
-            url = parts.input(shard)
-            if parts.rows(url) != shard.docs:
+            url = source.input(shard)
+            if source.rows(url) != shard.docs:
                 export_input(shard, url)
 
-    for result in execute_shards(shard_task, todo, parts, task_kwargs, prepare):
-        _load(con, stage, key, parts, load, result, "computed", rows_per_doc)
+    for result in execute_shards(shard_task, todo, parts, task_kwargs, prepare, inputs=source):
+        _load(con, stage, key, parts, load, result, "computed", rows_per_doc, drop_input=inputs is None)
         stats.computed += 1
         stats.docs_computed += result.shard.docs
         _progress(progress, result.shard.docs)
@@ -404,7 +430,7 @@ def _progress(progress: Any, n: int) -> None:
 
 
 def _load(con: Any, stage: str, key: str, parts: Parts, load: Callable[[Any, ShardResult], str | None],
-          result: ShardResult, source: str, rows_per_doc: int) -> None:
+          result: ShardResult, source: str, rows_per_doc: int, drop_input: bool = True) -> None:
     rows = parts.rows(result.path)
     if rows != result.shard.docs * rows_per_doc:
         raise RuntimeError(f"{stage} part {result.path} holds {rows} rows for shard {result.shard.name} "
@@ -412,19 +438,23 @@ def _load(con: Any, stage: str, key: str, parts: Parts, load: Callable[[Any, Sha
     with transaction(con):
         info = load(con, result)
         record_shard(con, stage, key, result, source, info)
-    # its input is no longer needed; the output part stays until the stage completes (Parts.clean)
-    parts.delete(parts.input(result.shard))
+    # its own input is no longer needed (shared inputs stay for the other stages); the output part stays
+    # until the stage completes (Parts.clean)
+    if drop_input:
+        parts.delete(parts.input(result.shard))
 
 
 def execute_shards(shard_task: Any, todo: list[Shard], parts: Parts, kwargs: dict[str, Any],
-                   prepare: Callable[[Shard], None] = lambda shard: None) -> Iterator[ShardResult]:
+                   prepare: Callable[[Shard], None] = lambda shard: None,
+                   inputs: Parts | None = None) -> Iterator[ShardResult]:
     """Shard results as they finish: on the flow's task runner inside a flow run, else one by one here.
 
-    Each shard's input is prepared just before it is submitted, so workers start while later inputs
-    are still being exported. A single shard runs in this process: starting workers would cost more
-    than it saves.
+    Each shard's input (in `inputs`, default `parts`) is prepared just before it is submitted, so
+    workers start while later inputs are still being exported. A single shard runs in this process:
+    starting workers would cost more than it saves.
     """
-    args = [(s, parts.input(s), parts.output(s)) for s in todo]
+    source = parts if inputs is None else inputs
+    args = [(s, source.input(s), parts.output(s)) for s in todo]
     kwargs = {**kwargs, "parts": parts}
     if len(args) > 1 and _in_flow_run():
         from prefect.futures import as_completed

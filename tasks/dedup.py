@@ -49,7 +49,8 @@ from scipy.sparse.csgraph import connected_components
 from quadflow.log import Progress, get_logger
 from quadflow.settings import DedupSettings, RunSettings
 from quadflow.objectstore import ObjectStoreSettings
-from quadflow.shards import Parts, Shard, ShardResult, plan_shards, run_shards, stage_parts, worker_name
+from quadflow.shards import (Parts, Shard, ShardResult, export_texts, plan_shards, run_shards, stage_parts,
+                             text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 from quadflow.tasks.featurize import batch_bounds, role_counts
@@ -357,14 +358,6 @@ def dedup_shard(shard: Shard, input_path: str, output_path: str, settings: Dedup
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
 
 
-def _export_texts(con: Any, docs_key: str, parts: Parts):
-    def export(shard: Shard, url: str) -> None:
-        reader = query_sql(con, "dedup_texts_range", {"key": docs_key, "lo": shard.lo, "hi": shard.hi}
-                           ).fetch_record_batch(10_000)
-        parts.write_parquet(url, reader, schema=reader.schema)
-    return export
-
-
 def _load_keys(key: str, parts: Parts):
     def load(con: Any, result: ShardResult) -> None:
         s = result.shard
@@ -414,9 +407,10 @@ def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings =
             parts = stage_parts(run, docs.store.path, "dedup", key, objectstore)
             parts.check()
             progress = Progress("dedup", n_pool)
+            texts = text_parts(run, docs.store.path, docs.key, objectstore)
             stats = run_shards(con, "dedup", key, plan_shards({"pool": n_pool}, run.shard_docs), parts,
-                               _export_texts(con, docs.key, parts), dedup_shard, {"settings": settings, "seed": seed},
-                               _load_keys(key, parts), progress)
+                               export_texts(con, docs.key, texts), dedup_shard, {"settings": settings, "seed": seed},
+                               _load_keys(key, parts), progress, inputs=texts)
             progress.close()
             log.info(f"dedup: {stats.summary()}")
             edges = query_sql(con, "dedup_candidates", {"key": key}).fetchnumpy()

@@ -35,7 +35,8 @@ from threadpoolctl import threadpool_limits
 from quadflow.log import Progress, get_logger
 from quadflow.settings import FeaturizeSettings, RunSettings
 from quadflow.objectstore import ObjectStoreSettings
-from quadflow.shards import Parts, Shard, ShardResult, plan_shards, run_shards, stage_parts, worker_name
+from quadflow.shards import (Parts, Shard, ShardResult, export_texts, plan_shards, run_shards, stage_parts,
+                             text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 
@@ -474,14 +475,6 @@ def _load_part(key: str, parts: Parts):
     return load
 
 
-def _export_texts(con: Any, docs_key: str, parts: Parts):
-    def export(shard: Shard, url: str) -> None:
-        reader = query_sql(con, "featurize_texts_range", {"key": docs_key, "role": shard.role, "lo": shard.lo,
-                                                          "hi": shard.hi}).fetch_record_batch(10_000)
-        parts.write_parquet(url, reader, schema=reader.schema)
-    return export
-
-
 @stage_task("featurize", cache_policy=SHARDED_CACHE_POLICY)
 def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSettings = RunSettings(),
               objectstore: ObjectStoreSettings | None = None) -> StageRef:
@@ -503,8 +496,10 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
         lsa = _fitted_lsa(con, settings, docs.key, counts["pool"], seed, parts, lsa_path)
         shards = plan_shards(counts, run.shard_docs)
         progress = Progress("featurize", sum(counts.values()))
-        stats = run_shards(con, "featurize", key, shards, parts, _export_texts(con, docs.key, parts), featurize_shard,
-                           {"settings": settings, "lsa_path": lsa_path}, _load_part(key, parts), progress)
+        texts = text_parts(run, docs.store.path, docs.key, objectstore)
+        stats = run_shards(con, "featurize", key, shards, parts, export_texts(con, docs.key, texts), featurize_shard,
+                           {"settings": settings, "lsa_path": lsa_path}, _load_part(key, parts), progress,
+                           inputs=texts)
         progress.close()
         log.info(f"featurize: {stats.summary()}")
         with transaction(con):

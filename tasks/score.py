@@ -16,7 +16,8 @@ scorers), `score_pool` (the whole pool in memory: the same numbers, for tests an
 `influence_sample`.
 Task: `score` fits the pool-wide scorers on statistics read from the store (exact n-gram totals,
 the target's n-grams, a seeded sample of pool rows), then scores shard by shard (quadflow.shards:
-`score_shard` tasks on the flow's task runner, each reading a Parquet part of texts and n-grams),
+`score_shard` tasks on the flow's task runner, each reading a Parquet part of texts and hashing their
+n-grams as featurize did),
 loads each shard's rows as it finishes, and computes the combined score from percentile ranks
 taken in the store; score_info gets each scorer's params (per-shard counts merged).
 `load_scores` reads one scorer's scores back; `ensure_influence_state` fits the influence
@@ -45,11 +46,11 @@ from quadflow import settings as qsettings
 from quadflow.log import Progress, get_logger
 from quadflow.objectstore import ObjectStoreSettings
 from quadflow.settings import ConfigError, InfluenceSettings, RunSettings, ScoreSettings
-from quadflow.shards import (Parts, Shard, ShardResult, plan_shards, run_shards, shard_infos, stage_parts,
-                             worker_name)
+from quadflow.shards import (Parts, Shard, ShardResult, export_texts, plan_shards, run_shards, shard_infos,
+                             stage_parts, text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
-from quadflow.tasks.featurize import _list_column, load_ngrams, role_counts
+from quadflow.tasks.featurize import _list_column, hashed_ngrams, load_ngrams, role_counts
 from quadflow.tasks.scorers import FitInput, ScoreInput, Scorer, get_scorer
 from quadflow.tasks.scorers.combine import combine, combine_ranks, combined_version, resolve_weights
 from quadflow.tasks.scorers.combine import VERSION as COMBINE_VERSION
@@ -299,6 +300,36 @@ def pool_tokens(con: Any, docs_key: str, n_pool: int) -> np.ndarray:
     return np.asarray(cols["n_tokens"], dtype=np.int64)
 
 
+def featurize_max_chars(con: Any, features_key: str) -> int:
+    """The max_chars featurize counted n-grams with (its stored counts cover only that prefix of a text)."""
+    info = query_sql(con, "featurize_info_load", {"key": features_key}).fetchone()
+    if info is None:
+        raise ValueError(f"no featurize_info row for key {features_key!r}: was featurize run?")
+    return int(info[2])
+
+
+NGRAM_CHECK_DOCS = 64  # pool documents whose stored n-grams are compared with their texts' before scoring
+
+
+def check_ngram_hashing(con: Any, docs_key: str, features_key: str, n_pool: int, n_buckets: int,
+                        max_chars: int, n_check: int = NGRAM_CHECK_DOCS) -> None:
+    """Fail unless the n-grams featurize stored for a spread of pool documents are their texts' hashed n-grams.
+
+    Score shards hash their documents' n-grams from the texts themselves, while the scorers were
+    fitted on what featurize stored: the two must be the same counts. They are whenever one version
+    of quadflow wrote both; a featurize partition written by another hashing would mix spaces silently.
+    """
+    idx = np.unique(np.linspace(0, n_pool - 1, min(n_check, n_pool)).round().astype(np.int64))
+    texts = read_texts_at(con, docs_key, "pool", idx, 2**31 - 1)  # whole, as the shard tasks read them
+    got = hashed_ngrams(texts, n_buckets, max_chars)
+    stored = read_pool_rows(con, features_key, idx, n_buckets)
+    bad = np.flatnonzero(np.asarray(abs(got - stored).sum(axis=1)).ravel() > 0)
+    if bad.size:
+        raise ValueError(f"featurize partition {features_key!r}: the stored n-gram counts of pool document "
+                         f"{int(idx[bad[0]])} are not its text's hashed n-grams ({bad.size} of {idx.size} checked "
+                         f"differ); the partition was written by another version: featurize again")
+
+
 def pool_ngram_totals(con: Any, features_key: str) -> tuple[int, np.ndarray]:
     """(n_buckets, (n_buckets,) float64 exact totals of the pool's hashed n-gram counts), summed in the store."""
     info = query_sql(con, "featurize_info_load", {"key": features_key}).fetchone()
@@ -325,11 +356,19 @@ def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int)
     return rows[np.argsort(np.argsort(idx))] if not np.all(np.diff(idx) >= 0) else rows
 
 
-def score_part(table: pa.Table, scorers: list[Scorer], n_buckets: int) -> tuple[pl.DataFrame, dict[str, dict]]:
-    """Score one shard (doc_idx, text, buckets, counts) with fitted scorers: rows for score_docs, params per scorer."""
+def score_part(table: pa.Table, scorers: list[Scorer], n_buckets: int, max_chars: int
+               ) -> tuple[pl.DataFrame, dict[str, dict]]:
+    """Score one shard (doc_idx, text) with fitted scorers: rows for score_docs, params per scorer.
+
+    The documents' hashed n-gram counts are computed here from their texts, with the featurize
+    stage's space (n_buckets) and max_chars: the same counts, bit for bit, that featurize stored
+    (`hashed_ngram_spaces` counts each space alone), so the flow's process exports only texts.
+    """
     doc_idx = table.column("doc_idx").to_numpy()
-    data = ScoreInput(n_docs=table.num_rows, texts=pl.from_arrow(table.column("text")).alias("text"),
-                      ngrams=_csr(table, n_buckets))
+    texts = pl.from_arrow(table.column("text")).alias("text")
+    needs = set().union(*(s.needs for s in scorers))
+    ngrams = hashed_ngrams(texts, n_buckets, max_chars) if needs & {"ngrams", "target_ngrams"} else None
+    data = ScoreInput(n_docs=table.num_rows, texts=texts, ngrams=ngrams)
     frames, params = [], {}
     for scorer in scorers:
         result = scorer.run_apply(data)
@@ -345,15 +384,16 @@ def score_part(table: pa.Table, scorers: list[Scorer], n_buckets: int) -> tuple[
 
 @task(name="score-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
 def score_shard(shard: Shard, input_path: str, output_path: str, scorers_path: str, n_buckets: int,
-                parts: Parts) -> ShardResult:
-    """Score one shard: its input part -> its output part (score_docs rows; per-scorer params in the metadata)."""
+                max_chars: int, parts: Parts) -> ShardResult:
+    """Score one shard: its input part (doc_idx, text) -> its output part (score_docs rows; per-scorer params in
+    the metadata)."""
     start = time.perf_counter()
     with open(parts.local(scorers_path), "rb") as fh:
         scorers = pickle.load(fh)
-    table = parts.read_table(input_path)
+    table = parts.read_table(input_path, columns=["doc_idx", "text"])
     if not np.array_equal(table.column("doc_idx").to_numpy(), np.arange(shard.lo, shard.hi)):
         raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
-    frame, params = score_part(table, scorers, n_buckets)
+    frame, params = score_part(table, scorers, n_buckets, max_chars)
     out = frame.to_arrow()
     out = out.replace_schema_metadata({PARAMS_META: json.dumps(params, default=_json_default)})
     rows = parts.write_parquet(output_path, [out])
@@ -382,17 +422,15 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
     for scorer in scorers:
         scorer.fit(fit)
     n_buckets = int(fit.pool_totals.size) if fit.pool_totals is not None else 1
+    max_chars = featurize_max_chars(con, features.key)
+    if set().union(*(s.needs for s in scorers)) & {"ngrams", "target_ngrams"}:
+        check_ngram_hashing(con, docs.key, features.key, n_pool, n_buckets, max_chars)
     log.info(f"score: fitted {', '.join(wide)} in {time.perf_counter() - start:.1f}s")
     parts = stage_parts(run, docs.store.path, "score", key, objectstore)
     parts.check()
     scorers_path = parts.url("scorers.pkl")
     parts.save(scorers_path, lambda path: _save_scorers(scorers, path))
     params: dict[str, list[dict]] = {s.name: [] for s in scorers}
-
-    def export(shard: Shard, url: str) -> None:
-        reader = query_sql(con, "score_inputs_range", {"docs_key": docs.key, "features_key": features.key,
-                                                       "lo": shard.lo, "hi": shard.hi}).fetch_record_batch(10_000)
-        parts.write_parquet(url, reader, schema=reader.schema)
 
     def load(con: Any, result: ShardResult) -> None:
         s = result.shard
@@ -402,9 +440,11 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
         return (table.schema.metadata or {}).get(PARAMS_META.encode(), b"{}").decode()
 
     progress = Progress("score", n_pool)
-    stats = run_shards(con, "score", key, plan_shards({"pool": n_pool}, run.shard_docs), parts, export,
-                       score_shard, {"scorers_path": scorers_path, "n_buckets": n_buckets}, load, progress,
-                       rows_per_doc=len(scorers))
+    texts = text_parts(run, docs.store.path, docs.key, objectstore)  # the shard tasks hash their n-grams
+    stats = run_shards(con, "score", key, plan_shards({"pool": n_pool}, run.shard_docs), parts,
+                       export_texts(con, docs.key, texts), score_shard,
+                       {"scorers_path": scorers_path, "n_buckets": n_buckets, "max_chars": max_chars},
+                       load, progress, rows_per_doc=len(scorers), inputs=texts)
     progress.close()
     log.info(f"score: {stats.summary()}")
     for text in shard_infos(con, "score", key):  # every shard's params, including those of earlier runs

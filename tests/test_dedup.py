@@ -255,7 +255,9 @@ def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(t
         buckets = con.execute("select count(*) from dedup_buckets where key = ?", [ref.key]).fetchone()[0]
     assert info["dropped"] == str(len(planted)) and info["enabled"] == "true" and info["bands"] == "14"
     assert buckets == 150 and [(lo, hi) for lo, hi, _ in before] == [(0, 40), (40, 80), (80, 120), (120, 150)]
-    assert not any(Path(f"{docs.store.path}.parts").glob("*/*"))  # parts removed once the partition is complete
+    # the stage's parts removed once the partition is complete; the shard texts stay for featurize and score
+    assert not any(Path(f"{docs.store.path}.parts").glob("dedup-*/*"))
+    assert len(list(Path(f"{docs.store.path}.parts").glob("texts-ing/in-pool-*.parquet"))) == 4
 
     again = dd.dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=40))  # rerun: every shard is in the ledger
     with connect(docs.store, read_only=True) as con:

@@ -13,10 +13,11 @@ from sklearn.feature_extraction.text import HashingVectorizer
 
 from quadflow.settings import ConfigError, ScoreSettings
 from quadflow.store import StageRef, connect, open_store
-from quadflow.tasks.featurize import load_ngrams
+from quadflow.tasks.featurize import hashed_ngrams, load_ngrams
 from quadflow.tasks.score import load_scores, score
 
 N_BUCKETS = 256
+MAX_CHARS = 20_000
 
 PROSE = [
     "The committee met on Tuesday to discuss the budget for the new library. Members agreed that the "
@@ -38,9 +39,13 @@ def _pool(n: int) -> list[str]:
     return [PROSE[i % 2] + f" Note {i}." if i % 3 else JUNK[i % 4] + f" {i}" for i in range(n)]
 
 
-def _ngrams_table(texts: list[str], start: int = 0) -> pa.Table:
-    x = HashingVectorizer(n_features=N_BUCKETS, alternate_sign=False, ngram_range=(1, 2), norm=None)
-    m = x.transform(texts).tocsr()
+def _ngrams_table(texts: list[str], start: int = 0, foreign: bool = False) -> pa.Table:
+    """The n-gram rows featurize writes for `texts` (quadflow's hashing); foreign: another hashing's counts."""
+    if foreign:
+        x = HashingVectorizer(n_features=N_BUCKETS, alternate_sign=False, ngram_range=(1, 2), norm=None)
+        m = x.transform(texts).tocsr()
+    else:
+        m = hashed_ngrams(texts, N_BUCKETS, MAX_CHARS)
     m.sort_indices()
     offsets = pa.array(m.indptr.astype(np.int32))
     return pa.table({
@@ -50,8 +55,11 @@ def _ngrams_table(texts: list[str], start: int = 0) -> pa.Table:
     })
 
 
-def make_store(tmp_path, n_pool: int = 36, n_target: int = 8):
-    """A store holding the ingest and featurize tables the score stage reads, as the contract has them."""
+def make_store(tmp_path, n_pool: int = 36, n_target: int = 8, foreign_ngrams: bool = False):
+    """A store holding the ingest and featurize tables the score stage reads, as the contract has them.
+
+    foreign_ngrams: the stored n-grams are another hashing's (sklearn's HashingVectorizer), not the
+    hashing of the texts featurize does, as a partition written by another version would be."""
     store = open_store(tmp_path / "store.duckdb")
     pool, target = _pool(n_pool), [PROSE[i % 2] + f" Extra {i}." for i in range(n_target)]
     with duckdb.connect(store.path) as con:
@@ -66,11 +74,11 @@ def make_store(tmp_path, n_pool: int = 36, n_target: int = 8):
             con.register("docs", docs)
             con.execute("insert into ingest_docs select 'ing', ?, doc_idx, text, 10 from docs", [role])
             con.unregister("docs")
-            con.register("grams", _ngrams_table(texts))
+            con.register("grams", _ngrams_table(texts, foreign=foreign_ngrams))
             con.execute("insert into featurize_ngrams select 'feat', ?, doc_idx, buckets, counts from grams", [role])
             con.unregister("grams")
-        con.execute("create table featurize_info (key varchar, dsir_buckets integer, dim integer)")
-        con.execute("insert into featurize_info values ('feat', ?, 8)", [N_BUCKETS])
+        con.execute("create table featurize_info (key varchar, dsir_buckets integer, dim integer, max_chars integer)")
+        con.execute("insert into featurize_info values ('feat', ?, 8, ?)", [N_BUCKETS, MAX_CHARS])
     docs_ref = StageRef("ingest", "ing", store, n_pool + n_target, "ing-fp")
     feats_ref = StageRef("featurize", "feat", store, n_pool + n_target, "feat-fp")
     return store, docs_ref, feats_ref
@@ -172,9 +180,22 @@ def test_load_scores_orders_by_doc_idx_and_names_missing_scorers(tmp_path):
 
 def test_reads_the_ngram_counts_featurize_wrote(tmp_path):
     store, docs, feats = make_store(tmp_path)
-    x = HashingVectorizer(n_features=N_BUCKETS, alternate_sign=False, ngram_range=(1, 2), norm=None)
-    expected = x.transform(_pool(36)).tocsr()
+    expected = hashed_ngrams(_pool(36), N_BUCKETS, MAX_CHARS)
     with connect(store, read_only=True) as con:
         got = load_ngrams(con, "feat", "pool")
         assert got.shape == (36, N_BUCKETS)
         assert abs(got - expected).max() == 0
+
+
+def test_refuses_stored_ngrams_that_are_not_the_texts_hashing(tmp_path):
+    """Score shards hash their texts' n-grams themselves; the scorers are fitted on what featurize stored.
+    A partition whose stored counts come from another hashing is refused before any shard runs."""
+    store, docs, feats = make_store(tmp_path, foreign_ngrams=True)
+    with pytest.raises(ValueError, match=r"featurize partition 'feat': the stored n-gram counts of pool document 0 "
+                                         r"are not its text's hashed n-grams .*featurize again"):
+        score.fn(ScoreSettings(scorers=["dsir"]), docs, feats, 0)
+    assert rows(store, "select count(*) from information_schema.tables where table_name = 'shard_done'") == [(0,)] \
+        or rows(store, "select count(*) from shard_done where stage = 'score'") == [(0,)]
+    # the web-text rules read no n-grams: nothing to check, the stage runs
+    ref = score.fn(ScoreSettings(scorers=["heuristic"]), docs, feats, 0)
+    assert ref.rows == 36 * 2

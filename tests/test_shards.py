@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from quadflow.settings import ConfigError, FeaturizeSettings, RunSettings, ScoreSettings
-from quadflow.shards import Shard, part_rows, plan_shards, write_parquet_atomic
+from quadflow.shards import Shard, part_rows, plan_shards, text_parts, write_parquet_atomic
 from quadflow.store import StageRef, connect, open_store
 from quadflow.tasks import featurize as featurize_mod
 from quadflow.tasks import score as score_mod
@@ -119,6 +120,27 @@ def test_results_do_not_depend_on_the_shard_size(tmp_path):
     assert not (tmp_path / "b" / "store.duckdb.parts" / f"featurize-{fb.key}").exists()  # parts cleaned
 
 
+def test_each_shards_texts_are_exported_once_for_every_stage_that_reads_them(tmp_path):
+    """dedup, featurize and score read the same shard texts: exported by the first stage, reused by the others."""
+    from quadflow.settings import DedupSettings
+    from quadflow.tasks.dedup import dedup
+
+    docs = make_docs(tmp_path)
+    run = RunSettings(shard_docs=10)
+    texts = Path(text_parts(run, docs.store.path, docs.key).root)
+    dedup.fn(DedupSettings(), docs, 0, run)
+    after_dedup = {p.name: p.stat().st_mtime_ns for p in texts.iterdir()}
+    assert sorted(after_dedup) == [f"in-pool-{lo:012d}-{min(lo + 10, 45):012d}.parquet" for lo in range(0, 45, 10)]
+    feats, scores = _run(docs, run)
+    after = {p.name: p.stat().st_mtime_ns for p in texts.iterdir()}
+    # featurize added the target's texts and rewrote none of the pool's; score exported nothing
+    assert {k: v for k, v in after.items() if k in after_dedup} == after_dedup
+    assert sorted(set(after) - set(after_dedup)) == [f"in-target-{0:012d}-{6:012d}.parquet"]
+    assert sorted(p.name for p in texts.parent.iterdir()) == [texts.name]  # the stages' own parts are gone
+    with connect(docs.store, read_only=True) as con:
+        assert con.execute("select count(*) from score_docs where key = ?", [scores.key]).fetchone()[0] == 45 * 4
+
+
 class _Crash(RuntimeError):
     pass
 
@@ -197,12 +219,16 @@ def test_parts_on_an_object_store_give_the_same_results_and_resume_from_finished
     monkeypatch.setattr(featurize_mod, "featurize_shard", flaky)
     with pytest.raises(_Crash):
         featurize.fn(FEAT, docs, 0, run, s3_settings)
-    left = [k.rsplit("/", 1)[-1] for k in _keys(s3_admin, s3_bucket, "parts/")]
-    # the fitted LSA, two loaded outputs, the crashed shard's finished output and its input: all whole objects
-    assert sorted(left) == sorted(["lsa.npz", "out-pool-000000000000-000000000010.parquet",
-                                   "out-pool-000000000010-000000000020.parquet",
-                                   "out-pool-000000000020-000000000030.parquet",
-                                   "in-pool-000000000020-000000000030.parquet"])
+    left = [k.removeprefix("parts/").split("-", 1)[0] + "/" + k.rsplit("/", 1)[-1]
+            for k in _keys(s3_admin, s3_bucket, "parts/")]
+    # the fitted LSA, two loaded outputs, the crashed shard's finished output, and the texts of the three
+    # shards that were submitted (kept for the other stages): all whole objects
+    assert sorted(left) == sorted(["featurize/lsa.npz", "featurize/out-pool-000000000000-000000000010.parquet",
+                                   "featurize/out-pool-000000000010-000000000020.parquet",
+                                   "featurize/out-pool-000000000020-000000000030.parquet",
+                                   "texts/in-pool-000000000000-000000000010.parquet",
+                                   "texts/in-pool-000000000010-000000000020.parquet",
+                                   "texts/in-pool-000000000020-000000000030.parquet"])
     counting = _Counting(flaky.task)
     monkeypatch.setattr(featurize_mod, "featurize_shard", counting)
     feats = featurize.fn(FEAT, docs, 0, run, s3_settings)
@@ -212,7 +238,11 @@ def test_parts_on_an_object_store_give_the_same_results_and_resume_from_finished
     with connect(docs.store, read_only=True) as con:
         sources = con.execute("select stage, source, count(*) from shard_done group by all order by all").fetchall()
     assert sources == [("featurize", "computed", 5), ("featurize", "recovered", 1), ("score", "computed", 5)]
-    assert _keys(s3_admin, s3_bucket, "parts/") == []  # cleaned once each stage was complete
+    # each stage's parts went once it was complete; the shared texts stay until the flow removes them
+    texts = text_parts(run, docs.store.path, docs.key, s3_settings)
+    assert {k.rsplit("/", 2)[-2] for k in _keys(s3_admin, s3_bucket, "parts/")} == {texts.root.rsplit("/", 1)[-1]}
+    texts.clean()
+    assert _keys(s3_admin, s3_bucket, "parts/") == []
     assert not (tmp_path / "s3" / "store.duckdb.parts").exists()
 
 
