@@ -78,6 +78,7 @@ from benchmarks.eval.transformer_lm import (  # noqa: E402
 from benchmarks.stages import PeakRSS  # noqa: E402
 from quadflow.metrics import cluster_coverage, entropy, kl_divergence, source_mix  # noqa: E402
 from quadflow.settings import InfluenceSettings, Settings, build_settings, influence_available  # noqa: E402
+from quadflow.shards import text_parts  # noqa: E402
 from quadflow.store import StageRef, StoreRef, connect, fingerprint, open_store, query_sql  # noqa: E402
 from quadflow.text import content_hash, count_tokens_expr  # noqa: E402
 
@@ -345,6 +346,7 @@ def run_pipeline(settings: Settings, state_path: Path, force: bool = False,
         clus = timed("cluster", cluster.fn, settings.cluster, feats, settings.seed, docs)
         semantic = timed("semdedup", semdedup.fn, settings.dedup, near, feats, clus)
         scores = timed("score", score.fn, settings.score, docs, feats, settings.seed)
+        text_parts(settings.run, docs.store.path, docs.key).clean()  # as the flow does once score has run
     finally:
         sampler.stop()
     refs = PipelineRefs(store, docs, feats, clus, scores, (near, semantic))

@@ -16,7 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from quadflow.settings import build_settings
+from quadflow.settings import RunSettings, build_settings
+from quadflow.shards import text_parts
 from quadflow.store import open_store
 
 
@@ -86,6 +87,7 @@ def main() -> None:
     feats = timed("featurize", featurize.fn, settings.featurize, docs, settings.seed)
     clus = timed("cluster", cluster.fn, settings.cluster, feats, settings.seed, docs)
     scores = timed("score", score.fn, settings.score, docs, feats, settings.seed)
+    text_parts(RunSettings(), docs.store.path, docs.key).clean()  # as the flow does once score has run
     for selector in args.selector or [settings.select.selector]:
         sel_settings = settings.select.model_copy(update={"selector": selector})
         run_settings = settings.model_copy(update={
