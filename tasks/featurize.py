@@ -350,6 +350,15 @@ def load_vectors(con: Any, key: str, role: str) -> np.ndarray:
     return np.ascontiguousarray(values.astype(np.float32, copy=False).reshape(n, dim))
 
 
+def featurize_space(con: Any, key: str) -> tuple[int, int]:
+    """(dsir_buckets, max_chars) of a featurize partition: the n-gram space its counts are in and the
+    prefix of each text they count, for readers that do not carry the featurize settings."""
+    info = query_sql(con, "featurize_info_load", {"key": key}).fetchone()
+    if info is None:
+        raise ValueError(f"no featurize_info row for key {key!r}: was featurize run?")
+    return int(info[0]), int(info[2])
+
+
 def load_ngrams(con: Any, key: str, role: str, n_buckets: int | None = None) -> sp.csr_matrix:
     """Float32 CSR (n, n_buckets) of DSIR-space counts, row i = doc_idx i.
 
@@ -357,10 +366,7 @@ def load_ngrams(con: Any, key: str, role: str, n_buckets: int | None = None) -> 
     readers need not carry the featurize settings.
     """
     if n_buckets is None:
-        info = query_sql(con, "featurize_info_load", {"key": key}).fetchone()
-        if info is None:
-            raise ValueError(f"no featurize_info row for key {key!r}: was featurize run?")
-        n_buckets = int(info[0])
+        n_buckets, _ = featurize_space(con, key)
     table = query_sql(con, "featurize_ngrams_load", {"key": key, "role": role}).fetch_arrow_table()
     _check_dense(table.column("doc_idx").to_numpy(), f"featurize_ngrams {key}/{role}")
     n = table.num_rows

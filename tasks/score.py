@@ -50,7 +50,7 @@ from quadflow.shards import (Parts, Shard, ShardResult, export_texts, plan_shard
                              stage_parts, text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
-from quadflow.tasks.featurize import _list_column, hashed_ngrams, load_ngrams, role_counts
+from quadflow.tasks.featurize import _list_column, featurize_space, hashed_ngrams, load_ngrams, role_counts
 from quadflow.tasks.scorers import FitInput, ScoreInput, Scorer, get_scorer
 from quadflow.tasks.scorers.combine import combine, combine_ranks, combined_version, resolve_weights
 from quadflow.tasks.scorers.combine import VERSION as COMBINE_VERSION
@@ -276,10 +276,15 @@ def _csr(table: pa.Table, n_buckets: int) -> sp.csr_matrix:
     return sp.csr_matrix((counts.astype(np.float32), buckets.astype(np.int32), indptr), shape=(table.num_rows, n_buckets))
 
 
+def needs_ngrams(scorers: list[Scorer]) -> bool:
+    """Whether any of the scorers reads hashed n-gram counts (the pool's or the target's)."""
+    return any(s.needs & {"ngrams", "target_ngrams"} for s in scorers)
+
+
 def _fit_input(con: Any, scorers: list[Scorer], docs_key: str, features_key: str, n_pool: int) -> FitInput:
     """Pool-wide statistics the scorers fit on, read from the store without loading the pool."""
     needs = set().union(*(s.needs for s in scorers))
-    if not needs & {"ngrams", "target_ngrams"}:
+    if not needs_ngrams(scorers):
         return FitInput(n_pool=n_pool)
     n_buckets, totals = pool_ngram_totals(con, features_key)
     empty = int(query_sql(con, "score_empty_docs", {"key": features_key}).fetchone()[0])
@@ -298,14 +303,6 @@ def pool_tokens(con: Any, docs_key: str, n_pool: int) -> np.ndarray:
     if not np.array_equal(np.asarray(cols["doc_idx"]), np.arange(n_pool)):
         raise ValueError(f"ingest_docs {docs_key}/pool does not hold doc_idx 0..{n_pool - 1} exactly once")
     return np.asarray(cols["n_tokens"], dtype=np.int64)
-
-
-def featurize_max_chars(con: Any, features_key: str) -> int:
-    """The max_chars featurize counted n-grams with (its stored counts cover only that prefix of a text)."""
-    info = query_sql(con, "featurize_info_load", {"key": features_key}).fetchone()
-    if info is None:
-        raise ValueError(f"no featurize_info row for key {features_key!r}: was featurize run?")
-    return int(info[2])
 
 
 NGRAM_CHECK_DOCS = 64  # pool documents whose stored n-grams are compared with their texts' before scoring
@@ -332,10 +329,7 @@ def check_ngram_hashing(con: Any, docs_key: str, features_key: str, n_pool: int,
 
 def pool_ngram_totals(con: Any, features_key: str) -> tuple[int, np.ndarray]:
     """(n_buckets, (n_buckets,) float64 exact totals of the pool's hashed n-gram counts), summed in the store."""
-    info = query_sql(con, "featurize_info_load", {"key": features_key}).fetchone()
-    if info is None:
-        raise ValueError(f"no featurize_info row for key {features_key!r}: was featurize run?")
-    n_buckets = int(info[0])
+    n_buckets, _ = featurize_space(con, features_key)
     totals = np.zeros(n_buckets, dtype=np.float64)
     cols = query_sql(con, "score_pool_totals", {"key": features_key}).fetchnumpy()
     totals[np.asarray(cols["bucket"], dtype=np.int64)] = np.asarray(cols["total"], dtype=np.float64)
@@ -366,8 +360,7 @@ def score_part(table: pa.Table, scorers: list[Scorer], n_buckets: int, max_chars
     """
     doc_idx = table.column("doc_idx").to_numpy()
     texts = pl.from_arrow(table.column("text")).alias("text")
-    needs = set().union(*(s.needs for s in scorers))
-    ngrams = hashed_ngrams(texts, n_buckets, max_chars) if needs & {"ngrams", "target_ngrams"} else None
+    ngrams = hashed_ngrams(texts, n_buckets, max_chars) if needs_ngrams(scorers) else None
     data = ScoreInput(n_docs=table.num_rows, texts=texts, ngrams=ngrams)
     frames, params = [], {}
     for scorer in scorers:
@@ -422,8 +415,8 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
     for scorer in scorers:
         scorer.fit(fit)
     n_buckets = int(fit.pool_totals.size) if fit.pool_totals is not None else 1
-    max_chars = featurize_max_chars(con, features.key)
-    if set().union(*(s.needs for s in scorers)) & {"ngrams", "target_ngrams"}:
+    _, max_chars = featurize_space(con, features.key)
+    if needs_ngrams(scorers):
         check_ngram_hashing(con, docs.key, features.key, n_pool, n_buckets, max_chars)
     log.info(f"score: fitted {', '.join(wide)} in {time.perf_counter() - start:.1f}s")
     parts = stage_parts(run, docs.store.path, "score", key, objectstore)
