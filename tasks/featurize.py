@@ -225,11 +225,13 @@ class LSA:
         svd = TruncatedSVD(n_components=rank, algorithm="randomized", random_state=self.random_state)
         # One BLAS thread: on 2 busy cores it used 40% less CPU (measured on the Debian pool), and
         # the result no longer depends on the machine's thread count.
-        with threadpool_limits(limits=1):
+        # A sample without variance (one document, or copies of one) has no explained share: sklearn divides
+        # 0 by 0 there; it is recorded as 0, not NaN.
+        with threadpool_limits(limits=1), np.errstate(invalid="ignore", divide="ignore"):
             svd.fit(tfidf)
         got = svd.components_.shape[0]
         self.components_[:got] = svd.components_
-        self.explained_variance_ratio_[:got] = svd.explained_variance_ratio_
+        self.explained_variance_ratio_[:got] = np.nan_to_num(svd.explained_variance_ratio_, nan=0.0)
         return self
 
     def transform(self, counts: sp.spmatrix) -> np.ndarray:

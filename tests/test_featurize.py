@@ -193,6 +193,20 @@ def test_lsa_pads_dims_beyond_the_rank_with_zeros():
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("texts", [["one lonely document"], ["the same words"] * 5])
+def test_lsa_on_a_sample_without_variance_records_no_explained_share_and_no_nan(texts):
+    """One document, or copies of one: nothing varies, so the explained share is 0 (sklearn would say NaN)."""
+    import warnings
+
+    counts = hashed_ngrams(texts, 1024, 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from the 0 / 0 either
+        lsa = LSA(dim=4, sample=100, random_state=0).fit(counts)
+    assert np.array_equal(lsa.explained_variance_ratio_, np.zeros(4))
+    v = lsa.transform(counts)
+    assert np.isfinite(v).all() and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
 def test_lsa_rejects_a_different_feature_space():
     lsa = LSA(dim=2, sample=10, random_state=0).fit(hashed_ngrams(["a b", "c d", "e"], 1024, 100))
     with pytest.raises(ValueError, match="2048"):
