@@ -304,7 +304,7 @@ def text_parts(run: RunSettings, store_path: str, docs_key: str,
 def export_texts(con: Any, docs_key: str, texts: Parts) -> Callable[[Shard, str], None]:
     """run_shards' export_input for text parts: the shard's (doc_idx, text) rows, in doc_idx order."""
     def export(shard: Shard, url: str) -> None:
-        reader = query_sql(con, "featurize_texts_range", {"key": docs_key, "role": shard.role, "lo": shard.lo,
+        reader = query_sql(con, "shard_texts_range", {"key": docs_key, "role": shard.role, "lo": shard.lo,
                                                           "hi": shard.hi}).fetch_record_batch(10_000)
         texts.write_parquet(url, reader, schema=reader.schema)
     return export

@@ -1,4 +1,5 @@
--- Texts of one shard (doc_idx range) of one role of an ingest partition, exported as a shard's input part.
+-- Texts of one shard (doc_idx range) of one role of an ingest partition: the shared input part dedup,
+-- featurize and score read (quadflow.shards.export_texts).
 -- Grain: one row per document, lo <= doc_idx < hi, in doc_idx order.
 select doc_idx, text
 from ingest_docs
