@@ -414,8 +414,7 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
     fit = _fit_input(con, scorers, docs.key, features.key, n_pool)
     for scorer in scorers:
         scorer.fit(fit)
-    n_buckets = int(fit.pool_totals.size) if fit.pool_totals is not None else 1
-    _, max_chars = featurize_space(con, features.key)
+    n_buckets, max_chars = featurize_space(con, features.key)  # the space the fit's n-gram totals are in
     if needs_ngrams(scorers):
         check_ngram_hashing(con, docs.key, features.key, n_pool, n_buckets, max_chars)
     log.info(f"score: fitted {', '.join(wide)} in {time.perf_counter() - start:.1f}s")
