@@ -90,7 +90,9 @@ def stage_profile(pool: Path, size: int, out: Path, shard_docs: int) -> dict:
         raise SystemExit(f"stages.py failed at {size:,} docs:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
     rows = json.loads(result.read_text())
-    store_mb = sum(f.stat().st_size for f in work.glob("quadflow.duckdb")) / 2**20
+    # the DuckDB file and the parts its views read (<store>.data)
+    store_mb = sum(f.stat().st_size for f in [work / "quadflow.duckdb", *work.glob("quadflow.duckdb.data/**/*")]
+                   if f.is_file()) / 2**20
     return {"docs": size, "wall_s": round(wall, 1), "peak_rss_mb": round(peak), "store_mb": round(store_mb),
             "stages": [r for r in rows if "seconds" in r]}
 

@@ -5,7 +5,9 @@ The per-document stages (dedup, featurize, score) cut the pool into shards of at
 that writes the DuckDB store) exports the shard's inputs from the store to a Parquet part,
 submits one shard task to the flow's task runner (threads, local processes, a Dask or a Ray
 cluster), and, as each shard task finishes, loads its output part into the stage's tables and
-records the shard in `shard_done`, both in one transaction. A shard task reads only parts and
+records the shard in `shard_done`, both in one transaction. A stage may instead keep the part as
+it is (`keep_part`: moved into `<store>.data/<stage>/key=K/role=R/`, downloaded from an object
+store) and read it in place through views over the recorded parts (`kept_parts`); featurize does. A shard task reads only parts and
 writes only its own output part, so it can run on any machine that reaches the parts: a local
 or shared directory, or an s3:// prefix (`run.parts`), where workers need no shared file system.
 
@@ -28,11 +30,14 @@ Layout of the parts (under `run.parts`, default `<store>.parts/`):
                                                   without `inputs`; deleted once the shard is loaded)
     <stage>-<key>/out-<role>-<lo>-<hi>.parquet    outputs written by shard tasks
     <stage>-<key>/...                             fitted state the shard tasks load (e.g. lsa.npz)
+and of the kept parts (always local, beside the store, part of it: move or delete them with it):
+    <store>.data/<stage>/key=<key>/role=<role>/<lo>-<hi>.parquet
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import multiprocessing.util
 import os
@@ -308,6 +313,82 @@ def export_texts(con: Any, docs_key: str, texts: Parts) -> Callable[[Shard, str]
                                                           "hi": shard.hi}).fetch_record_batch(10_000)
         texts.write_parquet(url, reader, schema=reader.schema)
     return export
+
+
+# ---------------------------------------------------------------------------------------------
+# Output parts kept as the store's data (read in place through views, not loaded)
+# ---------------------------------------------------------------------------------------------
+
+
+def data_root(store_path: str) -> Path:
+    """Where a store keeps the Parquet parts its views read: `<store>.data/`, beside the DuckDB file."""
+    return Path(f"{store_path}.data")
+
+
+def data_part(store_path: str, stage: str, key: str, shard: Shard) -> Path:
+    """The kept output part of one shard, hive-partitioned by key and role so a view's filters skip whole files."""
+    return data_root(store_path) / stage / f"key={key}" / f"role={shard.role}" / f"{shard.lo:012d}-{shard.hi:012d}.parquet"
+
+
+def keep_part(parts: Parts, url: str, dest: Path) -> None:
+    """Move a finished output part to `dest` in the store's data directory, whole or not at all.
+
+    A local part is renamed (copied when `run.parts` is on another file system); a part on an object
+    store is downloaded, since DuckDB reads the data directory in place and cannot reach s3:// here.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not parts.remote:
+        try:
+            os.replace(url, dest)
+            return
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+    try:
+        if parts.remote:
+            parts._download(url, tmp)
+        else:
+            shutil.copyfile(url, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    parts.delete(url)
+
+
+def kept_parts(con: Any, stage: str, store_path: str) -> list[str]:
+    """The kept parts of every recorded shard of `stage` (all partitions), in (key, role, lo) order.
+
+    Only what the ledger records: a part moved in by a run killed before it recorded the shard, or
+    one left by a plan with other shard bounds, is not read.
+    """
+    run_sql(con, "shards_create")
+    rows = query_sql(con, "shards_stage", {"stage": stage}).fetchall()
+    paths = [data_part(store_path, stage, key, Shard(role, int(lo), int(hi))) for key, role, lo, hi in rows]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {stage} stage's recorded parts are missing from "
+                                f"{data_root(store_path)}, e.g. {missing[0]}: the store's data directory was moved "
+                                f"or deleted apart from the store; move it back, or delete the store to recompute")
+    return [str(p) for p in paths]
+
+
+def forget_unusable_shards(con: Any, stage: str, key: str, shards: list[Shard], store_path: str) -> int:
+    """Drop the ledger rows (and kept parts) of a stage partition's shards that this run cannot use, so they
+    are computed again: shards outside `shards` (an earlier run cut the partition with another
+    `run.shard_docs`; their rows would be read twice) and shards whose kept part is missing.
+    Returns how many were dropped."""
+    plan = {(s.role, s.lo, s.hi) for s in shards}
+    stale = [Shard(*s) for s in sorted(done_shards(con, stage, key))
+             if s not in plan or not data_part(store_path, stage, key, Shard(*s)).is_file()]
+    for shard in stale:
+        with transaction(con):
+            run_sql(con, "shards_forget", {"stage": stage, "key": key, "role": shard.role, "lo": shard.lo,
+                                           "hi": shard.hi})
+        data_part(store_path, stage, key, shard).unlink(missing_ok=True)
+    return len(stale)
 
 
 def worker_name() -> str:

@@ -210,6 +210,21 @@ def insert_frame(con: duckdb.DuckDBPyConnection, name: str, frame: Any, params: 
         con.unregister("batch")
 
 
+def create_views(con: duckdb.DuckDBPyConnection, name: str, files: list[str]) -> None:
+    """Run sql/<name>.sql: `create or replace view` statements over the Parquet files `files`.
+
+    A view cannot hold a bound parameter, so `$files` is written into the statement as a list literal of
+    quoted strings (quotes doubled: the paths are data, never SQL); no other parameter is allowed.
+    """
+    if not files:
+        raise ValueError(f"sql/{name}.sql: no files to create views over")
+    literal = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+    for stmt in _split_statements(load_sql(name)):
+        if re.search(r"\$(?!files\b)[a-z_]", stmt):
+            raise ValueError(f"sql/{name}.sql: a view takes only $files, got {stmt!r}")
+        con.execute(stmt.replace("$files", literal))
+
+
 @contextmanager
 def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
     """All of a stage's writes in one transaction: a failure leaves the previous partition intact."""

@@ -1,18 +1,6 @@
--- Create the featurize tables: LSA vectors, DSIR-space n-gram counts, one info row per partition.
--- Grain: featurize_vectors/featurize_ngrams one row per (key, role, doc_idx); featurize_info one row per key.
-create table if not exists featurize_vectors (
-    key varchar not null,
-    role varchar not null,
-    doc_idx bigint not null,
-    vec float[] not null  -- length dim: a list, not float[dim], so partitions of any dim share the table
-);
-create table if not exists featurize_ngrams (
-    key varchar not null,
-    role varchar not null,
-    doc_idx bigint not null,
-    buckets usmallint[] not null,
-    counts usmallint[] not null
-);
+-- Create the featurize info table, and featurize_vectors / featurize_ngrams empty until a partition has parts
+-- (then they are views over the parts: featurize_views).
+-- Grain: featurize_info one row per key; the views one row per (key, role, doc_idx).
 create table if not exists featurize_info (
     key varchar not null,
     version varchar not null,
@@ -25,3 +13,10 @@ create table if not exists featurize_info (
     pool_docs bigint not null,
     target_docs bigint not null
 );
+create view if not exists featurize_vectors as
+select null::varchar as key, null::varchar as role, null::bigint as doc_idx, null::float[] as vec
+where false;
+create view if not exists featurize_ngrams as
+select null::varchar as key, null::varchar as role, null::bigint as doc_idx, null::usmallint[] as buckets,
+       null::usmallint[] as counts
+where false;

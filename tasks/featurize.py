@@ -35,12 +35,13 @@ from threadpoolctl import threadpool_limits
 from quadflow.log import Progress, get_logger
 from quadflow.settings import FeaturizeSettings, RunSettings
 from quadflow.objectstore import ObjectStoreSettings
-from quadflow.shards import (Parts, Shard, ShardResult, export_texts, plan_shards, run_shards, stage_parts,
+from quadflow.shards import (Parts, Shard, ShardResult, data_part, export_texts, forget_unusable_shards, keep_part,
+                             kept_parts, plan_shards, run_shards, stage_parts,
                              text_parts, worker_name)
-from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
+from quadflow.store import StageRef, connect, create_views, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 
-VERSION = f"featurize-2/polars-{pl.__version__}/sklearn-{sklearn.__version__}"
+VERSION = f"featurize-3/polars-{pl.__version__}/sklearn-{sklearn.__version__}"
 
 # Fixed seeds of the n-gram hash: the feature space must not move with the run's seed,
 # or pool and target counts from different runs would not be comparable.
@@ -470,17 +471,32 @@ def featurize_shard(shard: Shard, input_path: str, output_path: str, settings: F
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
 
 
-def _load_part(key: str, parts: Parts):
+def _keep_part(key: str, parts: Parts, store_path: str):
+    """run_shards' load: the shard's output part becomes the partition's data as it is (moved, not loaded)."""
     def load(con: Any, result: ShardResult) -> str | None:
-        s = result.shard
-        params = {"key": key, "role": s.role, "lo": s.lo, "hi": s.hi}
-        run_sql(con, "featurize_delete_range", params)
-        table = parts.read_table(result.path)
-        params = {"key": key, "role": s.role}
-        insert_frame(con, "featurize_vectors_insert", table.select(["doc_idx", "vec"]), params)
-        insert_frame(con, "featurize_ngrams_insert", table.select(["doc_idx", "buckets", "counts"]), params)
+        keep_part(parts, result.path, data_part(store_path, "featurize", key, result.shard))
         return None
     return load
+
+
+def _drop_legacy_tables(con: Any) -> None:
+    """Drop the featurize tables of a store written by an older version (rows loaded into the store), and forget
+    their partitions, so the views over parts can take the names; their keys are never read again."""
+    legacy = [table for (table,) in query_sql(con, "featurize_legacy_tables").fetchall()]
+    if not legacy:
+        return
+    run_sql(con, "shards_create")
+    with transaction(con):
+        for table in legacy:
+            con.execute(f"drop table {table}")  # a name from the fixed list in that query, not user input
+        run_sql(con, "featurize_create")
+        run_sql(con, "featurize_forget_legacy")
+    get_logger().info(f"featurize: dropped {', '.join(legacy)} of an older quadflow version (recomputed as parts)")
+
+
+def refresh_views(con: Any, store_path: str) -> None:
+    """Point featurize_vectors and featurize_ngrams at every recorded featurize part (in the caller's transaction)."""
+    create_views(con, "featurize_views", kept_parts(con, "featurize", store_path))
 
 
 @stage_task("featurize", cache_policy=SHARDED_CACHE_POLICY)
@@ -489,11 +505,13 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
     """Write LSA vectors and DSIR-space n-gram counts for the pool and target of an ingest partition.
 
     Shard by shard (quadflow.shards): the LSA is fitted here on a seeded sample, each shard is
-    featurized by a shard task on the flow's task runner, and its rows are loaded as it finishes.
+    featurized by a shard task on the flow's task runner, and its output part is kept as it is in
+    `<store>.data/featurize/`, which the views featurize_vectors and featurize_ngrams read in place.
     """
     key = stage_key("featurize", VERSION, settings, docs, seed)
     log = get_logger()
     with connect(docs.store) as con:
+        _drop_legacy_tables(con)
         run_sql(con, "featurize_create")
         counts = role_counts(con, docs.key)
         if counts["pool"] == 0:
@@ -503,14 +521,17 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
         lsa_path = parts.url("lsa.npz")
         lsa = _fitted_lsa(con, settings, docs.key, counts["pool"], seed, parts, lsa_path)
         shards = plan_shards(counts, run.shard_docs)
+        if dropped := forget_unusable_shards(con, "featurize", key, shards, docs.store.path):
+            log.info(f"featurize: {dropped} recorded shards are recomputed (another run.shard_docs, or the part is missing)")
         progress = Progress("featurize", sum(counts.values()))
         texts = text_parts(run, docs.store.path, docs.key, objectstore)
         stats = run_shards(con, "featurize", key, shards, parts, export_texts(con, docs.key, texts), featurize_shard,
-                           {"settings": settings, "lsa_path": lsa_path}, _load_part(key, parts), progress,
-                           inputs=texts)
+                           {"settings": settings, "lsa_path": lsa_path}, _keep_part(key, parts, docs.store.path),
+                           progress, inputs=texts)
         progress.close()
         log.info(f"featurize: {stats.summary()}")
         with transaction(con):
+            refresh_views(con, docs.store.path)
             run_sql(con, "featurize_info_delete", {"key": key})
             run_sql(
                 con,

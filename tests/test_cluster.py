@@ -333,13 +333,18 @@ def test_neighbor_graph_with_few_clusters():
 # --- task ---------------------------------------------------------------------------------
 
 
+def _insert_vectors(con, key, idx, x):
+    """Pool vectors as the featurize stage's view shows them (key, role, doc_idx, vec float[])."""
+    con.execute("create table if not exists featurize_vectors (key varchar, role varchar, doc_idx bigint, vec float[])")
+    con.register("batch", vectors_batch(idx, x))
+    con.execute("insert into featurize_vectors select ?, 'pool', doc_idx, vec::float[] from batch", [key])
+    con.unregister("batch")
+
+
 def make_features(tmp_path, x, key="features-key"):
     store = open_store(tmp_path / "store.duckdb")
     with connect(store) as con:
-        run_sql(con, "featurize_create")
-        con.register("batch", vectors_batch(np.arange(len(x)), x))
-        run_sql(con, "featurize_vectors_insert", {"key": key, "role": "pool"})
-        con.unregister("batch")
+        _insert_vectors(con, key, np.arange(len(x)), x)
     return StageRef("featurize", key, store, len(x), "fp")
 
 
@@ -447,11 +452,8 @@ def test_task_rejects_pools_it_cannot_stream(tmp_path):
     store = open_store(tmp_path / "store.duckdb")
     x = unit(np.random.default_rng(0).standard_normal((6, 4)))
     with connect(store) as con:
-        run_sql(con, "featurize_create")
         for key, idx, vecs in [("gap", [0, 1, 3], x[:3]), ("widths", [0, 1, 2], x[:3]), ("widths", [3], x[3:4, :3])]:
-            con.register("batch", vectors_batch(np.array(idx), vecs))
-            run_sql(con, "featurize_vectors_insert", {"key": key, "role": "pool"})
-            con.unregister("batch")
+            _insert_vectors(con, key, np.array(idx), vecs)
     with pytest.raises(ValueError, match=r"not dense 0..2 \(runs 0..3\)"):
         cluster.fn(ClusterSettings(k=2, balance="docs"), StageRef("featurize", "gap", store, 3, "fp"), 0)
     with pytest.raises(ValueError, match="to [34] dims, expected 4"):

@@ -86,9 +86,13 @@ def _selected(name: str, env) -> list[str]:
 
 
 def _kill_when(proc: subprocess.Popen, parts: Path, stage: str, n: int, log: Path, timeout: float = 300) -> None:
-    """SIGKILL the whole run (flow, Prefect workers) once `n` output parts of `stage` exist: mid-stage."""
+    """SIGKILL the whole run (flow, Prefect workers) once `n` output parts of `stage` exist: mid-stage.
+
+    Output parts wait under `parts` until the stage completes, or (featurize) move into the store's data
+    directory as each shard is recorded; both count."""
     deadline = time.monotonic() + timeout
-    while len(list(parts.glob(f"{stage}-*/out-*.parquet"))) < n:
+    data = parts.with_name(parts.name.removesuffix(".parts") + ".data")
+    while len(list(parts.glob(f"{stage}-*/out-*.parquet"))) + len(list(data.glob(f"{stage}/key=*/role=*/*.parquet"))) < n:
         if proc.poll() is not None:
             pytest.fail(f"the run ended before {n} {stage} shards were done:\n{tail(log)}")
         if time.monotonic() > deadline:

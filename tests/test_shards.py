@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -221,14 +222,15 @@ def test_parts_on_an_object_store_give_the_same_results_and_resume_from_finished
         featurize.fn(FEAT, docs, 0, run, s3_settings)
     left = [k.removeprefix("parts/").split("-", 1)[0] + "/" + k.rsplit("/", 1)[-1]
             for k in _keys(s3_admin, s3_bucket, "parts/")]
-    # the fitted LSA, two loaded outputs, the crashed shard's finished output, and the texts of the three
-    # shards that were submitted (kept for the other stages): all whole objects
-    assert sorted(left) == sorted(["featurize/lsa.npz", "featurize/out-pool-000000000000-000000000010.parquet",
-                                   "featurize/out-pool-000000000010-000000000020.parquet",
-                                   "featurize/out-pool-000000000020-000000000030.parquet",
+    # the fitted LSA, the crashed shard's finished output, and the texts of the three shards that were
+    # submitted (kept for the other stages): all whole objects; the two recorded outputs were moved into the
+    # store's data directory, which its views read
+    assert sorted(left) == sorted(["featurize/lsa.npz", "featurize/out-pool-000000000020-000000000030.parquet",
                                    "texts/in-pool-000000000000-000000000010.parquet",
                                    "texts/in-pool-000000000010-000000000020.parquet",
                                    "texts/in-pool-000000000020-000000000030.parquet"])
+    kept = sorted(p.name for p in (tmp_path / "s3" / "store.duckdb.data" / "featurize").glob("key=*/role=*/*"))
+    assert kept == ["000000000000-000000000010.parquet", "000000000010-000000000020.parquet"]
     counting = _Counting(flaky.task)
     monkeypatch.setattr(featurize_mod, "featurize_shard", counting)
     feats = featurize.fn(FEAT, docs, 0, run, s3_settings)
@@ -378,3 +380,75 @@ def test_inputs_parsed_by_worker_processes_give_the_partition_parsing_here_gives
         workers = con.execute("select worker from shard_done where stage = 'ingest' and role = 'pool'").fetchall()
     assert len(workers) == len(files) == 7
     assert all(not w.endswith(f":{os.getpid()}") for (w,) in workers)  # parsed in the pool's processes
+
+
+# --------------------------------------------------------------------------- featurize parts read in place
+
+
+def _relations(store) -> dict[str, str]:
+    with duckdb.connect(store.path, read_only=True) as con:
+        return dict(con.execute("select table_name, table_type from information_schema.tables "
+                                "where table_name like 'featurize_%'").fetchall())
+
+
+def _features(store, key: str) -> dict[str, list]:
+    with connect(store, read_only=True) as con:
+        return {"vectors": con.execute("select role, doc_idx, vec from featurize_vectors where key = ? "
+                                       "order by role, doc_idx", [key]).fetchall(),
+                "ngrams": con.execute("select role, doc_idx, buckets, counts from featurize_ngrams where key = ? "
+                                      "order by role, doc_idx", [key]).fetchall()}
+
+
+def test_featurize_keeps_its_shard_parts_and_the_store_reads_them_in_place(tmp_path, monkeypatch):
+    """No featurize row is loaded into the DuckDB file: the views read the shard tasks' parts, and a rerun cut
+    into other shards (or missing a part) neither doubles nor loses a document."""
+    docs = make_docs(tmp_path)
+    feats = featurize.fn(FEAT, docs, 0, RunSettings(shard_docs=10))
+    assert _relations(docs.store) == {"featurize_vectors": "VIEW", "featurize_ngrams": "VIEW",
+                                      "featurize_info": "BASE TABLE"}
+    data = tmp_path / "store.duckdb.data" / "featurize" / f"key={feats.key}"
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*.parquet")) == (
+        [f"role=pool/{lo:012d}-{min(lo + 10, 45):012d}.parquet" for lo in range(0, 45, 10)]
+        + ["role=target/000000000000-000000000006.parquet"])
+    want = _features(docs.store, feats.key)
+    assert len(want["vectors"]) == len(want["ngrams"]) == 51
+
+    again = featurize.fn(FEAT, docs, 0, RunSettings(shard_docs=7))  # same key, other shards
+    assert again == feats and _features(docs.store, feats.key) == want
+    assert len(list(data.rglob("*.parquet"))) == 7 + 1  # the shards of 10 are gone with their ledger rows
+
+    lost = next(data.rglob("role=pool/000000000007-*.parquet"))
+    lost.unlink()  # e.g. deleted by hand: that shard is computed again, the others are kept
+    counting = _Counting(featurize_mod.featurize_shard)
+    monkeypatch.setattr(featurize_mod, "featurize_shard", counting)
+    assert featurize.fn(FEAT, docs, 0, RunSettings(shard_docs=7)) == feats
+    assert [(s.role, s.lo) for s in counting.calls] == [("pool", 7)]
+    assert _features(docs.store, feats.key) == want
+
+
+def test_featurize_tables_of_an_older_store_give_way_to_the_views(tmp_path):
+    """A store written when featurize rows were loaded into tables: featurize drops them and their ledger."""
+    docs = make_docs(tmp_path)
+    with duckdb.connect(docs.store.path) as con:
+        con.execute("create table featurize_vectors (key varchar, role varchar, doc_idx bigint, vec float[])")
+        con.execute("create table featurize_ngrams (key varchar, role varchar, doc_idx bigint, "
+                    "buckets usmallint[], counts usmallint[])")
+        con.execute("insert into featurize_vectors values ('old', 'pool', 0, [1.0, 0.0])")
+        con.execute("create table shard_done (stage varchar, key varchar, role varchar, lo bigint, hi bigint, "
+                    "rows bigint, seconds double, worker varchar, info varchar, source varchar, done_at timestamp)")
+        con.execute("insert into shard_done values ('featurize', 'old', 'pool', 0, 45, 45, 1, 'w', null, "
+                    "'computed', now()::timestamp)")
+    feats = featurize.fn(FEAT, docs, 0, RunSettings(shard_docs=20))
+    assert _relations(docs.store)["featurize_vectors"] == "VIEW"
+    with connect(docs.store, read_only=True) as con:
+        assert con.execute("select key, count(*) from featurize_vectors group by key").fetchall() == [(feats.key, 51)]
+        assert con.execute("select distinct key from shard_done").fetchall() == [(feats.key,)]
+
+
+def test_a_store_whose_data_directory_is_gone_says_so(tmp_path):
+    docs = make_docs(tmp_path)
+    featurize.fn(FEAT, docs, 0, RunSettings(shard_docs=20))
+    shutil.rmtree(tmp_path / "store.duckdb.data")
+    other = FEAT.model_copy(update={"dim": 4})  # another partition: the first one's parts are still recorded
+    with pytest.raises(FileNotFoundError, match=r"store.duckdb.data.*moved or deleted apart from the store"):
+        featurize.fn(other, docs, 0, RunSettings(shard_docs=20))
