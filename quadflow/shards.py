@@ -41,6 +41,7 @@ import errno
 import hashlib
 import multiprocessing.util
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -58,7 +59,7 @@ from quadflow import objectstore as ob
 from quadflow.log import get_logger
 from quadflow.objectstore import ObjectStoreError, ObjectStoreSettings
 from quadflow.settings import ConfigError, RunSettings
-from quadflow.store import query_sql, run_sql, transaction
+from quadflow.store import create_views, query_sql, run_sql, transaction
 
 
 @dataclass(frozen=True)
@@ -375,6 +376,36 @@ def kept_parts(con: Any, stage: str, store_path: str) -> list[str]:
     return [str(p) for p in paths]
 
 
+def keep_outputs(stage: str, key: str, parts: Parts, store_path: str) -> Callable[[Any, ShardResult], None]:
+    """run_shards' `load` for a stage whose output parts are its data: each part is kept as it is (keep_part)."""
+    def load(con: Any, result: ShardResult) -> None:
+        keep_part(parts, result.path, data_part(store_path, stage, key, result.shard))
+    return load
+
+
+def point_views(con: Any, stage: str, views: str, store_path: str) -> None:
+    """Rewrite sql/<views>.sql's views over every recorded part of `stage` (call in the transaction that
+    completes a partition; the stage has at least that partition's parts)."""
+    create_views(con, views, kept_parts(con, stage, store_path))
+
+
+def drop_loaded_table(con: Any, stage: str, table: str) -> bool:
+    """Make way for a view: in a store written when `stage`'s outputs were loaded into rows, `table` is a
+    table; drop it and forget the stage's shard ledger, so every shard is computed again as a kept part.
+    Returns whether there was such a table."""
+    run_sql(con, "shards_create")
+    if query_sql(con, "shards_loaded_table", {"name": table}).fetchone() is None:
+        return False
+    if not re.fullmatch(r"[a-z_]+", table):
+        raise ValueError(f"bad table name {table!r}")
+    with transaction(con):
+        con.execute(f"drop table {table}")  # an identifier from the code (checked above), never user input
+        run_sql(con, "shards_forget_stage", {"stage": stage})
+    get_logger().info(f"{stage}: dropped table {table} of an older quadflow version (its shards are computed again "
+                      f"and read in place)")
+    return True
+
+
 def forget_unusable_shards(con: Any, stage: str, key: str, shards: list[Shard], store_path: str) -> int:
     """Drop the ledger rows (and kept parts) of a stage partition's shards that this run cannot use, so they
     are computed again: shards outside `shards` (an earlier run cut the partition with another
@@ -401,7 +432,7 @@ def worker_name() -> str:
 
 
 def done_shards(con: Any, stage: str, key: str) -> set[tuple[str, int, int]]:
-    """(role, lo, hi) of the shards of a stage partition already loaded into the store."""
+    """(role, lo, hi) of the shards of a stage partition already recorded (loaded into the store, or kept as parts)."""
     run_sql(con, "shards_create")
     return {(r, int(lo), int(hi)) for r, lo, hi in query_sql(con, "shards_done", {"stage": stage, "key": key}).fetchall()}
 

@@ -1,11 +1,9 @@
--- Create the dedup tables: each pool document's LSH / one-word-edit keys, the dropped near duplicates, info rows.
+-- Create the dedup tables: the dropped near duplicates and info rows (each pool document's LSH / one-word-edit keys
+-- are the view dedup_buckets over Parquet parts, empty until a partition has parts: dedup_views).
 -- Grain: dedup_buckets one row per (key, doc_idx); dedup_duplicates one row per (key, dropped doc_idx); dedup_info one row per (key, name).
-create table if not exists dedup_buckets (
-    key varchar not null,
-    doc_idx bigint not null,       -- pool document
-    n_words integer not null,      -- normalized words (decides the matcher: one-word edits, MinHash, or none)
-    buckets ubigint[] not null     -- LSH band keys and/or one-word-edit keys: documents sharing one are candidates
-);
+create view if not exists dedup_buckets as
+select null::varchar as key, null::bigint as doc_idx, null::integer as n_words, null::ubigint[] as buckets
+where false;
 create table if not exists dedup_duplicates (
     key varchar not null,          -- dedup (fuzzy) or semdedup (semantic) partition
     doc_idx bigint not null,       -- the dropped pool document

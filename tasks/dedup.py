@@ -49,8 +49,8 @@ from scipy.sparse.csgraph import connected_components
 from quadflow.log import Progress, get_logger
 from quadflow.settings import DedupSettings, RunSettings
 from quadflow.objectstore import ObjectStoreSettings
-from quadflow.shards import (Parts, Shard, ShardResult, export_texts, plan_shards, run_shards, stage_parts,
-                             text_parts, worker_name)
+from quadflow.shards import (Parts, Shard, ShardResult, drop_loaded_table, export_texts, forget_unusable_shards,
+                             keep_outputs, plan_shards, point_views, run_shards, stage_parts, text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 from quadflow.tasks.featurize import batch_bounds, role_counts
@@ -358,15 +358,6 @@ def dedup_shard(shard: Shard, input_path: str, output_path: str, settings: Dedup
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
 
 
-def _load_keys(key: str, parts: Parts):
-    def load(con: Any, result: ShardResult) -> None:
-        s = result.shard
-        run_sql(con, "dedup_delete_range", {"key": key, "lo": s.lo, "hi": s.hi})
-        insert_frame(con, "dedup_insert_buckets", parts.read_table(result.path), {"key": key})
-        return None
-    return load
-
-
 def _write(con: Any, key: str, frame: pl.DataFrame, info: dict[str, Any]) -> None:
     """One dedup partition, replaced whole: its dropped documents and its info rows."""
     rows = pl.DataFrame({"name": list(info), "value": [json.dumps(v) for v in info.values()]},
@@ -387,13 +378,15 @@ def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings =
     """Find the pool's near-duplicate components and record every document but each component's first.
 
     Shard by shard (quadflow.shards): each shard task turns its documents into keys (LSH bands
-    or one-word-edit hashes), loaded into dedup_buckets; candidate pairs are documents sharing a
-    key (a join in the store), and their connected components are computed here.
+    or one-word-edit hashes), kept as its output part in `<store>.data/dedup/` and read in place
+    through the view dedup_buckets; candidate pairs are documents sharing a key (a join in the
+    store), and their connected components are computed here.
     """
     key = stage_key("dedup", VERSION, settings, docs, seed)
     log = get_logger()
     start = time.perf_counter()
     with connect(docs.store) as con:
+        drop_loaded_table(con, "dedup", "dedup_buckets")
         run_sql(con, "dedup_create")
         n_pool = role_counts(con, docs.key)["pool"]
         bands, rows = settings.lsh_shape()
@@ -408,11 +401,16 @@ def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings =
             parts.check()
             progress = Progress("dedup", n_pool)
             texts = text_parts(run, docs.store.path, docs.key, objectstore)
-            stats = run_shards(con, "dedup", key, plan_shards({"pool": n_pool}, run.shard_docs), parts,
-                               export_texts(con, docs.key, texts), dedup_shard, {"settings": settings, "seed": seed},
-                               _load_keys(key, parts), progress, inputs=texts)
+            shards = plan_shards({"pool": n_pool}, run.shard_docs)
+            if dropped := forget_unusable_shards(con, "dedup", key, shards, docs.store.path):
+                log.info(f"dedup: {dropped} recorded shards are recomputed (another run.shard_docs, or the part is missing)")
+            stats = run_shards(con, "dedup", key, shards, parts, export_texts(con, docs.key, texts), dedup_shard,
+                               {"settings": settings, "seed": seed}, keep_outputs("dedup", key, parts, docs.store.path),
+                               progress, inputs=texts)
             progress.close()
             log.info(f"dedup: {stats.summary()}")
+            with transaction(con):
+                point_views(con, "dedup", "dedup_views", docs.store.path)
             edges = query_sql(con, "dedup_candidates", {"key": key}).fetchnumpy()
             doc, comp, rep = components(edges["a"], edges["b"])
             frame = dropped_frame(doc, comp, rep, REASON_NEAR)

@@ -15,6 +15,7 @@ faster on the Debian pool on 2 cores, so it is the one kept.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -35,10 +36,10 @@ from threadpoolctl import threadpool_limits
 from quadflow.log import Progress, get_logger
 from quadflow.settings import FeaturizeSettings, RunSettings
 from quadflow.objectstore import ObjectStoreSettings
-from quadflow.shards import (Parts, Shard, ShardResult, data_part, export_texts, forget_unusable_shards, keep_part,
-                             kept_parts, plan_shards, run_shards, stage_parts,
-                             text_parts, worker_name)
-from quadflow.store import StageRef, connect, create_views, make_ref, query_sql, run_sql, stage_key, transaction
+from quadflow.shards import (Parts, Shard, ShardResult, drop_loaded_table, export_texts, forget_unusable_shards,
+                             keep_outputs, plan_shards, point_views, run_shards, shard_infos, stage_parts, text_parts,
+                             worker_name)
+from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 
 VERSION = f"featurize-3/polars-{pl.__version__}/sklearn-{sklearn.__version__}"
@@ -467,36 +468,59 @@ def featurize_shard(shard: Shard, input_path: str, output_path: str, settings: F
     if not np.array_equal(texts["doc_idx"].to_numpy(), np.arange(shard.lo, shard.hi)):
         raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
     lsa = LSA.load(parts.local(lsa_path))
-    rows = parts.write_parquet(output_path, featurize_part(texts, settings, lsa))
-    return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
+    totals = np.zeros(settings.dsir_buckets, dtype=np.float64)
+
+    def counted(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        for batch in batches:
+            totals[:] += ngram_totals(batch, settings.dsir_buckets)
+            yield batch
+
+    rows = parts.write_parquet(output_path, counted(featurize_part(texts, settings, lsa)))
+    return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name(),
+                       info=totals_info(shard.role, totals))
 
 
-def _keep_part(key: str, parts: Parts, store_path: str):
-    """run_shards' load: the shard's output part becomes the partition's data as it is (moved, not loaded)."""
-    def load(con: Any, result: ShardResult) -> str | None:
-        keep_part(parts, result.path, data_part(store_path, "featurize", key, result.shard))
-        return None
+def ngram_totals(table: pa.Table, n_buckets: int) -> np.ndarray:
+    """(n_buckets,) float64 sums of a part's stored n-gram counts (clipped as stored; exact below 2^53)."""
+    _, buckets = _list_column(table, "buckets")
+    _, counts = _list_column(table, "counts")
+    return np.bincount(buckets.astype(np.int64), weights=counts.astype(np.float64), minlength=n_buckets)
+
+
+def totals_info(role: str, totals: np.ndarray) -> dict[str, Any]:
+    """A shard's n-gram totals as its ledger keeps them (JSON): only the buckets that occur."""
+    nz = np.flatnonzero(totals)
+    return {"role": role, "buckets": nz.tolist(), "totals": totals[nz].astype(np.int64).tolist()}
+
+
+def _keep_part(key: str, parts: Parts, store_path: str, n_buckets: int):
+    """run_shards' load: keep the part as the partition's data; the ledger keeps its n-gram totals (summed here
+    from the part when a killed run finished it, since its task's result was lost)."""
+    keep = keep_outputs("featurize", key, parts, store_path)
+
+    def load(con: Any, result: ShardResult) -> str:
+        info = result.info
+        if info is None:
+            table = parts.read_table(result.path, columns=["buckets", "counts"])
+            info = totals_info(result.shard.role, ngram_totals(table, n_buckets))
+        keep(con, result)
+        return json.dumps(info)
     return load
 
 
-def _drop_legacy_tables(con: Any) -> None:
-    """Drop the featurize tables of a store written by an older version (rows loaded into the store), and forget
-    their partitions, so the views over parts can take the names; their keys are never read again."""
-    legacy = [table for (table,) in query_sql(con, "featurize_legacy_tables").fetchall()]
-    if not legacy:
-        return
-    run_sql(con, "shards_create")
-    with transaction(con):
-        for table in legacy:
-            con.execute(f"drop table {table}")  # a name from the fixed list in that query, not user input
-        run_sql(con, "featurize_create")
-        run_sql(con, "featurize_forget_legacy")
-    get_logger().info(f"featurize: dropped {', '.join(legacy)} of an older quadflow version (recomputed as parts)")
-
-
-def refresh_views(con: Any, store_path: str) -> None:
-    """Point featurize_vectors and featurize_ngrams at every recorded featurize part (in the caller's transaction)."""
-    create_views(con, "featurize_views", kept_parts(con, "featurize", store_path))
+def _write_totals(con: Any, key: str, n_buckets: int) -> None:
+    """featurize_totals of the partition: every shard's totals from the ledger, summed per role."""
+    sums: dict[str, np.ndarray] = {}
+    for text in shard_infos(con, "featurize", key):
+        info = json.loads(text)
+        out = sums.setdefault(info["role"], np.zeros(n_buckets, dtype=np.int64))
+        np.add.at(out, np.asarray(info["buckets"], dtype=np.int64), np.asarray(info["totals"], dtype=np.int64))
+    run_sql(con, "featurize_totals_delete", {"key": key})
+    for role, totals in sums.items():
+        nz = np.flatnonzero(totals)
+        insert_frame(con, "featurize_totals_insert", pa.table({"bucket": pa.array(nz.astype(np.int32)),
+                                                               "total": pa.array(totals[nz])}),
+                     {"key": key, "role": role})
 
 
 @stage_task("featurize", cache_policy=SHARDED_CACHE_POLICY)
@@ -511,7 +535,8 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
     key = stage_key("featurize", VERSION, settings, docs, seed)
     log = get_logger()
     with connect(docs.store) as con:
-        _drop_legacy_tables(con)
+        for table in ("featurize_vectors", "featurize_ngrams"):
+            drop_loaded_table(con, "featurize", table)
         run_sql(con, "featurize_create")
         counts = role_counts(con, docs.key)
         if counts["pool"] == 0:
@@ -526,12 +551,14 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
         progress = Progress("featurize", sum(counts.values()))
         texts = text_parts(run, docs.store.path, docs.key, objectstore)
         stats = run_shards(con, "featurize", key, shards, parts, export_texts(con, docs.key, texts), featurize_shard,
-                           {"settings": settings, "lsa_path": lsa_path}, _keep_part(key, parts, docs.store.path),
+                           {"settings": settings, "lsa_path": lsa_path},
+                           _keep_part(key, parts, docs.store.path, settings.dsir_buckets),
                            progress, inputs=texts)
         progress.close()
         log.info(f"featurize: {stats.summary()}")
         with transaction(con):
-            refresh_views(con, docs.store.path)
+            point_views(con, "featurize", "featurize_views", docs.store.path)
+            _write_totals(con, key, settings.dsir_buckets)
             run_sql(con, "featurize_info_delete", {"key": key})
             run_sql(
                 con,

@@ -257,6 +257,9 @@ def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(t
     assert buckets == 150 and [(lo, hi) for lo, hi, _ in before] == [(0, 40), (40, 80), (80, 120), (120, 150)]
     # the stage's parts removed once the partition is complete; the shard texts stay for featurize and score
     assert not any(Path(f"{docs.store.path}.parts").glob("dedup-*/*"))
+    kept = Path(f"{docs.store.path}.data") / "dedup" / f"key={ref.key}" / "role=pool"
+    assert sorted(p.name for p in kept.iterdir()) == [f"{lo:012d}-{min(lo + 40, 150):012d}.parquet"
+                                                      for lo in range(0, 150, 40)]  # read in place, not loaded
     assert len(list(Path(f"{docs.store.path}.parts").glob("texts-ing/in-pool-*.parquet"))) == 4
 
     again = dd.dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=40))  # rerun: every shard is in the ledger
@@ -272,9 +275,8 @@ def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(t
 def test_candidate_sql_joins_shared_keys_into_stars(tmp_path):
     store = open_store(tmp_path / "s.duckdb")
     with connect(store) as con:
-        from quadflow.store import run_sql
-
-        run_sql(con, "dedup_create")
+        # the columns of the dedup_buckets view over the shard parts
+        con.execute("create table dedup_buckets (key varchar, doc_idx bigint, n_words integer, buckets ubigint[])")
         con.execute("insert into dedup_buckets values ('k', 5, 9, [1, 2]), ('k', 3, 9, [2]), ('k', 9, 9, [2, 7]), "
                     "('k', 4, 9, [7]), ('k', 6, 9, [8]), ('other', 1, 9, [8])")
         edges = sorted(query_sql(con, "dedup_candidates", {"key": "k"}).fetchall())
@@ -326,10 +328,11 @@ def test_a_dedup_killed_mid_stage_resumes_from_its_ledger_and_gives_the_same_par
     docs = _store(tmp_path, texts)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-c", _RUN, docs.store.path, docs.store.store_id, "300"]
-    parts = Path(f"{docs.store.path}.parts")
+    parts, kept = Path(f"{docs.store.path}.parts"), Path(f"{docs.store.path}.data")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
-    while len(list(parts.glob("dedup-*/out-*.parquet"))) < 3:
+    # finished shards: outputs not yet recorded, and recorded ones moved into the store's data directory
+    while len(list(parts.glob("dedup-*/out-*.parquet"))) + len(list(kept.glob("dedup/key=*/role=*/*.parquet"))) < 3:
         assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.01)

@@ -55,6 +55,15 @@ def _ngrams_table(texts: list[str], start: int = 0, foreign: bool = False) -> pa
     })
 
 
+# featurize_totals as the featurize stage writes it (its shard tasks sum what they store), for stores made by hand
+TOTALS_FROM_NGRAMS = """
+create table featurize_totals as
+select key, role, bucket::integer as bucket, sum(n)::bigint as total
+from (select key, role, unnest(buckets) as bucket, unnest(counts) as n from featurize_ngrams)
+group by all
+"""
+
+
 def make_store(tmp_path, n_pool: int = 36, n_target: int = 8, foreign_ngrams: bool = False):
     """A store holding the ingest and featurize tables the score stage reads, as the contract has them.
 
@@ -77,6 +86,7 @@ def make_store(tmp_path, n_pool: int = 36, n_target: int = 8, foreign_ngrams: bo
             con.register("grams", _ngrams_table(texts, foreign=foreign_ngrams))
             con.execute("insert into featurize_ngrams select 'feat', ?, doc_idx, buckets, counts from grams", [role])
             con.unregister("grams")
+        con.execute(TOTALS_FROM_NGRAMS)
         con.execute("create table featurize_info (key varchar, dsir_buckets integer, dim integer, max_chars integer)")
         con.execute("insert into featurize_info values ('feat', ?, 8, ?)", [N_BUCKETS, MAX_CHARS])
     docs_ref = StageRef("ingest", "ing", store, n_pool + n_target, "ing-fp")

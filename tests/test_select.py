@@ -10,6 +10,7 @@ import pytest
 from quadflow.settings import SelectSettings
 from quadflow.store import StageRef, open_store
 from quadflow.tasks.select import select
+from tests.test_score_task import TOTALS_FROM_NGRAMS
 
 N_POOL, N_TARGET, K, BUCKETS = 600, 40, 6, 64
 
@@ -61,6 +62,7 @@ def upstream(tmp_path):
                 "key": "feat", "role": role, "doc_idx": np.arange(n),
                 "buckets": [b.tolist() for b in buckets],
                 "counts": [rng.integers(1, 4, b.size).tolist() for b in buckets]}))
+        con.execute(TOTALS_FROM_NGRAMS)
         con.execute("insert into featurize_info (key, version, n_features, dsir_buckets, dim, max_chars, svd_docs, "
                     "explained_variance, pool_docs, target_docs) values ('feat', 'f1', 1024, ?, 8, 100, ?, 0.5, ?, ?)",
                     [BUCKETS, N_POOL, N_POOL, N_TARGET])

@@ -79,6 +79,8 @@ def _tables(store, feats: StageRef, scores: StageRef) -> dict[str, list]:
                                   "order by role, doc_idx", [feats.key]).fetchall(),
             "scores": con.execute("select doc_idx, scorer, version, score, detail from score_docs where key = ? "
                                   "order by scorer, doc_idx", [scores.key]).fetchall(),
+            "totals": con.execute("select role, bucket, total from featurize_totals where key = ? order by all",
+                                  [feats.key]).fetchall(),
             "info": [(name, {k: v for k, v in json.loads(params).items() if k != "shards"})
                      for name, params in con.execute("select scorer, params from score_info where key = ? "
                                                      "order by scorer", [scores.key]).fetchall()],
@@ -405,13 +407,20 @@ def test_featurize_keeps_its_shard_parts_and_the_store_reads_them_in_place(tmp_p
     docs = make_docs(tmp_path)
     feats = featurize.fn(FEAT, docs, 0, RunSettings(shard_docs=10))
     assert _relations(docs.store) == {"featurize_vectors": "VIEW", "featurize_ngrams": "VIEW",
-                                      "featurize_info": "BASE TABLE"}
+                                      "featurize_info": "BASE TABLE", "featurize_totals": "BASE TABLE"}
     data = tmp_path / "store.duckdb.data" / "featurize" / f"key={feats.key}"
     assert sorted(str(p.relative_to(data)) for p in data.rglob("*.parquet")) == (
         [f"role=pool/{lo:012d}-{min(lo + 10, 45):012d}.parquet" for lo in range(0, 45, 10)]
         + ["role=target/000000000000-000000000006.parquet"])
     want = _features(docs.store, feats.key)
     assert len(want["vectors"]) == len(want["ngrams"]) == 51
+    with connect(docs.store, read_only=True) as con:  # the shard tasks' n-gram totals: a scan's, per role
+        scanned = con.execute("select role, bucket, sum(n)::bigint from (select role, unnest(buckets) as bucket, "
+                              "unnest(counts) as n from featurize_ngrams where key = ?) group by all order by all",
+                              [feats.key]).fetchall()
+        totals = con.execute("select role, bucket, total from featurize_totals where key = ? order by all",
+                             [feats.key]).fetchall()
+    assert totals == scanned and {r for r, _, _ in totals} == {"pool", "target"}
 
     again = featurize.fn(FEAT, docs, 0, RunSettings(shard_docs=7))  # same key, other shards
     assert again == feats and _features(docs.store, feats.key) == want
