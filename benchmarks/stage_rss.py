@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             # this store's own parts once featurize has written them
             con.execute("delete from featurize_info")
         elif args.stage == "score":
-            con.execute("delete from score_docs")
+            con.execute("delete from score_combined")
             con.execute("delete from score_info")
         con.execute("checkpoint")
 

@@ -1,4 +1,4 @@
--- Remove one score partition from both score tables, so a rerun replaces it (idempotent).
+-- Remove a score partition that has no component scorers (so no parts) before it is rewritten.
 -- Grain: partition (key).
-delete from score_docs where key = $key;
+delete from score_combined where key = $key;
 delete from score_info where key = $key;

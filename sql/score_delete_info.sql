@@ -1,4 +1,4 @@
--- Remove a score partition's info rows and combined scores before they are rewritten.
+-- Remove a score partition's info rows and combined scores before they are recomputed from the parts.
 -- Grain: partition (key).
 delete from score_info where key = $key;
-delete from score_docs where key = $key and scorer = 'combined';
+delete from score_combined where key = $key;

@@ -18,8 +18,8 @@ Task: `score` fits the pool-wide scorers on statistics read from the store (exac
 the target's n-grams, a seeded sample of pool rows), then scores shard by shard (quadflow.shards:
 `score_shard` tasks on the flow's task runner, each reading a Parquet part of texts and hashing their
 n-grams as featurize did),
-loads each shard's rows as it finishes, and computes the combined score from percentile ranks
-taken in the store; score_info gets each scorer's params (per-shard counts merged).
+keeps each shard's output part as it finishes (`<store>.data/score/`, read in place through the
+view score_docs), and computes the combined score from percentile ranks taken in the store; score_info gets each scorer's params (per-shard counts merged).
 `load_scores` reads one scorer's scores back; `ensure_influence_state` fits the influence
 scorer's state (or reuses a valid one).
 """
@@ -38,6 +38,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -46,7 +47,8 @@ from quadflow import settings as qsettings
 from quadflow.log import Progress, get_logger
 from quadflow.objectstore import ObjectStoreSettings
 from quadflow.settings import ConfigError, InfluenceSettings, RunSettings, ScoreSettings
-from quadflow.shards import (Parts, Shard, ShardResult, export_texts, plan_shards, run_shards, shard_infos,
+from quadflow.shards import (Parts, Shard, ShardResult, data_part, drop_loaded_table, export_texts,
+                             forget_unusable_shards, keep_outputs, plan_shards, point_views, run_shards, shard_infos,
                              stage_parts, text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
@@ -423,18 +425,20 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
     scorers_path = parts.url("scorers.pkl")
     parts.save(scorers_path, lambda path: _save_scorers(scorers, path))
     params: dict[str, list[dict]] = {s.name: [] for s in scorers}
+    keep = keep_outputs("score", key, parts, docs.store.path)
 
-    def load(con: Any, result: ShardResult) -> None:
-        s = result.shard
-        run_sql(con, "score_delete_range", {"key": key, "lo": s.lo, "hi": s.hi})
-        table = parts.read_table(result.path)
-        insert_frame(con, "score_insert_docs", table.replace_schema_metadata(None), {"key": key})
-        return (table.schema.metadata or {}).get(PARAMS_META.encode(), b"{}").decode()
+    def load(con: Any, result: ShardResult) -> str:
+        """Keep the part as the partition's rows; the ledger keeps the shard's params (from the part's metadata)."""
+        keep(con, result)
+        meta = pq.read_schema(data_part(docs.store.path, "score", key, result.shard)).metadata or {}
+        return meta.get(PARAMS_META.encode(), b"{}").decode()
 
     progress = Progress("score", n_pool)
     texts = text_parts(run, docs.store.path, docs.key, objectstore)  # the shard tasks hash their n-grams
-    stats = run_shards(con, "score", key, plan_shards({"pool": n_pool}, run.shard_docs), parts,
-                       export_texts(con, docs.key, texts), score_shard,
+    shards = plan_shards({"pool": n_pool}, run.shard_docs)
+    if dropped := forget_unusable_shards(con, "score", key, shards, docs.store.path):
+        log.info(f"score: {dropped} recorded shards are recomputed (another run.shard_docs, or the part is missing)")
+    stats = run_shards(con, "score", key, shards, parts, export_texts(con, docs.key, texts), score_shard,
                        {"scorers_path": scorers_path, "n_buckets": n_buckets, "max_chars": max_chars},
                        load, progress, rows_per_doc=len(scorers), inputs=texts)
     progress.close()
@@ -451,6 +455,7 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
         "combine_version": COMBINE_VERSION, "weights": w, "components": {s.name: s.VERSION for s in scorers},
     }))
     with transaction(con):
+        point_views(con, "score", "score_views", docs.store.path)
         run_sql(con, "score_delete_info", {"key": key})
         run_sql(con, "score_ranks", {"key": key, "scorers": wide})
         for lo in range(0, n_pool, COMBINE_CHUNK):
@@ -475,8 +480,9 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
     """Score every pool document with the pool-wide scorers and their combination; fit the influence scorer.
 
     Shard by shard (quadflow.shards): scorers are fitted here on pool-wide statistics (n-gram
-    totals, a seeded sample), each shard is scored by a shard task, and its rows are loaded as
-    it finishes; the combined score's pool-wide ranks are computed in the store.
+    totals, a seeded sample), each shard is scored by a shard task, and its output part is kept
+    in `<store>.data/score/` as it finishes (read in place through the view score_docs); the
+    combined score's pool-wide ranks are computed in the store.
     """
     key = stage_key("score", VERSION, settings, docs, features, seed)
     log = get_logger()
@@ -498,6 +504,7 @@ def score(settings: ScoreSettings, docs: StageRef, features: StageRef, seed: int
                         f"({wide})")
         log.info(f"score: {', '.join(names)} on {n_pool:,} pool docs"
                  f" ({counts.get('target', 0):,} target docs)")
+        drop_loaded_table(con, "score", "score_docs")
         run_sql(con, "score_create")
         reuse = _influence_info(con, key)  # read before this run rewrites score_info
         info = info_frame([])
