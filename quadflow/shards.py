@@ -7,8 +7,9 @@ submits one shard task to the flow's task runner (threads, local processes, a Da
 cluster), and, as each shard task finishes, loads its output part into the stage's tables and
 records the shard in `shard_done`, both in one transaction. A stage may instead keep the part as
 it is (`keep_part`: moved into `<store>.data/<stage>/key=K/role=R/`, downloaded from an object
-store) and read it in place through views over the recorded parts (`kept_parts`); featurize does. A shard task reads only parts and
-writes only its own output part, so it can run on any machine that reaches the parts: a local
+store) and read it in place through views over the recorded parts (`point_views`); dedup,
+featurize and score do, so the flow's process loads none of their rows. A shard task reads only
+parts and writes only its own output part, so it can run on any machine that reaches the parts: a local
 or shared directory, or an s3:// prefix (`run.parts`), where workers need no shared file system.
 
 A part is whole or absent: on a file system it is written to a temporary name and renamed, on an
@@ -328,7 +329,8 @@ def data_root(store_path: str) -> Path:
 
 def data_part(store_path: str, stage: str, key: str, shard: Shard) -> Path:
     """The kept output part of one shard, hive-partitioned by key and role so a view's filters skip whole files."""
-    return data_root(store_path) / stage / f"key={key}" / f"role={shard.role}" / f"{shard.lo:012d}-{shard.hi:012d}.parquet"
+    name = f"{shard.lo:012d}-{shard.hi:012d}.parquet"
+    return data_root(store_path) / stage / f"key={key}" / f"role={shard.role}" / name
 
 
 def keep_part(parts: Parts, url: str, dest: Path) -> None:
@@ -410,7 +412,7 @@ def forget_unusable_shards(con: Any, stage: str, key: str, shards: list[Shard], 
     """Drop the ledger rows (and kept parts) of a stage partition's shards that this run cannot use, so they
     are computed again: shards outside `shards` (an earlier run cut the partition with another
     `run.shard_docs`; their rows would be read twice) and shards whose kept part is missing.
-    Returns how many were dropped."""
+    Returns how many were dropped (and logs it)."""
     plan = {(s.role, s.lo, s.hi) for s in shards}
     stale = [Shard(*s) for s in sorted(done_shards(con, stage, key))
              if s not in plan or not data_part(store_path, stage, key, Shard(*s)).is_file()]
@@ -419,6 +421,9 @@ def forget_unusable_shards(con: Any, stage: str, key: str, shards: list[Shard], 
             run_sql(con, "shards_forget", {"stage": stage, "key": key, "role": shard.role, "lo": shard.lo,
                                            "hi": shard.hi})
         data_part(store_path, stage, key, shard).unlink(missing_ok=True)
+    if stale:
+        get_logger().info(f"{stage}: {len(stale)} recorded shards are computed again (cut with another "
+                          f"run.shard_docs, or their part is missing)")
     return len(stale)
 
 
@@ -432,7 +437,7 @@ def worker_name() -> str:
 
 
 def done_shards(con: Any, stage: str, key: str) -> set[tuple[str, int, int]]:
-    """(role, lo, hi) of the shards of a stage partition already recorded (loaded into the store, or kept as parts)."""
+    """(role, lo, hi) of a stage partition's shards already recorded (loaded into the store or kept as parts)."""
     run_sql(con, "shards_create")
     return {(r, int(lo), int(hi)) for r, lo, hi in query_sql(con, "shards_done", {"stage": stage, "key": key}).fetchall()}
 

@@ -402,8 +402,7 @@ def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings =
             progress = Progress("dedup", n_pool)
             texts = text_parts(run, docs.store.path, docs.key, objectstore)
             shards = plan_shards({"pool": n_pool}, run.shard_docs)
-            if dropped := forget_unusable_shards(con, "dedup", key, shards, docs.store.path):
-                log.info(f"dedup: {dropped} recorded shards are recomputed (another run.shard_docs, or the part is missing)")
+            forget_unusable_shards(con, "dedup", key, shards, docs.store.path)
             stats = run_shards(con, "dedup", key, shards, parts, export_texts(con, docs.key, texts), dedup_shard,
                                {"settings": settings, "seed": seed}, keep_outputs("dedup", key, parts, docs.store.path),
                                progress, inputs=texts)

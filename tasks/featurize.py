@@ -546,8 +546,7 @@ def featurize(settings: FeaturizeSettings, docs: StageRef, seed: int, run: RunSe
         lsa_path = parts.url("lsa.npz")
         lsa = _fitted_lsa(con, settings, docs.key, counts["pool"], seed, parts, lsa_path)
         shards = plan_shards(counts, run.shard_docs)
-        if dropped := forget_unusable_shards(con, "featurize", key, shards, docs.store.path):
-            log.info(f"featurize: {dropped} recorded shards are recomputed (another run.shard_docs, or the part is missing)")
+        forget_unusable_shards(con, "featurize", key, shards, docs.store.path)
         progress = Progress("featurize", sum(counts.values()))
         texts = text_parts(run, docs.store.path, docs.key, objectstore)
         stats = run_shards(con, "featurize", key, shards, parts, export_texts(con, docs.key, texts), featurize_shard,

@@ -17,9 +17,9 @@ scorers), `score_pool` (the whole pool in memory: the same numbers, for tests an
 Task: `score` fits the pool-wide scorers on statistics read from the store (exact n-gram totals,
 the target's n-grams, a seeded sample of pool rows), then scores shard by shard (quadflow.shards:
 `score_shard` tasks on the flow's task runner, each reading a Parquet part of texts and hashing their
-n-grams as featurize did),
-keeps each shard's output part as it finishes (`<store>.data/score/`, read in place through the
-view score_docs), and computes the combined score from percentile ranks taken in the store; score_info gets each scorer's params (per-shard counts merged).
+n-grams as featurize did), keeps each shard's output part as it finishes (`<store>.data/score/`,
+read in place through the view score_docs), and computes the combined score from percentile
+ranks taken in the store; score_info gets each scorer's params (per-shard counts merged).
 `load_scores` reads one scorer's scores back; `ensure_influence_state` fits the influence
 scorer's state (or reuses a valid one).
 """
@@ -436,8 +436,7 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
     progress = Progress("score", n_pool)
     texts = text_parts(run, docs.store.path, docs.key, objectstore)  # the shard tasks hash their n-grams
     shards = plan_shards({"pool": n_pool}, run.shard_docs)
-    if dropped := forget_unusable_shards(con, "score", key, shards, docs.store.path):
-        log.info(f"score: {dropped} recorded shards are recomputed (another run.shard_docs, or the part is missing)")
+    forget_unusable_shards(con, "score", key, shards, docs.store.path)
     stats = run_shards(con, "score", key, shards, parts, export_texts(con, docs.key, texts), score_shard,
                        {"scorers_path": scorers_path, "n_buckets": n_buckets, "max_chars": max_chars},
                        load, progress, rows_per_doc=len(scorers), inputs=texts)
