@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 import sklearn
 from sklearn.decomposition import TruncatedSVD
@@ -36,9 +37,9 @@ from threadpoolctl import threadpool_limits
 from quadflow.log import Progress, get_logger
 from quadflow.settings import FeaturizeSettings, RunSettings
 from quadflow.objectstore import ObjectStoreSettings
-from quadflow.shards import (Parts, Shard, ShardResult, drop_loaded_table, export_texts, forget_unusable_shards,
-                             keep_outputs, plan_shards, point_views, run_shards, shard_infos, stage_parts, text_parts,
-                             worker_name)
+from quadflow.shards import (Parts, Shard, ShardResult, data_part, drop_loaded_table, export_texts,
+                             forget_unusable_shards, keep_outputs, plan_shards, point_views, run_shards, shard_infos,
+                             stage_parts, text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 
@@ -495,15 +496,16 @@ def totals_info(role: str, totals: np.ndarray) -> dict[str, Any]:
 
 def _keep_part(key: str, parts: Parts, store_path: str, n_buckets: int):
     """run_shards' load: keep the part as the partition's data; the ledger keeps its n-gram totals (summed here
-    from the part when a killed run finished it, since its task's result was lost)."""
+    from the kept part when a killed run finished it, since its task's result was lost)."""
     keep = keep_outputs("featurize", key, parts, store_path)
 
     def load(con: Any, result: ShardResult) -> str:
-        info = result.info
-        if info is None:
-            table = parts.read_table(result.path, columns=["buckets", "counts"])
-            info = totals_info(result.shard.role, ngram_totals(table, n_buckets))
         keep(con, result)
+        info = result.info
+        if info is None:  # read the local kept copy: an s3:// part is not downloaded a second time
+            kept = data_part(store_path, "featurize", key, result.shard)
+            table = pq.read_table(kept, columns=["buckets", "counts"])
+            info = totals_info(result.shard.role, ngram_totals(table, n_buckets))
         return json.dumps(info)
     return load
 
