@@ -95,7 +95,8 @@ def curate(settings: Settings) -> dict:
     docs = cpu("ingest", ingest, settings.ingest, files, targets, store, settings.objectstore, settings.run)
     near = cpu("dedup", dedup, settings.dedup, docs, settings.seed, settings.run, settings.objectstore)
     features = cpu("featurize", featurize, settings.featurize, docs, settings.seed, settings.run, settings.objectstore)
-    clusters = cpu("cluster", cluster, settings.cluster, features, settings.seed, docs)
+    clusters = cpu("cluster", cluster, settings.cluster, features, settings.seed, docs, settings.run,
+                   settings.objectstore)
     semantic = cpu("semdedup", semdedup, settings.dedup, near, features, clusters)
     scores = cpu("score", score, settings.score, docs, features, settings.seed, settings.run, settings.objectstore)
     # every stage that reads the pool's shard texts (dedup, featurize, score) is done with them

@@ -200,6 +200,26 @@ class Parts:
             write(local)
             ob.upload_file(self.client, local, url)
 
+    def put(self, url: str, src: Path, columns: list[str]) -> None:
+        """Make the Parquet file `src` a part at `url`, whole or not at all: locally a hard link (no copy; a
+        copy across file systems), so deleting the part leaves `src`; on an object store its `columns`, uploaded."""
+        if self.remote:
+            self.write_parquet(url, [pq.read_table(src, columns=columns)])
+            return
+        dest = Path(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def exists(self, url: str) -> bool:
         return ob.exists(self.client, url) if self.remote else Path(url).is_file()
 

@@ -1,11 +1,10 @@
--- Create the cluster tables: assignments, centroids, neighbour pairs and one info row per partition.
+-- Create the cluster tables: centroids, neighbour pairs and one info row per partition; cluster_assignments is
+-- empty until a partition has parts (then a view over them: cluster_views).
 -- Grain: assignments per pool document, centroids per cluster, neighbors per directed pair, info per key.
-create table if not exists cluster_assignments (
-    key varchar not null,
-    doc_idx bigint not null,
-    cluster integer not null,
-    distance float not null       -- cosine distance to the cluster's normalized centroid
-);
+create view if not exists cluster_assignments as
+select null::varchar as key, null::bigint as doc_idx, null::integer as cluster,
+       null::float as distance    -- cosine distance to the cluster's normalized centroid
+where false;
 create table if not exists cluster_centroids (
     key varchar not null,
     cluster integer not null,     -- dense 0..k-1, empty clusters are kept with size 0

@@ -12,32 +12,46 @@ some with size 0 (the select stage gives them no arm).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import pickle
+import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 import sklearn
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
 from quadflow.log import Progress, get_logger
-from quadflow.settings import ClusterSettings
+from quadflow.objectstore import ObjectStoreSettings
+from quadflow.settings import ClusterSettings, RunSettings
+from quadflow.shards import (Parts, Shard, ShardResult, data_part, drop_loaded_table, execute_shards,
+                             forget_unusable_shards, keep_outputs, part_rows, plan_shards, point_views, run_shards,
+                             shard_infos, stage_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
-from quadflow.tasking import stage_task
+from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 
 from quadflow.tasks.featurize import sample_rows
 
-VERSION = f"cluster-3/sklearn-{sklearn.__version__}"
+VERSION = f"cluster-4/sklearn-{sklearn.__version__}"
+INERTIA_META = "quadflow.cluster.inertia"  # output part metadata: the shard's sum of squared distances
 
 MIN_K, MAX_K = 8, 10_000  # Quad (ICLR 2025) uses 10k clusters for ~600M documents: the upper end
 N_NEAREST = 5  # auto gamma: median distance to the 5th-nearest other centroid, so ~half the arms share with >= 5
 _BLOCK = 2048  # rows per block of pairwise centroid or document-centroid similarities
 _SIM_FLOATS = 2**25  # at most 128 MiB of float32 document-centroid similarities at once (32k rows up to k 1024)
-STREAM_ROWS = 200_000  # pool documents per streamed batch: ~51 MiB of 64-dim float32 vectors
+STREAM_ROWS = 200_000  # pool documents per read when the whole pool is the fit sample (~51 MiB of 64-dim vectors)
 _READ_ROWS = 65_536  # rows per arrow record batch fetched from the store (~17 MiB of 64-dim vectors)
 _MAX_SPLIT_ROUNDS = 4  # splits of splits: a cluster whose parts are still over the token cap is split again
 
@@ -180,19 +194,40 @@ class Clusterer:
                 break
         return raw
 
-    def partial_assign(self, X: np.ndarray) -> np.ndarray:
-        """Pass 1 over one batch: its labels (b,) int32, added to the member sums and sizes."""
+    def batch_sums(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pass 1's work on one batch, without touching the model: (labels (b,) int32, member sums (k_, dim)
+        float64, sizes (k_,) int64). A shard task computes these; `add_sums` adds them up.
+
+        The sums are float64 (exact to ~1e-16 of their size), so how the pool is cut into batches or
+        shards does not show in the float32 centroids.
+        """
         if not hasattr(self, "centers_"):
             raise RuntimeError("Clusterer has no k-means centers: call fit_sample() first")
-        if hasattr(self, "centroids_"):
-            raise RuntimeError("Clusterer is finalized: call fit_sample() again before partial_assign()")
         X = _as_matrix(X, self.centers_.shape[1])
         labels = self._kmeans_labels(X)
         b = X.shape[0]
-        members = sp.csr_matrix((np.ones(b, np.float32), (labels, np.arange(b))), shape=(self.k_, b))
-        # (k_, dim) float32 sum per batch, in doc order as one sparse product; float64 across batches
-        self.member_sums_ += np.asarray(members @ X)
-        self.sizes_ += np.bincount(labels, minlength=self.k_)
+        members = sp.csr_matrix((np.ones(b, np.float64), (labels, np.arange(b))), shape=(self.k_, b))
+        sums = np.asarray(members @ X.astype(np.float64))  # (k_, dim), in doc order as one sparse product
+        return labels, sums, np.bincount(labels, minlength=self.k_).astype(np.int64)
+
+    def add_sums(self, sums: np.ndarray, sizes: np.ndarray) -> None:
+        """Add one batch's `batch_sums` to pass 1's member sums and sizes."""
+        if not hasattr(self, "member_sums_"):
+            raise RuntimeError("Clusterer has no k-means centers: call fit_sample() first")
+        if hasattr(self, "centroids_"):
+            raise RuntimeError("Clusterer is finalized: call fit_sample() again before partial_assign()")
+        if sums.shape != self.member_sums_.shape or sizes.shape != self.sizes_.shape:
+            raise ValueError(f"sums of shape {sums.shape} and sizes {sizes.shape} for a model of {self.k_} clusters "
+                             f"in {self.member_sums_.shape[1]} dims")
+        self.member_sums_ += sums
+        self.sizes_ += sizes
+
+    def partial_assign(self, X: np.ndarray) -> np.ndarray:
+        """Pass 1 over one batch: its labels (b,) int32, added to the member sums and sizes."""
+        if hasattr(self, "centroids_"):
+            raise RuntimeError("Clusterer is finalized: call fit_sample() again before partial_assign()")
+        labels, sums, sizes = self.batch_sums(X)
+        self.add_sums(sums, sizes)
         return labels
 
     def finalize(self) -> "Clusterer":
@@ -208,10 +243,12 @@ class Clusterer:
         self.inertia_ = 0.0
         return self
 
-    def partial_distances(self, X: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Pass 2 over one batch: (labels (b,) int32, distances (b,) float32); adds to inertia_.
+    def batch_distances(self, X: np.ndarray, labels: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Pass 2's work on one batch, without touching the model: (labels (b,) int32, distances (b,) float32,
+        the batch's sum of squared Euclidean distances to the own centroid).
 
-        labels: the batch's partial_assign() result when still at hand, else recomputed.
+        labels: the batch's pass-1 labels when still at hand, else recomputed (the same).
         """
         if not hasattr(self, "centroids_"):
             raise RuntimeError("Clusterer is not finalized: call finalize() after the partial_assign() pass")
@@ -225,7 +262,12 @@ class Clusterer:
         # ||x - c||^2 = |x|^2 + |c|^2 - 2 x.c  (= 2 * cosine distance for unit x and c)
         sq_x = np.einsum("ij,ij->i", X, X, dtype=np.float64)
         sq_c = np.einsum("ij,ij->i", self.centroids_, self.centroids_, dtype=np.float64)[labels]
-        self.inertia_ += float(np.maximum(sq_x + sq_c - 2.0 * cos, 0.0).sum())
+        return labels, distances, float(np.maximum(sq_x + sq_c - 2.0 * cos, 0.0).sum())
+
+    def partial_distances(self, X: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pass 2 over one batch: (labels (b,) int32, distances (b,) float32); adds to inertia_."""
+        labels, distances, sq = self.batch_distances(X, labels)
+        self.inertia_ += sq
         return labels, distances
 
     def _kmeans_labels(self, X: np.ndarray) -> np.ndarray:
@@ -337,7 +379,8 @@ def _pool_shape(con: Any, key: str) -> tuple[int, int]:
 
 
 def _fill(reader: Any, out: np.ndarray, positions: Any, what: str) -> np.ndarray:
-    """Place each (doc_idx, vec) row of a streamed query result at out[positions(doc_idx)], exactly once.
+    """Place each (doc_idx, vec) row of a streamed query result (or a part's record batches) at
+    out[positions(doc_idx)], exactly once.
 
     Rows may come in any order, so the query needs no sort, and only one arrow record batch
     is held at a time: memory is `out` plus _READ_ROWS vectors.
@@ -348,9 +391,13 @@ def _fill(reader: Any, out: np.ndarray, positions: Any, what: str) -> np.ndarray
     for batch in reader:
         pos = positions(batch.column(0).to_numpy())  # (b,) rows of `out`
         col = batch.column(1)
-        lengths = np.diff(np.asarray(col.offsets))  # (b,)
-        if len(lengths) and not (lengths == dim).all():
-            raise ValueError(f"{what}: vectors have {lengths.min()} to {lengths.max()} dims, expected {dim}")
+        if pa.types.is_fixed_size_list(col.type):  # a part written by featurize's shard tasks
+            if col.type.list_size != dim:
+                raise ValueError(f"{what}: vectors have {col.type.list_size} dims, expected {dim}")
+        else:
+            lengths = np.diff(np.asarray(col.offsets))  # (b,)
+            if len(lengths) and not (lengths == dim).all():
+                raise ValueError(f"{what}: vectors have {lengths.min()} to {lengths.max()} dims, expected {dim}")
         out[pos] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
         seen[pos] = True
         read += len(pos)
@@ -427,29 +474,155 @@ def load_neighbors(con: Any, key: str) -> pl.DataFrame:
     return pairs.cast(PAIRS_SCHEMA)  # type: ignore[arg-type]
 
 
-def _fit(con: Any, key: str, model: Clusterer, n: int, dim: int, rows: np.ndarray,
-         tokens: np.ndarray | None) -> Iterator[tuple]:
-    """Fit `model` on the pool's sample `rows` (with their token counts, if given); yield (first
-    doc_idx, labels, distances) per batch.
+# ---------------------------------------------------------------------------------------------
+# Shard tasks: the two passes over the pool, on the flow's task runner
+# ---------------------------------------------------------------------------------------------
 
-    A pool that is its own sample is in memory anyway: Clusterer.fit, sliced. Otherwise pass 1
-    runs here and pass 2 runs as the batches are consumed (model.inertia_ is complete after).
-    """
-    if len(rows) == n:
-        X = np.empty((n, dim), dtype=np.float32)  # (n, dim)
-        for lo, hi in _ranges(n):
-            X[lo:hi] = read_range(con, key, lo, hi, dim)
-        model.fit(X, tokens)
-        return ((lo, model.labels_[lo:hi], model.distances_[lo:hi]) for lo, hi in _ranges(n))
-    model.fit_sample(read_rows(con, key, rows, dim), tokens)
-    progress = Progress("cluster assign", n)
-    for lo, hi in _ranges(n):  # pass 1: labels -> member sums
-        model.partial_assign(read_range(con, key, lo, hi, dim))
-        progress.update(hi - lo)
+
+@dataclass(frozen=True)
+class ShardSums:
+    """Pass 1 of one shard: its documents' member sums (k_, dim) float64 and sizes (k_,) per cluster."""
+
+    shard: Shard
+    sums: np.ndarray
+    sizes: np.ndarray
+    seconds: float
+
+
+def _shard_vectors(parts: Parts, url: str, shard: Shard, dim: int) -> np.ndarray:
+    """(shard.docs, dim) float32 vectors of a shard's input part, row i = doc_idx shard.lo + i."""
+    def positions(doc_idx: np.ndarray) -> np.ndarray:
+        if len(doc_idx) and (doc_idx.min() < shard.lo or doc_idx.max() >= shard.hi):
+            raise ValueError(f"input part {url} holds doc_idx outside {shard.lo}..{shard.hi - 1}")
+        return doc_idx - shard.lo
+
+    table = parts.read_table(url, columns=["doc_idx", "vec"])
+    return _fill(table.to_batches(_READ_ROWS), np.empty((shard.docs, dim), dtype=np.float32), positions,
+                 f"input part {url}")
+
+
+def _load_model(parts: Parts, url: str) -> Clusterer:
+    with open(parts.local(url), "rb") as fh:
+        model = pickle.load(fh)
+    if not isinstance(model, Clusterer):
+        raise TypeError(f"{url} does not hold a fitted Clusterer")
+    return model
+
+
+def _save_model(parts: Parts, url: str, model: Clusterer) -> None:
+    """The fitted model for the shard tasks (pickled; written aside and renamed, or uploaded whole)."""
+    def write(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        with open(tmp, "wb") as fh:
+            pickle.dump(model, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    parts.save(url, write)
+
+
+@task(name="cluster-sums-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
+def cluster_sums_shard(shard: Shard, input_path: str, output_path: str, model_path: str, parts: Parts
+                       ) -> ShardSums:
+    """Pass 1 of one shard: label its vectors by the k-means centers and sum them per cluster (no part written:
+    the sums are small, and the flow adds them up in shard order)."""
+    start = time.perf_counter()
+    model = _load_model(parts, model_path)
+    _, sums, sizes = model.batch_sums(_shard_vectors(parts, input_path, shard, model.centers_.shape[1]))
+    return ShardSums(shard, sums, sizes, time.perf_counter() - start)
+
+
+@task(name="cluster-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
+def cluster_shard(shard: Shard, input_path: str, output_path: str, model_path: str, parts: Parts) -> ShardResult:
+    """Pass 2 of one shard: its output part (doc_idx, cluster, distance), with the shard's share of the
+    inertia in the part's metadata."""
+    start = time.perf_counter()
+    model = _load_model(parts, model_path)
+    labels, distances, sq = model.batch_distances(_shard_vectors(parts, input_path, shard,
+                                                                 model.centroids_.shape[1]))
+    out = _assignments(shard.lo, labels, distances).replace_schema_metadata({INERTIA_META: repr(sq)})
+    rows = parts.write_parquet(output_path, [out])
+    return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
+
+
+def _export_vectors(con: Any, store_path: str, features_key: str, parts: Parts) -> Callable[[Shard, str], None]:
+    """Input of a cluster shard: featurize's kept part of the same documents when featurize cut the pool the same
+    way (linked, or uploaded to an s3:// prefix), else the shard's rows read from featurize_vectors."""
+    def export(shard: Shard, url: str) -> None:
+        kept = data_part(store_path, "featurize", features_key, shard)
+        if part_rows(kept) == shard.docs:
+            parts.put(url, kept, columns=["doc_idx", "vec"])
+            return
+        reader = query_sql(con, "cluster_vectors_range", {"key": features_key, "lo": shard.lo, "hi": shard.hi}
+                           ).fetch_record_batch(_READ_ROWS)
+        parts.write_parquet(url, reader, schema=reader.schema)
+    return export
+
+
+def _pass_one(con: Any, model: Clusterer, shards: list[Shard], parts: Parts, export: Callable[[Shard, str], None],
+              model_url: str) -> None:
+    """Pass 1 on the task runner: every shard's member sums, added in shard order (a shard that finishes early
+    waits for those before it), so the centroids do not depend on which worker was fastest."""
+    def prepare(shard: Shard) -> None:
+        url = parts.input(shard)
+        if parts.rows(url) != shard.docs:
+            export(shard, url)
+
+    progress = Progress("cluster sums", sum(s.docs for s in shards))
+    waiting: dict[int, ShardSums] = {}
+    order = {s.lo: i for i, s in enumerate(shards)}
+    added = 0
+    for result in execute_shards(cluster_sums_shard, shards, parts, {"model_path": model_url}, prepare):
+        waiting[order[result.shard.lo]] = result
+        while added in waiting:
+            done = waiting.pop(added)
+            model.add_sums(done.sums, done.sizes)
+            progress.update(done.shard.docs)
+            added += 1
     progress.close()
+    if added != len(shards):
+        raise RuntimeError(f"cluster pass 1: {added} of {len(shards)} shards summed")
+
+
+def _fitted(con: Any, settings: ClusterSettings, features: StageRef, docs: StageRef | None, seed: int, n: int,
+            dim: int, shards: list[Shard], parts: Parts, export: Callable[[Shard, str], None]) -> Clusterer:
+    """The finalized model of this partition: loaded when an earlier (killed) run saved it, else k-means fitted
+    here on the seeded sample, pass 1 on the task runner, centroids from its sums; saved for pass 2."""
+    log = get_logger()
+    model_url = parts.url("model.pkl")
+    if parts.exists(model_url):
+        model = _load_model(parts, model_url)
+        log.info(f"cluster: reusing the model fitted by an earlier run ({model_url})")
+        return model
+    rows = sample_rows(n, settings.fit_sample, seed)  # (s,) sorted doc_idx the k-means fit sees
+    k = auto_k(n) if settings.k is None else settings.k
+    if k > len(rows):
+        where = f"the pool's {n} documents" if len(rows) == n else f"the fit sample's {len(rows)} documents"
+        log.warning(f"cluster: k = {k} exceeds {where}; using k = {len(rows)}")
+        k = len(rows)
+    balanced = settings.balance == "tokens"
+    tokens = read_tokens(con, docs.key, rows) if balanced else None
+    model = Clusterer(k, settings.batch_size, seed,
+                      max_token_multiple=settings.max_token_multiple if balanced else None)
+    if len(rows) == n:
+        sample = np.empty((n, dim), dtype=np.float32)  # (n, dim): the whole pool
+        for lo, hi in _ranges(n):
+            sample[lo:hi] = read_range(con, features.key, lo, hi, dim)
+    else:
+        sample = read_rows(con, features.key, rows, dim)
+    model.fit_sample(sample, tokens)
+    del sample
+    centers_url = parts.url("centers.pkl")
+    _save_model(parts, centers_url, model)
+    _pass_one(con, model, shards, parts, export, centers_url)
     model.finalize()
-    # pass 2 re-reads the vectors and labels them again: no per-document state is kept
-    return ((lo, *model.partial_distances(read_range(con, key, lo, hi, dim))) for lo, hi in _ranges(n))
+    _save_model(parts, model_url, model)
+    parts.delete(centers_url)
+    split = f" ({model.n_split_} split from k {k} by tokens)" if model.n_split_ else ""
+    log.info(f"cluster: k {model.k_}{split} fitted on {len(rows):,} of {n:,} docs, "
+             f"{int((model.sizes_ == 0).sum())} empty, {model.n_iter_} epochs")
+    return model
 
 
 def _assignments(lo: int, labels: np.ndarray, distances: np.ndarray) -> pa.Table:
@@ -462,42 +635,52 @@ def _assignments(lo: int, labels: np.ndarray, distances: np.ndarray) -> pa.Table
     )
 
 
-@stage_task("cluster")
-def cluster(settings: ClusterSettings, features: StageRef, seed: int, docs: StageRef | None = None) -> StageRef:
+@stage_task("cluster", cache_policy=SHARDED_CACHE_POLICY)
+def cluster(settings: ClusterSettings, features: StageRef, seed: int, docs: StageRef | None = None,
+            run: RunSettings = RunSettings(), objectstore: ObjectStoreSettings | None = None) -> StageRef:
     """Cluster the pool's vectors and write assignments, centroids, the neighbour graph and info.
 
-    Memory is bounded by fit_sample and STREAM_ROWS, not by the pool: k-means is fitted on a
-    seeded sample, then every document is labelled in two streamed passes over the vectors.
-    With balance = tokens, clusters over the token cap are split on the sample, whose token counts
-    are read from `docs` (the ingest partition `features` was made from).
+    k-means is fitted here on a seeded sample (memory bounded by fit_sample, not by the pool); the two
+    passes over every document run as shard tasks on the flow's task runner (quadflow.shards): pass 1
+    sums each cluster's members (the centroids), pass 2 writes each shard's assignments as a part kept
+    in `<store>.data/cluster/`, which the view cluster_assignments reads in place. With balance =
+    tokens, clusters over the token cap are split on the sample, whose token counts are read from
+    `docs` (the ingest partition `features` was made from).
     """
     key = stage_key("cluster", VERSION, settings, features, seed)  # features' key holds docs' key
     log = get_logger()
     if settings.balance == "tokens" and docs is None:
         raise ValueError("cluster.balance = 'tokens' weighs documents by their tokens: pass the docs ref the "
                          "features were made from, or set cluster.balance = 'docs'")
+    store_path = features.store.path
     with connect(features.store) as con:
+        drop_loaded_table(con, "cluster", "cluster_assignments")
         run_sql(con, "cluster_create")
         n, dim = _pool_shape(con, features.key)
-        rows = sample_rows(n, settings.fit_sample, seed)  # (s,) sorted doc_idx the k-means fit sees
-        k = auto_k(n) if settings.k is None else settings.k
-        if k > len(rows):
-            where = f"the pool's {n} documents" if len(rows) == n else f"the fit sample's {len(rows)} documents"
-            log.warning(f"cluster: k = {k} exceeds {where}; using k = {len(rows)}")
-            k = len(rows)
-        balanced = settings.balance == "tokens"
-        tokens = read_tokens(con, docs.key, rows) if balanced else None
-        model = Clusterer(k, settings.batch_size, seed,
-                          max_token_multiple=settings.max_token_multiple if balanced else None)
-        batches = _fit(con, features.key, model, n, dim, rows, tokens)
-        asked, k = k, model.k_
+        parts = stage_parts(run, store_path, "cluster", key, objectstore)
+        parts.check()
+        shards = plan_shards({"pool": n}, run.shard_docs)
+        forget_unusable_shards(con, "cluster", key, shards, store_path)
+        export = _export_vectors(con, store_path, features.key, parts)
+        model = _fitted(con, settings, features, docs, seed, n, dim, shards, parts, export)
+        k = model.k_
         pairs, gamma = neighbor_graph(model.centroids_, settings.gamma)
-        split = f" ({model.n_split_} split from k {asked} by tokens)" if model.n_split_ else ""
-        log.info(
-            f"cluster: k {k}{split} fitted on {len(rows):,} of {n:,} docs, {int((model.sizes_ == 0).sum())} empty, "
-            f"{model.n_iter_} epochs, gamma {gamma:.4f}{' (auto)' if settings.gamma is None else ''}, "
-            f"{len(pairs) / max(k, 1):.1f} neighbours per cluster"
-        )
+        log.info(f"cluster: gamma {gamma:.4f}{' (auto)' if settings.gamma is None else ''}, "
+                 f"{len(pairs) / max(k, 1):.1f} neighbours per cluster")
+        keep = keep_outputs("cluster", key, parts, store_path)
+
+        def load(con: Any, result: ShardResult) -> str:
+            """Keep the part as the partition's rows; the ledger keeps the shard's inertia (from the part)."""
+            keep(con, result)
+            meta = pq.read_schema(data_part(store_path, "cluster", key, result.shard)).metadata or {}
+            return json.dumps({"inertia": float(meta[INERTIA_META.encode()])})
+
+        progress = Progress("cluster assign", n)
+        stats = run_shards(con, "cluster", key, shards, parts, export, cluster_shard,
+                           {"model_path": parts.url("model.pkl")}, load, progress)
+        progress.close()
+        log.info(f"cluster: {stats.summary()}")
+        inertia = math.fsum(json.loads(text)["inertia"] for text in shard_infos(con, "cluster", key))
         centroids = pa.table(
             {
                 "cluster": pa.array(np.arange(k, dtype=np.int32)),
@@ -506,19 +689,18 @@ def cluster(settings: ClusterSettings, features: StageRef, seed: int, docs: Stag
             }
         )
         with transaction(con):
-            run_sql(con, "cluster_delete", {"key": key})
-            progress = Progress("cluster write", n)
+            point_views(con, "cluster", "cluster_views", store_path)
             written = np.zeros(k, dtype=np.int64)  # (k,) members written, checked against pass 1's sizes
-            for lo, labels, distances in batches:
-                insert_frame(con, "cluster_assignments_insert", _assignments(lo, labels, distances), {"key": key})
-                written += np.bincount(labels, minlength=k)
-                progress.update(len(labels))
-            progress.close()
+            for c, count in query_sql(con, "cluster_sizes", {"key": key}).fetchall():
+                written[c] = count
             if not np.array_equal(written, model.sizes_):
                 bad = int(np.flatnonzero(written != model.sizes_)[0])
                 raise RuntimeError(f"cluster {bad}: {written[bad]} members written but {model.sizes_[bad]} "
                                    "summed into its centroid; the two passes disagree")
+            run_sql(con, "cluster_delete", {"key": key})
             insert_frame(con, "cluster_centroids_insert", centroids, {"key": key})
             insert_frame(con, "cluster_neighbors_insert", pairs, {"key": key})
-            run_sql(con, "cluster_info_insert", {"key": key, "k": k, "gamma": gamma, "inertia": model.inertia_})
-        return make_ref(con, "cluster", key, features.store, "cluster_assignments", ["doc_idx", "cluster"])
+            run_sql(con, "cluster_info_insert", {"key": key, "k": k, "gamma": gamma, "inertia": inertia})
+        ref = make_ref(con, "cluster", key, features.store, "cluster_assignments", ["doc_idx", "cluster"])
+    parts.clean()
+    return ref

@@ -14,7 +14,7 @@ from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
 import quadflow.tasks.cluster as cluster_mod
-from quadflow.settings import ClusterSettings
+from quadflow.settings import ClusterSettings, RunSettings
 from quadflow.store import StageRef, connect, open_store, run_sql
 from quadflow.tasks.cluster import Clusterer, assign, auto_k, cluster, load_assignments, load_neighbors, neighbor_graph
 from quadflow.tasks.featurize import sample_rows, vectors_batch
@@ -146,7 +146,8 @@ def test_token_balance_needs_token_counts():
 
 
 def reference_fit(X, k, batch_size, seed):
-    """Clusterer.fit of cluster-1 (whole pool in memory), frozen here to prove the streamed rewrite equal."""
+    """Clusterer.fit of cluster-1 (whole pool in memory), frozen here to prove the streamed rewrite equal; since
+    cluster-4 the member sums are float64 (exact, so how the pool is cut into shards does not matter)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     n = X.shape[0]
     km = MiniBatchKMeans(n_clusters=k, batch_size=batch_size, n_init=3, max_iter=100, random_state=seed)
@@ -155,8 +156,8 @@ def reference_fit(X, k, batch_size, seed):
     labels, _ = assign(X, cluster_mod._l2_normalize_rows(km.cluster_centers_))
     zero = ~np.any(X, axis=1)
     labels[zero] = km.labels_[zero]
-    members = sp.csr_matrix((np.ones(n, np.float32), (labels, np.arange(n))), shape=(k, n))
-    sums = np.asarray(members @ X)
+    members = sp.csr_matrix((np.ones(n, np.float64), (labels, np.arange(n))), shape=(k, n))
+    sums = np.asarray(members @ X.astype(np.float64)).astype(np.float32)
     empty = ~np.any(sums, axis=1)
     sums[empty] = km.cluster_centers_[empty]
     centroids = cluster_mod._l2_normalize_rows(sums)
@@ -401,7 +402,7 @@ def read_partition(store, key):
 
 def test_task_on_a_pool_within_fit_sample_writes_what_the_whole_pool_clusterer_did(tmp_path, monkeypatch):
     x, k = POOLS["zero vectors"]  # 90 docs
-    monkeypatch.setattr(cluster_mod, "STREAM_ROWS", 25)  # read and written in 4 batches
+    monkeypatch.setattr(cluster_mod, "STREAM_ROWS", 25)  # read for the fit in 4 batches
     features = make_features(tmp_path, x)
     ref = cluster.fn(ClusterSettings(k=k, batch_size=64, balance="docs"), features, 3)
     labels, centroids, distances, sizes, inertia = reference_fit(x, k, 64, 3)
@@ -413,23 +414,25 @@ def test_task_on_a_pool_within_fit_sample_writes_what_the_whole_pool_clusterer_d
     assert gamma == expected_gamma and pairs.equals(expected_pairs)
 
 
-def test_task_streams_a_pool_larger_than_fit_sample(tmp_path, monkeypatch):
+def test_task_streams_a_pool_larger_than_fit_sample(tmp_path):
     x, y = blobs(n_per=1000, dim=16, groups=5, noise=0.1, seed=5)  # 5000 docs
-    monkeypatch.setattr(cluster_mod, "STREAM_ROWS", 1500)  # 3 full batches and a partial one
+    run = RunSettings(shard_docs=1500)  # 3 full shards and a partial one, each pass
     features = make_features(tmp_path, x)
     settings = ClusterSettings(k=5, batch_size=256, fit_sample=1000, balance="docs")
-    ref = cluster.fn(settings, features, 0)
+    ref = cluster.fn(settings, features, 0, run=run)
     assert ref.rows == 5000
     model, labels, distances = stream(x, 5, sample=1000, batch=1500, batch_size=256)
     a, sizes, centroids, (k, gamma, inertia), pairs = read_partition(features.store, ref.key)
     assert np.array_equal(a["doc_idx"], np.arange(5000)) and np.array_equal(a["cluster"], labels)
     assert np.array_equal(a["distance"], distances) and same_partition(a["cluster"], y)
     assert sizes.sum() == 5000 and np.array_equal(sizes, np.bincount(a["cluster"], minlength=5))
-    assert np.array_equal(centroids, model.centroids_) and inertia == model.inertia_ and k == 5
+    assert np.array_equal(centroids, model.centroids_) and k == 5
+    assert inertia == pytest.approx(model.inertia_, rel=1e-12)  # shard sums added exactly (fsum), not in turn
     assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     assert pairs.equals(neighbor_graph(model.centroids_)[0])
-    assert cluster.fn(settings, features, 0) == ref  # rerun: same rows, still one partition
-    other = cluster.fn(settings, features, 1)  # another seed samples other documents
+    assert cluster.fn(settings, features, 0, run=run) == ref  # rerun: same rows, still one partition
+    assert cluster.fn(settings, features, 0, run=RunSettings(shard_docs=5000)) == ref  # one shard: the same
+    other = cluster.fn(settings, features, 1, run=run)  # another seed samples other documents
     assert other.key != ref.key
     with connect(features.store, read_only=True) as con:
         counts = con.execute("select key, count(*) from cluster_assignments group by key").fetchall()

@@ -355,13 +355,14 @@ def test_shard_parts_on_the_object_store_give_the_same_selection_without_a_share
             stage_dir, name = r.path.split("?")[0].split("/shard-parts/", 1)[1].split("/", 1)
             puts.add((stage_dir.split("-", 1)[0], name.split("-", 1)[0] if name.endswith(".parquet") else name))
     assert puts == {("ingest", "out"), ("ingest", "bad"), ("texts", "in"), ("dedup", "out"), ("featurize", "out"),
-                    ("featurize", "lsa.npz"), ("score", "out"), ("score", "scorers.pkl")}, puts
+                    ("featurize", "lsa.npz"), ("cluster", "in"), ("cluster", "centers.pkl"), ("cluster", "model.pkl"),
+                    ("cluster", "out"), ("score", "out"), ("score", "scorers.pkl")}, puts
     assert world.admin.list_objects_v2(Bucket=world.bucket, Prefix="shard-parts/").get("KeyCount") == 0  # cleaned
     assert not Path(f"{settings.store}.parts").exists()  # nothing went through a local directory
     sharded = "role <> 'base'"  # ingest's base row is the flow's own (the copy of an incremental run's base)
     counts = dict(_query(settings.store, f"select stage, count(*) from shard_done where {sharded} "
                                          "and source = 'computed' group by stage"))
-    assert counts["ingest"] == 4 + 1 and all(counts[s] >= 4 for s in ("dedup", "featurize", "score")), counts
+    assert counts["ingest"] == 4 + 1 and all(counts[s] >= 4 for s in ("dedup", "featurize", "cluster", "score")), counts
     pids = {w.rsplit(":", 1)[-1] for (w,) in _query(settings.store, f"select distinct worker from shard_done "
                                                                     f"where {sharded}")}
     assert str(os.getpid()) not in pids  # every shard ran in a worker process, reading its parts from the bucket

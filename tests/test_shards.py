@@ -13,11 +13,13 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from quadflow.settings import ConfigError, FeaturizeSettings, RunSettings, ScoreSettings
+from quadflow.settings import ClusterSettings, ConfigError, FeaturizeSettings, RunSettings, ScoreSettings
 from quadflow.shards import Shard, part_rows, plan_shards, text_parts, write_parquet_atomic
 from quadflow.store import StageRef, connect, open_store
+from quadflow.tasks import cluster as cluster_mod
 from quadflow.tasks import featurize as featurize_mod
 from quadflow.tasks import score as score_mod
+from quadflow.tasks.cluster import cluster
 from quadflow.tasks.featurize import featurize
 from quadflow.tasks.ingest import Deduplicator, StoreDeduplicator
 from quadflow.tasks.score import score
@@ -387,10 +389,10 @@ def test_inputs_parsed_by_worker_processes_give_the_partition_parsing_here_gives
 # --------------------------------------------------------------------------- featurize parts read in place
 
 
-def _relations(store) -> dict[str, str]:
+def _relations(store, like: str = "featurize_%") -> dict[str, str]:
     with duckdb.connect(store.path, read_only=True) as con:
         return dict(con.execute("select table_name, table_type from information_schema.tables "
-                                "where table_name like 'featurize_%'").fetchall())
+                                "where table_name like ?", [like]).fetchall())
 
 
 def _features(store, key: str) -> dict[str, list]:
@@ -461,3 +463,95 @@ def test_a_store_whose_data_directory_is_gone_says_so(tmp_path):
     other = FEAT.model_copy(update={"dim": 4})  # another partition: the first one's parts are still recorded
     with pytest.raises(FileNotFoundError, match=r"store.duckdb.data.*moved or deleted apart from the store"):
         featurize.fn(other, docs, 0, RunSettings(shard_docs=20))
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+CLUSTER = ClusterSettings(k=4, batch_size=64, balance="docs")
+
+
+def _clusters(store, key: str) -> dict[str, list]:
+    with connect(store, read_only=True) as con:
+        return {name: con.execute(sql, [key]).fetchall() for name, sql in {
+            "assignments": "select doc_idx, cluster, distance from cluster_assignments where key = ? order by doc_idx",
+            "centroids": "select cluster, size, vec from cluster_centroids where key = ? order by cluster",
+            "neighbors": "select cluster, neighbor, distance from cluster_neighbors where key = ? order by all",
+            "info": "select k, gamma, round(inertia, 9) from cluster_info where key = ?",
+        }.items()}
+
+
+class _Inputs:
+    """Records, per pass-1 shard, whether its input part is featurize's kept part itself (a hard link)."""
+
+    def __init__(self, task, data: Path):
+        self.task, self.data, self.linked = task, data, []
+
+    def fn(self, shard: Shard, input_path: str, *args, **kwargs):
+        kept = self.data / f"role=pool/{shard.lo:012d}-{shard.hi:012d}.parquet"
+        self.linked.append(kept.is_file() and Path(input_path).stat().st_ino == kept.stat().st_ino)
+        return self.task.fn(shard, input_path, *args, **kwargs)
+
+
+def test_cluster_reads_featurize_parts_and_its_assignments_do_not_depend_on_the_shards(tmp_path, monkeypatch):
+    """The two passes run as shard tasks: inputs are featurize's kept parts (linked, not copied) when featurize cut
+    the pool the same way, else rows read from the view; either way, and in any shard size, the same clusters."""
+    docs = make_docs(tmp_path)
+    feats = featurize.fn(FEAT, docs, 0, RunSettings(shard_docs=10))
+    inputs = _Inputs(cluster_mod.cluster_sums_shard, tmp_path / "store.duckdb.data" / "featurize" / f"key={feats.key}")
+    monkeypatch.setattr(cluster_mod, "cluster_sums_shard", inputs)
+    ref = cluster.fn(CLUSTER, feats, 0, docs, RunSettings(shard_docs=10))
+    assert inputs.linked == [True] * 5
+    assert _relations(docs.store, "cluster_%") == {"cluster_assignments": "VIEW", "cluster_centroids": "BASE TABLE",
+                                                   "cluster_neighbors": "BASE TABLE", "cluster_info": "BASE TABLE"}
+    data = tmp_path / "store.duckdb.data" / "cluster" / f"key={ref.key}"
+    assert sorted(p.name for p in data.rglob("*.parquet")) == [
+        f"{lo:012d}-{min(lo + 10, 45):012d}.parquet" for lo in range(0, 45, 10)]
+    assert (tmp_path / "store.duckdb.data" / "featurize" / f"key={feats.key}" / "role=pool").is_dir()  # kept
+    assert not (tmp_path / "store.duckdb.parts" / f"cluster-{ref.key}").exists()  # the stage's parts are gone
+    want = _clusters(docs.store, ref.key)
+    assert len(want["assignments"]) == 45 and sum(size for _, size, _ in want["centroids"]) == 45
+
+    inputs.linked.clear()
+    assert cluster.fn(CLUSTER, feats, 0, docs, RunSettings(shard_docs=7)) == ref  # same key, other shards
+    assert inputs.linked == [False] * 7  # featurize has no part of these bounds: read from the view
+    assert _clusters(docs.store, ref.key) == want
+    assert len(list(data.rglob("*.parquet"))) == 7  # the shards of 10 went with their ledger rows
+
+
+def test_a_crashed_cluster_stage_reuses_its_model_and_resumes_pass_two(tmp_path, monkeypatch):
+    clean = make_docs(tmp_path / "clean")
+    fc = featurize.fn(FEAT, clean, 0, RunSettings(shard_docs=10))
+    expected = _clusters(clean.store, cluster.fn(CLUSTER, fc, 0, clean, RunSettings(shard_docs=10)).key)
+
+    docs = make_docs(tmp_path / "crash")
+    run = RunSettings(shard_docs=10)
+    feats = featurize.fn(FEAT, docs, 0, run)
+    flaky = _Flaky(cluster_mod.cluster_shard, ok=2, finish_part_of_next=True)
+    monkeypatch.setattr(cluster_mod, "cluster_shard", flaky)
+    with pytest.raises(_Crash):
+        cluster.fn(CLUSTER, feats, 0, docs, run)
+    sums, assign = _Counting(cluster_mod.cluster_sums_shard), _Counting(flaky.task)
+    monkeypatch.setattr(cluster_mod, "cluster_sums_shard", sums)
+    monkeypatch.setattr(cluster_mod, "cluster_shard", assign)
+    ref = cluster.fn(CLUSTER, feats, 0, docs, run)
+    assert sums.calls == []  # the model (centroids from pass 1) was saved before pass 2 began
+    assert [s.lo for s in assign.calls] == [30, 40]  # 2 recorded, the third's finished part recovered
+    assert _clusters(docs.store, ref.key) == expected
+    with connect(docs.store, read_only=True) as con:
+        sources = con.execute("select source, count(*) from shard_done where stage = 'cluster' group by all "
+                              "order by all").fetchall()
+    assert sources == [("computed", 4), ("recovered", 1)]
+
+
+def test_cluster_parts_on_an_object_store_give_the_same_clusters(tmp_path, s3_settings, s3_admin, s3_bucket):
+    local = make_docs(tmp_path / "local")
+    fl = featurize.fn(FEAT, local, 0, RunSettings(shard_docs=10))
+    expected = _clusters(local.store, cluster.fn(CLUSTER, fl, 0, local, RunSettings(shard_docs=10)).key)
+    docs = make_docs(tmp_path / "s3")
+    run = RunSettings(shard_docs=10, parts=f"s3://{s3_bucket}/parts/")
+    feats = featurize.fn(FEAT, docs, 0, run, s3_settings)
+    ref = cluster.fn(CLUSTER, feats, 0, docs, run, s3_settings)
+    assert _clusters(docs.store, ref.key) == expected
+    # the stage's inputs, model and outputs went through the bucket and are gone; only the shared texts remain
+    assert {k.removeprefix("parts/").split("-", 1)[0] for k in _keys(s3_admin, s3_bucket, "parts/")} == {"texts"}
