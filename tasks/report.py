@@ -483,20 +483,19 @@ def write_report(data: ReportData, directory: str | Path) -> tuple[ReportResult,
 
 
 def _ngram_vectors(frame: pl.DataFrame, n_buckets: int) -> dict[str, np.ndarray] | None:
-    """(role, selected, in_random, bucket, n) sums -> target/raw/selected/random count vectors (buckets,)."""
+    """(what, bucket, n) sums -> target/raw/selected/random count vectors (buckets,); what is target | raw |
+    selected | random (report_ngrams)."""
     if frame.is_empty():
         return None
     size = max(n_buckets, int(frame["bucket"].max()) + 1)
 
-    def vec(f: pl.DataFrame) -> np.ndarray:
+    def vec(what: str) -> np.ndarray:
+        f = frame.filter(pl.col("what") == what)
         return np.bincount(f["bucket"].to_numpy(), weights=f["n"].to_numpy().astype(np.float64), minlength=size)
 
-    target = frame.filter(pl.col("role") == "target")
-    pool = frame.filter(pl.col("role") == "pool")
-    if target.is_empty() or pool.is_empty():
+    if not {"target", "raw"} <= set(frame["what"].unique().to_list()):
         return None
-    return {"target": vec(target), "raw": vec(pool), "selected": vec(pool.filter(pl.col("selected"))),
-            "random": vec(pool.filter(pl.col("in_random")))}
+    return {what: vec(what) for what in ("target", "raw", "selected", "random")}
 
 
 def gather_report_data(con, settings: Settings, keys: ReportKeys, output: str, export_key: str) -> ReportData:

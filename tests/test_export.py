@@ -12,6 +12,7 @@ import quadflow.tasks.export as ex
 from quadflow.settings import build_settings
 from quadflow.store import StageRef, open_store
 from quadflow.tasks.export import OutputError, export, jsonl_record, pivot_scores, verify_output
+from tests.test_score_task import TOTALS_FROM_NGRAMS
 
 # Upstream tables as ARCHITECTURE.md documents them (written here by hand; other stages own them).
 UPSTREAM_DDL = """
@@ -74,6 +75,7 @@ def build_store(tmp_path: Path, selector: str = "quad") -> dict:
         con.execute("insert into ingest_docs values ('D', 'target', ?, ?, null, 'target text', 5, 11, "
                     "'ref', 'target.jsonl', ?, null)", [i, f"t{i}", i + 1])
         con.execute("insert into featurize_ngrams values ('F', 'target', ?, [0, 1], [6, 1])", [i])
+    con.execute(TOTALS_FROM_NGRAMS)  # what the featurize stage writes beside its n-grams
     con.executemany("insert into ingest_quarantine values ('D', 'pool', 'pool.jsonl', ?, ?, '', '')",
                     [[30, "malformed_json"], [31, "malformed_json"], [32, "empty_text"]])
     con.execute("insert into ingest_duplicates values ('D', 'pool', 'd03', 'pool.jsonl', 40, 'pool.jsonl', 4)")
