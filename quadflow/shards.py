@@ -583,8 +583,9 @@ def _load(con: Any, stage: str, key: str, parts: Parts, load: Callable[[Any, Sha
 
 def execute_shards(shard_task: Any, todo: list[Shard], parts: Parts, kwargs: dict[str, Any],
                    prepare: Callable[[Shard], None] = lambda shard: None,
-                   inputs: Parts | None = None) -> Iterator[ShardResult]:
-    """Shard results as they finish: on the flow's task runner inside a flow run, else one by one here.
+                   inputs: Parts | None = None) -> Iterator[Any]:
+    """Shard results as they finish (what the shard task returns: a ShardResult, or e.g. cluster's pass-1
+    sums): on the flow's task runner inside a flow run, else one by one here.
 
     Each shard's input (in `inputs`, default `parts`) is prepared just before it is submitted, so
     workers start while later inputs are still being exported. A single shard runs in this process:

@@ -560,7 +560,7 @@ def _export_vectors(con: Any, store_path: str, features_key: str, parts: Parts) 
     return export
 
 
-def _pass_one(con: Any, model: Clusterer, shards: list[Shard], parts: Parts, export: Callable[[Shard, str], None],
+def _pass_one(model: Clusterer, shards: list[Shard], parts: Parts, export: Callable[[Shard, str], None],
               model_url: str) -> None:
     """Pass 1 on the task runner: every shard's member sums, added in shard order (a shard that finishes early
     waits for those before it), so the centroids do not depend on which worker was fastest."""
@@ -615,7 +615,7 @@ def _fitted(con: Any, settings: ClusterSettings, features: StageRef, docs: Stage
     del sample
     centers_url = parts.url("centers.pkl")
     _save_model(parts, centers_url, model)
-    _pass_one(con, model, shards, parts, export, centers_url)
+    _pass_one(model, shards, parts, export, centers_url)
     model.finalize()
     _save_model(parts, model_url, model)
     parts.delete(centers_url)
