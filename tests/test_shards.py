@@ -1,4 +1,4 @@
-"""Shards: bounded pieces of featurize/score, identical results at any shard size, resume after a crash."""
+"""Shards: bounded pieces of featurize, cluster and score, identical results at any shard size, resume after a crash."""
 
 from __future__ import annotations
 
@@ -555,3 +555,4 @@ def test_cluster_parts_on_an_object_store_give_the_same_clusters(tmp_path, s3_se
     assert _clusters(docs.store, ref.key) == expected
     # the stage's inputs, model and outputs went through the bucket and are gone; only the shared texts remain
     assert {k.removeprefix("parts/").split("-", 1)[0] for k in _keys(s3_admin, s3_bucket, "parts/")} == {"texts"}
+
