@@ -42,6 +42,7 @@ import errno
 import hashlib
 import multiprocessing.util
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -219,6 +220,26 @@ class Parts:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def save_pickle(self, url: str, obj: Any) -> None:
+        """Pickle `obj` (fitted state for the shard tasks) to `url`, whole or not at all (see `save`)."""
+        def write(path: Path) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+            try:
+                with open(tmp, "wb") as fh:
+                    pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self.save(url, write)
+
+    def load_pickle(self, url: str) -> Any:
+        """What `save_pickle` stored at `url` (downloaded once per process from an object store, see `local`)."""
+        with open(self.local(url), "rb") as fh:
+            return pickle.load(fh)
 
     def exists(self, url: str) -> bool:
         return ob.exists(self.client, url) if self.remote else Path(url).is_file()

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pickle
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -502,24 +499,10 @@ def _shard_vectors(parts: Parts, url: str, shard: Shard, dim: int) -> np.ndarray
 
 
 def _load_model(parts: Parts, url: str) -> Clusterer:
-    with open(parts.local(url), "rb") as fh:
-        model = pickle.load(fh)
+    model = parts.load_pickle(url)
     if not isinstance(model, Clusterer):
         raise TypeError(f"{url} does not hold a fitted Clusterer")
     return model
-
-
-def _save_model(parts: Parts, url: str, model: Clusterer) -> None:
-    """The fitted model for the shard tasks (pickled; written aside and renamed, or uploaded whole)."""
-    def write(path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        with open(tmp, "wb") as fh:
-            pickle.dump(model, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    parts.save(url, write)
 
 
 @task(name="cluster-sums-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
@@ -614,10 +597,10 @@ def _fitted(con: Any, settings: ClusterSettings, features: StageRef, docs: Stage
     model.fit_sample(sample, tokens)
     del sample
     centers_url = parts.url("centers.pkl")
-    _save_model(parts, centers_url, model)
+    parts.save_pickle(centers_url, model)
     _pass_one(model, shards, parts, export, centers_url)
     model.finalize()
-    _save_model(parts, model_url, model)
+    parts.save_pickle(model_url, model)
     parts.delete(centers_url)
     split = f" ({model.n_split_} split from k {k} by tokens)" if model.n_split_ else ""
     log.info(f"cluster: k {model.k_}{split} fitted on {len(rows):,} of {n:,} docs, "

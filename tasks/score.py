@@ -31,9 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import os
-import pickle
-
 import duckdb
 import numpy as np
 import polars as pl
@@ -383,8 +380,7 @@ def score_shard(shard: Shard, input_path: str, output_path: str, scorers_path: s
     """Score one shard: its input part (doc_idx, text) -> its output part (score_docs rows; per-scorer params in
     the metadata)."""
     start = time.perf_counter()
-    with open(parts.local(scorers_path), "rb") as fh:
-        scorers = pickle.load(fh)
+    scorers = parts.load_pickle(scorers_path)
     table = parts.read_table(input_path, columns=["doc_idx", "text"])
     if not np.array_equal(table.column("doc_idx").to_numpy(), np.arange(shard.lo, shard.hi)):
         raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
@@ -393,17 +389,6 @@ def score_shard(shard: Shard, input_path: str, output_path: str, scorers_path: s
     out = out.replace_schema_metadata({PARAMS_META: json.dumps(params, default=_json_default)})
     rows = parts.write_parquet(output_path, [out])
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
-
-
-def _save_scorers(scorers: list[Scorer], path: Path) -> None:
-    """Fitted scorers for the shard tasks (pickled; written aside and renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as fh:
-        pickle.dump(scorers, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list[str], docs: StageRef,
@@ -423,7 +408,7 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
     parts = stage_parts(run, docs.store.path, "score", key, objectstore)
     parts.check()
     scorers_path = parts.url("scorers.pkl")
-    parts.save(scorers_path, lambda path: _save_scorers(scorers, path))
+    parts.save_pickle(scorers_path, scorers)
     params: dict[str, list[dict]] = {s.name: [] for s in scorers}
     keep = keep_outputs("score", key, parts, docs.store.path)
 
