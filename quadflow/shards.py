@@ -567,19 +567,24 @@ def run_shards(
                  f"finished parts, {len(todo)} to compute")
 
     source = parts if inputs is None else inputs
-
-    def prepare(shard: Shard) -> None:  # the input part, just before its shard is submitted
-        if export_input is not None:
-            url = source.input(shard)
-            if source.rows(url) != shard.docs:
-                export_input(shard, url)
-
+    prepare = input_preparer(source, export_input)
     for result in execute_shards(shard_task, todo, parts, task_kwargs, prepare, inputs=source):
         _load(con, stage, key, parts, load, result, "computed", rows_per_doc, drop_input=inputs is None)
         stats.computed += 1
         stats.docs_computed += result.shard.docs
         _progress(progress, result.shard.docs)
     return stats
+
+
+def input_preparer(source: Parts, export_input: Callable[[Shard, str], None] | None) -> Callable[[Shard], None]:
+    """execute_shards' `prepare`: write a shard's input part into `source` with `export_input(shard, url)`, just
+    before the shard is submitted, unless a complete one is there (a killed run's, or an earlier pass's)."""
+    def prepare(shard: Shard) -> None:
+        if export_input is not None:
+            url = source.input(shard)
+            if source.rows(url) != shard.docs:
+                export_input(shard, url)
+    return prepare
 
 
 def _progress(progress: Any, n: int) -> None:

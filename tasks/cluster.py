@@ -34,8 +34,8 @@ from quadflow.log import Progress, get_logger
 from quadflow.objectstore import ObjectStoreSettings
 from quadflow.settings import ClusterSettings, RunSettings
 from quadflow.shards import (Parts, Shard, ShardResult, data_part, drop_loaded_table, execute_shards,
-                             forget_unusable_shards, keep_outputs, part_rows, plan_shards, point_views, run_shards,
-                             shard_infos, stage_parts, worker_name)
+                             forget_unusable_shards, input_preparer, keep_outputs, part_rows, plan_shards,
+                             point_views, run_shards, shard_infos, stage_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 
@@ -483,7 +483,6 @@ class ShardSums:
     shard: Shard
     sums: np.ndarray
     sizes: np.ndarray
-    seconds: float
 
 
 def _shard_vectors(parts: Parts, url: str, shard: Shard, dim: int) -> np.ndarray:
@@ -510,10 +509,9 @@ def cluster_sums_shard(shard: Shard, input_path: str, output_path: str, model_pa
                        ) -> ShardSums:
     """Pass 1 of one shard: label its vectors by the k-means centers and sum them per cluster (no part written:
     the sums are small, and the flow adds them up in shard order)."""
-    start = time.perf_counter()
     model = _load_model(parts, model_path)
     _, sums, sizes = model.batch_sums(_shard_vectors(parts, input_path, shard, model.centers_.shape[1]))
-    return ShardSums(shard, sums, sizes, time.perf_counter() - start)
+    return ShardSums(shard, sums, sizes)
 
 
 @task(name="cluster-shard", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
@@ -547,16 +545,12 @@ def _pass_one(model: Clusterer, shards: list[Shard], parts: Parts, export: Calla
               model_url: str) -> None:
     """Pass 1 on the task runner: every shard's member sums, added in shard order (a shard that finishes early
     waits for those before it), so the centroids do not depend on which worker was fastest."""
-    def prepare(shard: Shard) -> None:
-        url = parts.input(shard)
-        if parts.rows(url) != shard.docs:
-            export(shard, url)
-
     progress = Progress("cluster sums", sum(s.docs for s in shards))
     waiting: dict[int, ShardSums] = {}
     order = {s.lo: i for i, s in enumerate(shards)}
     added = 0
-    for result in execute_shards(cluster_sums_shard, shards, parts, {"model_path": model_url}, prepare):
+    for result in execute_shards(cluster_sums_shard, shards, parts, {"model_path": model_url},
+                                 input_preparer(parts, export)):
         waiting[order[result.shard.lo]] = result
         while added in waiting:
             done = waiting.pop(added)
