@@ -419,10 +419,22 @@ def kept_parts(con: Any, stage: str, store_path: str) -> list[str]:
     return [str(p) for p in paths]
 
 
-def keep_outputs(stage: str, key: str, parts: Parts, store_path: str) -> Callable[[Any, ShardResult], None]:
-    """run_shards' `load` for a stage whose output parts are its data: each part is kept as it is (keep_part)."""
-    def load(con: Any, result: ShardResult) -> None:
-        keep_part(parts, result.path, data_part(store_path, stage, key, result.shard))
+def keep_outputs(stage: str, key: str, parts: Parts, store_path: str, info_meta: str | None = None
+                 ) -> Callable[[Any, ShardResult], str | None]:
+    """run_shards' `load` for a stage whose output parts are its data: each part is kept as it is (keep_part).
+
+    `info_meta`: the key of the part's Parquet metadata that holds the shard's info (JSON text, e.g. each
+    scorer's counts), returned for the ledger; read from the kept local copy, so a part that a killed run
+    finished has its info too, and an s3:// part is not downloaded twice."""
+    def load(con: Any, result: ShardResult) -> str | None:
+        kept = data_part(store_path, stage, key, result.shard)
+        keep_part(parts, result.path, kept)
+        if info_meta is None:
+            return None
+        meta = pq.read_schema(kept).metadata or {}
+        if info_meta.encode() not in meta:
+            raise ValueError(f"{stage} part {kept} has no {info_meta!r} metadata")
+        return meta[info_meta.encode()].decode()
     return load
 
 

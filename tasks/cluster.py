@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import sklearn
 from prefect import task
@@ -42,7 +41,7 @@ from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 from quadflow.tasks.featurize import sample_rows
 
 VERSION = f"cluster-4/sklearn-{sklearn.__version__}"
-INERTIA_META = "quadflow.cluster.inertia"  # output part metadata: the shard's sum of squared distances
+INERTIA_META = "quadflow.cluster.info"  # output part metadata: the shard's inertia (sum of squared distances)
 
 MIN_K, MAX_K = 8, 10_000  # Quad (ICLR 2025) uses 10k clusters for ~600M documents: the upper end
 N_NEAREST = 5  # auto gamma: median distance to the 5th-nearest other centroid, so ~half the arms share with >= 5
@@ -522,7 +521,8 @@ def cluster_shard(shard: Shard, input_path: str, output_path: str, model_path: s
     model = _load_model(parts, model_path)
     labels, distances, sq = model.batch_distances(_shard_vectors(parts, input_path, shard,
                                                                  model.centroids_.shape[1]))
-    out = _assignments(shard.lo, labels, distances).replace_schema_metadata({INERTIA_META: repr(sq)})
+    out = _assignments(shard.lo, labels, distances)
+    out = out.replace_schema_metadata({INERTIA_META: json.dumps({"inertia": sq})})
     rows = parts.write_parquet(output_path, [out])
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
 
@@ -644,14 +644,7 @@ def cluster(settings: ClusterSettings, features: StageRef, seed: int, docs: Stag
         pairs, gamma = neighbor_graph(model.centroids_, settings.gamma)
         log.info(f"cluster: gamma {gamma:.4f}{' (auto)' if settings.gamma is None else ''}, "
                  f"{len(pairs) / max(k, 1):.1f} neighbours per cluster")
-        keep = keep_outputs("cluster", key, parts, store_path)
-
-        def load(con: Any, result: ShardResult) -> str:
-            """Keep the part as the partition's rows; the ledger keeps the shard's inertia (from the part)."""
-            keep(con, result)
-            meta = pq.read_schema(data_part(store_path, "cluster", key, result.shard)).metadata or {}
-            return json.dumps({"inertia": float(meta[INERTIA_META.encode()])})
-
+        load = keep_outputs("cluster", key, parts, store_path, info_meta=INERTIA_META)  # the ledger: its inertia
         progress = Progress("cluster assign", n)
         stats = run_shards(con, "cluster", key, shards, parts, export, cluster_shard,
                            {"model_path": parts.url("model.pkl")}, load, progress)

@@ -35,7 +35,6 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -44,7 +43,7 @@ from quadflow import settings as qsettings
 from quadflow.log import Progress, get_logger
 from quadflow.objectstore import ObjectStoreSettings
 from quadflow.settings import ConfigError, InfluenceSettings, RunSettings, ScoreSettings
-from quadflow.shards import (Parts, Shard, ShardResult, data_part, drop_loaded_table, export_texts,
+from quadflow.shards import (Parts, Shard, ShardResult, drop_loaded_table, export_texts,
                              forget_unusable_shards, keep_outputs, plan_shards, point_views, run_shards, shard_infos,
                              stage_parts, text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
@@ -410,14 +409,7 @@ def _score_parts(con: Any, settings: ScoreSettings, run: RunSettings, wide: list
     scorers_path = parts.url("scorers.pkl")
     parts.save_pickle(scorers_path, scorers)
     params: dict[str, list[dict]] = {s.name: [] for s in scorers}
-    keep = keep_outputs("score", key, parts, docs.store.path)
-
-    def load(con: Any, result: ShardResult) -> str:
-        """Keep the part as the partition's rows; the ledger keeps the shard's params (from the part's metadata)."""
-        keep(con, result)
-        meta = pq.read_schema(data_part(docs.store.path, "score", key, result.shard)).metadata or {}
-        return meta.get(PARAMS_META.encode(), b"{}").decode()
-
+    load = keep_outputs("score", key, parts, docs.store.path, info_meta=PARAMS_META)  # the ledger keeps the params
     progress = Progress("score", n_pool)
     texts = text_parts(run, docs.store.path, docs.key, objectstore)  # the shard tasks hash their n-grams
     shards = plan_shards({"pool": n_pool}, run.shard_docs)
