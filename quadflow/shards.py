@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from quadflow import objectstore as ob
@@ -266,6 +267,24 @@ class Parts:
     def read_table(self, url: str, columns: list[str] | None = None) -> pa.Table:
         with self._readable(url) as path:
             return pq.read_table(path, columns=columns)
+
+    def read_range(self, url: str, column: str, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
+        """The rows with lo <= `column` < hi of a part sorted by that integer column, reading only the row
+        groups whose statistics overlap the range (on an object store, ranged reads of those bytes only)."""
+        with (ob.open_read(self.client, url) if self.remote else open(url, "rb")) as src:
+            pf = pq.ParquetFile(src)
+            at = pf.schema_arrow.get_field_index(column)
+            groups = []
+            for g in range(pf.num_row_groups):
+                stats = pf.metadata.row_group(g).column(at).statistics
+                if stats is None or not stats.has_min_max or (stats.min < hi and stats.max >= lo):
+                    groups.append(g)
+            schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
+            table = pf.read_row_groups(groups, columns=columns) if groups else schema.empty_table()
+        if column not in table.column_names:
+            raise ValueError(f"read_range: columns {columns} of {url} must include the range column {column!r}")
+        values = table[column]
+        return table.filter(pc.and_(pc.greater_equal(values, lo), pc.less(values, hi)))
 
     def local(self, url: str) -> Path:
         """A local path holding the file at `url`: itself, or a copy kept for this process (keyed by ETag,

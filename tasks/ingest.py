@@ -3,16 +3,20 @@ exact-dedup them, and quarantine every record that cannot be a document, with it
 and a reason.
 
 Core (no Prefect, no DuckDB): `expand_inputs`, `list_inputs`, `resolve_files`,
-`fingerprint_files`, `read_file`, `read_object`, `doc_id`, `Deduplicator`, `choose_base`,
+`fingerprint_files`, `read_file`, `read_object`, `doc_id`, `Deduplicator` (exact dedup in
+memory, the reference), `sorted_ids`/`first_copies` (the same, by hash range), `choose_base`,
 `plan_increment`. Task: `ingest`, which writes ingest_docs, ingest_quarantine,
 ingest_duplicates, ingest_files, ingest_objects and ingest_runs for one key.
 
 Inputs are parsed by shard tasks on the flow's task runner (`ingest_read`, one per input: JSON,
-validation, ids and token counts, into a Parquet part of documents and one of quarantined
-records, under `run.parts`); the flow's process loads the parts in input order, deduplicating
-each batch against the store, and commits each input with its `shard_done` row. The order of
-loading, not of parsing, decides which copy of a document is kept, so the partition is the same
-however many workers parse.
+validation, ids and token counts, into a Parquet part of documents, one of quarantined records
+and one of ids sorted by hash, under `run.parts`). Exact duplicates are then found by shard
+tasks too (`ingest_dedup`, one per range of the hash: every input's ids in that range, and
+those of the documents the partition already holds), so no process holds or scans every id.
+The flow's process loads the parts in input order, leaving out the dropped copies, and commits
+each input with its `shard_done` row. The load order (pool inputs, then targets, each in input
+order; lines in file order), not the order of parsing, decides which copy of a document is
+kept, so the partition is the same however many workers parse or hash ranges there are.
 
 A broken container (missing file, corrupt gzip/zstd stream, Parquet without the text column)
 is an input error and stops the run; a broken record is a data error and is quarantined.
@@ -884,43 +888,82 @@ class Deduplicator:
         return kept, dups
 
 
-class StoreDeduplicator:
-    """Exact dedup by doc_id within a role against the partition's rows in the store (same transaction).
+# --------------------------------------------------------------------------- exact dedup by hash range
 
-    Same results as Deduplicator, but the memory is per batch, not per pool: earlier copies are
-    found with a semi join on the kept documents instead of a dict of every doc_id seen.
+# Exact dedup is range-partitioned on a doc_id's leading 32 bits (doc_id is a hex content hash, so they are
+# uniform): each input's parse task writes its ids sorted by that value (an "ids" part), and each dedup task
+# reads one range of it from every input, so no process holds or scans every id of the pool.
+HASH_SPACE = 1 << 32
+IDS_ROW_GROUP = 8192  # rows per row group of an ids part: at most this many rows are read beyond a range
+IDS_PER_SHARD_DOC = 8  # a dedup task holds run.shard_docs x this many ids (an id costs ~1/20 of a document)
+IDS_SCHEMA = {"h": pl.Int64, "doc_id": pl.String, "file": pl.String, "line": pl.Int64}
+DUPS_SCHEMA = {"pos": pl.Int64, "file": pl.String, "line": pl.Int64, "doc_id": pl.String, "kept_file": pl.String,
+               "kept_line": pl.Int64}
+
+
+def sorted_ids(docs: pl.DataFrame) -> pl.DataFrame:
+    """IDS_SCHEMA rows of documents (doc_id, file, line), sorted by h (stably: copies stay in file order)."""
+    return (docs.select(pl.col("doc_id").str.slice(0, 8).str.to_integer(base=16).alias("h"), "doc_id", "file", "line")
+            .cast(IDS_SCHEMA).sort("h", maintain_order=True))
+
+
+def hash_range(bucket: int, buckets: int) -> tuple[int, int]:
+    """The values lo <= h < hi of dedup task `bucket` of `buckets`."""
+    return bucket * HASH_SPACE // buckets, (bucket + 1) * HASH_SPACE // buckets
+
+
+def dedup_buckets(ids: int, shard_docs: int) -> int:
+    """How many dedup tasks share `ids` ids: each holds at most IDS_PER_SHARD_DOC x shard_docs (on average)."""
+    return max(1, -(-ids // (IDS_PER_SHARD_DOC * shard_docs)))
+
+
+def first_copies(ids: pl.DataFrame) -> pl.DataFrame:
+    """The dropped copies among one role's rows (pos, doc_id, file, line): every row but the first of its
+    doc_id in load order, with the kept copy's file and line; DUPS_SCHEMA, sorted by (pos, line).
+
+    `pos` is the input's place in the load order, -1 for documents the partition already holds (all kept);
+    within an input, lines are in file order. The same as Deduplicator over the inputs in that order.
     """
+    ids = ids.sort("pos", "line", maintain_order=True)
+    first = ids["doc_id"].is_first_distinct()
+    kept = ids.filter(first).select("doc_id", pl.col("file").alias("kept_file"), pl.col("line").alias("kept_line"))
+    return ids.filter(~first).join(kept, on="doc_id", how="left", maintain_order="left").select(
+        list(DUPS_SCHEMA)).cast(DUPS_SCHEMA)
 
-    def __init__(self, con: Any, key: str, role: str) -> None:
-        self.con, self.key, self.role = con, key, role
-        self.n_kept_ = int(query_sql(con, "ingest_count_kept", {"key": key, "role": role}).fetchone()[0])
 
-    def update(self, good: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """Kept documents with a dense doc_idx continuing from the last batch, and the dropped copies."""
-        rows = good.select("doc_id", "file", "line").with_row_index("_row")
-        first = rows.group_by("doc_id").agg(pl.col("_row").min().alias("_first"))
-        self.con.register("batch", first.select("doc_id").to_arrow())
-        try:
-            prior = query_sql(self.con, "ingest_prior_copies", {"key": self.key, "role": self.role}).pl()
-        finally:
-            self.con.unregister("batch")
-        firsts = rows.select(pl.col("_row").alias("_first"), pl.col("file").alias("batch_file"),
-                             pl.col("line").alias("batch_line"))
-        rows = (rows.join(first, on="doc_id", how="left", maintain_order="left")
-                .join(prior.cast({"kept_line": pl.Int64}), on="doc_id", how="left", maintain_order="left")
-                .join(firsts, on="_first", how="left", maintain_order="left"))
-        keep = (rows["_row"] == rows["_first"]) & rows["kept_file"].is_null()
-        kept = good.filter(keep)
-        kept = kept.with_columns(
-            pl.int_range(self.n_kept_, self.n_kept_ + kept.height, dtype=pl.Int64).alias("doc_idx")
-        )
-        self.n_kept_ += kept.height
-        at = rows.filter(~keep)
-        dups = good.filter(~keep).select("role", "doc_id", "file", "line").with_columns(
-            at["kept_file"].fill_null(at["batch_file"]).alias("kept_file").cast(pl.String),
-            at["kept_line"].fill_null(at["batch_line"]).alias("kept_line").cast(pl.Int64),
-        )
-        return kept, dups
+class _Drops:
+    """One role's dropped copies as the dedup tasks wrote them (each part sorted by (pos, line)), handed out
+    input by input in load order, and the doc_idx the next kept document gets. Memory: one batch per part."""
+
+    def __init__(self, parts: Parts, urls: list[str], batch_rows: int, next_idx: int) -> None:
+        self._streams = [parts.iter_batches(url, batch_rows) for url in urls]
+        self._heads: list[pl.DataFrame | None] = [None] * len(urls)
+        self.next_idx = next_idx
+
+    def take(self, pos: int) -> pl.DataFrame:
+        """The dropped copies in input `pos`, by line; inputs must be taken in increasing `pos`."""
+        out = [pl.DataFrame(schema=DUPS_SCHEMA)]
+        for j, stream in enumerate(self._streams):
+            head = self._heads[j]
+            while True:
+                if head is None or head.height == 0:
+                    batch = next(stream, None)
+                    if batch is None:
+                        head = None
+                        break
+                    head = pl.from_arrow(batch).cast(DUPS_SCHEMA)
+                    continue
+                n = head["pos"].search_sorted(pos, side="right")
+                out.append(head.slice(0, n))
+                head = head.slice(n)
+                if head.height:
+                    break
+            self._heads[j] = head
+        return pl.concat(out).sort("line")
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
 
 
 # --------------------------------------------------------------------------- incremental plan
@@ -1092,40 +1135,105 @@ def ingest_read(shard: Shard, input_path: str, output_path: str, reads: tuple[tu
             records += batch.records
             if batch.bad.height:
                 bad.append(batch.bad)  # excerpts are capped, so this stays small next to the documents
+            ids.append(batch.good.select("doc_id", "file", "line"))
             yield batch.good.to_arrow()
 
+    ids: list[pl.DataFrame] = []
     rows = parts.write_parquet(output_path, documents(), schema=_DOC_ARROW)
     parts.write_parquet(_bad_path(output_path), [pl.concat(bad).to_arrow() if bad else _EMPTY_BAD.to_arrow()])
+    by_hash = sorted_ids(pl.concat(ids) if ids else pl.DataFrame(schema=IDS_SCHEMA))
+    parts.write_parquet(_ids_path(output_path), (by_hash.slice(i, IDS_ROW_GROUP).to_arrow()
+                                                 for i in range(0, by_hash.height, IDS_ROW_GROUP)), schema=_IDS_ARROW)
     info = {"records": records, "sha256": stats.sha256 if fp.is_object else fp.sha256, "bytes": stats.bytes,
             "version_id": stats.version_id, "retries": stats.retries}
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name(), info)
 
 
+@task(name="ingest-dedup", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
+def ingest_dedup(shard: Shard, input_path: str, output_path: str, ids: dict[str, tuple[tuple[int, str], ...]],
+                 buckets: dict[str, int], parts: Parts) -> ShardResult:
+    """Find the exact duplicates in one hash range (`shard.lo` of `buckets[role]`) of one role's ids parts
+    (`ids[role]`: (load position, url), position -1 for the partition's documents so far): their
+    first_copies, written to `output_path` (DUPS_SCHEMA, sorted by input and line). `input_path` is unused."""
+    start = time.perf_counter()
+    role = shard.role.removeprefix("dedup-")
+    lo, hi = hash_range(shard.lo, buckets[role])
+    frames = [pl.DataFrame(schema=IDS_SCHEMA).with_columns(pos=pl.lit(0, pl.Int64))]
+    for pos, url in ids[role]:
+        rows = pl.from_arrow(parts.read_range(url, "h", lo, hi, list(IDS_SCHEMA)))
+        frames.append(rows.cast(IDS_SCHEMA).with_columns(pos=pl.lit(pos, pl.Int64)))
+    dups = first_copies(pl.concat(frames))
+    written = parts.write_parquet(output_path, [dups.to_arrow()])
+    return ShardResult(shard, output_path, written, time.perf_counter() - start, worker_name())
+
+
 _EMPTY_BAD = pl.DataFrame(schema=BAD_SCHEMA)
 _DOC_ARROW = pl.DataFrame(schema=DOC_SCHEMA).to_arrow().schema
+_IDS_ARROW = pl.DataFrame(schema=IDS_SCHEMA).to_arrow().schema
+
+
+def _beside(output_path: str, what: str) -> str:
+    head, _, name = output_path.rpartition("out-")
+    return f"{head}{what}-{name}"
 
 
 def _bad_path(output_path: str) -> str:
-    head, _, name = output_path.rpartition("out-")
-    return f"{head}bad-{name}"
+    return _beside(output_path, "bad")
+
+
+def _ids_path(output_path: str) -> str:
+    return _beside(output_path, "ids")
+
+
+def _find_duplicates(con, key: str, todo: list[Shard], parsed: dict[tuple[str, int], ShardResult], parts: Parts,
+                     run: RunSettings, batch_rows: int) -> dict[str, _Drops]:
+    """Run the dedup tasks over the parsed inputs' ids and the documents partition `key` already holds, one
+    task per hash range; returns each role's dropped copies, to be taken input by input in load order."""
+    ids: dict[str, list[tuple[int, str]]] = {}
+    buckets: dict[str, int] = {}
+    held: dict[str, int] = {}
+    for role in ROLES:
+        mine = [s.lo for s in todo if s.role == role]
+        if not mine:
+            continue
+        held[role] = int(query_sql(con, "ingest_count_kept", {"key": key, "role": role}).fetchone()[0])
+        ids[role] = [(pos, _ids_path(parsed[(role, pos)].path)) for pos in mine]
+        if held[role]:
+            url = parts.url(f"ids-held-{role}.parquet")
+            parts.write_parquet(url, query_sql(con, "ingest_held_ids", {"key": key, "role": role})
+                                .fetch_record_batch(IDS_ROW_GROUP))
+            ids[role].insert(0, (-1, url))
+        n = held[role] + sum(parsed[(role, pos)].rows for pos in mine)
+        buckets[role] = dedup_buckets(n, run.shard_docs)
+        get_logger().info(f"ingest: exact dedup of {n:,} {role} ids in {buckets[role]} hash ranges")
+    shards = [Shard(f"dedup-{role}", b, b + 1) for role in ids for b in range(buckets[role])]
+    found = {r.shard: r.path for r in execute_shards(ingest_dedup, shards, parts, {
+        "ids": {role: tuple(v) for role, v in ids.items()}, "buckets": buckets})}
+    return {role: _Drops(parts, [found[s] for s in shards if s.role == f"dedup-{role}"], batch_rows, held[role])
+            for role in ids}
 
 
 def _load_input(con, key: str, fp: FileFingerprint, result: ShardResult, parts: Parts, settings: IngestSettings,
-                dedup: StoreDeduplicator, totals: _Totals, progress: Progress) -> None:
-    """Load one parsed input into partition `key`: its documents, quarantined records, duplicates and file rows."""
+                drops: _Drops, totals: _Totals) -> None:
+    """Load one parsed input into partition `key`: its documents but the dropped copies (doc_idx continuing
+    from `drops.next_idx`), the dropped copies, its quarantined records and its file rows."""
     role, info = result.shard.role, result.info
     counts: Counter[str] = Counter(records=info["records"])
+    dropped = drops.take(result.shard.lo)
     for rb in parts.iter_batches(result.path, settings.batch_rows):
-        kept, dups = dedup.update(pl.from_arrow(rb).cast(DOC_SCHEMA))
+        kept = pl.from_arrow(rb).cast(DOC_SCHEMA).filter(~pl.col("line").is_in(dropped["line"].implode()))
+        kept = kept.with_columns(
+            pl.int_range(drops.next_idx, drops.next_idx + kept.height, dtype=pl.Int64).alias("doc_idx"))
+        drops.next_idx += kept.height
         _insert(con, "ingest_insert_docs", kept, key)
-        _insert(con, "ingest_insert_duplicates", dups, key)
-        counts.update(ingested=kept.height, duplicates=dups.height)
+        counts.update(ingested=kept.height)
         totals.docs += kept.height
+    _insert(con, "ingest_insert_duplicates", dropped.with_columns(role=pl.lit(role)), key)
+    counts.update(duplicates=dropped.height)
     bad = pl.from_arrow(parts.read_table(_bad_path(result.path))).cast(BAD_SCHEMA)
     _insert(con, "ingest_insert_quarantine", bad, key)
     counts.update(quarantined=bad.height)
     totals.reasons.update(bad["reason"].to_list())
-    progress.update(info["records"])
     file_row = pl.DataFrame([{
         "role": role, "file": fp.path, "size_bytes": fp.size, "sha256": info["sha256"], "records": counts["records"],
         "ingested": counts["ingested"], "quarantined": counts["quarantined"], "duplicates": counts["duplicates"],
@@ -1263,27 +1371,28 @@ def ingest(
         todo = [Shard(role, i, i + 1) for role, i in order if (role, i) not in done]
         parts = stage_parts(run, store.path, "ingest", key, objectstore)
         parts.check()
-        dedups: dict[str, StoreDeduplicator] = {}
-        ready: dict[tuple[str, int], ShardResult] = {}
-        next_up = 0
         reads = tuple(plan.read)
+        parsed: dict[tuple[str, int], ShardResult] = {}
         for result in execute_shards(ingest_read, todo, parts, {"reads": reads, "settings": settings,
                                                                  "objectstore": objectstore}):
-            ready[(result.shard.role, result.shard.lo)] = result
-            while next_up < len(todo) and (todo[next_up].role, todo[next_up].lo) in ready:
-                shard = todo[next_up]
-                parsed, fp = ready.pop((shard.role, shard.lo)), reads[shard.lo][1]
-                if shard.role not in dedups:
-                    dedups[shard.role] = StoreDeduplicator(con, key, shard.role)
+            parsed[(result.shard.role, result.shard.lo)] = result
+            progress.update(result.info["records"])
+        # every input is parsed: which copy of a document is kept depends on all those before it
+        drops = _find_duplicates(con, key, todo, parsed, parts, run, settings.batch_rows) if todo else {}
+        try:
+            for shard in todo:  # in load order
+                result, fp = parsed[(shard.role, shard.lo)], reads[shard.lo][1]
                 part = _Totals()
                 with transaction(con):
-                    _load_input(con, key, fp, parsed, parts, settings, dedups[shard.role], part, progress)
-                    record_shard(con, "ingest", key, ShardResult(shard, fp.path, part.docs, parsed.seconds,
-                                                                 parsed.worker), "computed", part.to_json())
+                    _load_input(con, key, fp, result, parts, settings, drops[shard.role], part)
+                    record_shard(con, "ingest", key, ShardResult(shard, fp.path, part.docs, result.seconds,
+                                                                 result.worker), "computed", part.to_json())
                 totals.add(part)
-                parts.delete(parsed.path)
-                parts.delete(_bad_path(parsed.path))
-                next_up += 1
+                for path in (result.path, _bad_path(result.path), _ids_path(result.path)):
+                    parts.delete(path)
+        finally:
+            for d in drops.values():
+                d.close()
         parts.clean()
         with transaction(con):
             _insert(con, "ingest_insert_run", _run_row(plan, section_json, reused_docs, totals), key)

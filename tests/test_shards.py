@@ -21,7 +21,7 @@ from quadflow.tasks import featurize as featurize_mod
 from quadflow.tasks import score as score_mod
 from quadflow.tasks.cluster import cluster
 from quadflow.tasks.featurize import featurize
-from quadflow.tasks.ingest import Deduplicator, StoreDeduplicator
+from quadflow.tasks.ingest import Deduplicator, doc_id, first_copies, hash_range, sorted_ids
 from quadflow.tasks.score import score
 from tests.test_score_task import PROSE, _pool
 
@@ -267,31 +267,30 @@ def test_parts_must_be_a_directory_or_an_s3_prefix(bad, why):
         RunSettings(parts=bad)
 
 
-# --------------------------------------------------------------------------- ingest dedup in the store
+# --------------------------------------------------------------------------- ingest dedup by hash range
 
 
-@hsettings(max_examples=25, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 12), min_size=0, max_size=15), min_size=1, max_size=5))
-def test_store_dedup_matches_the_in_memory_one(batches):
-    con = duckdb.connect()
-    con.execute("create table ingest_docs (key varchar, role varchar, doc_idx bigint, doc_id varchar, "
-                "file varchar, line bigint)")
-    con.execute("insert into ingest_docs values ('k', 'pool', 0, 'id3', 'base', 9)")  # copied from a base
-    mem = Deduplicator().preload(pl.DataFrame({"doc_id": ["id3"], "file": ["base"], "line": [9]}))
-    store = StoreDeduplicator(con, "k", "pool")
-    line = 0
-    for ids in batches:
-        good = pl.DataFrame({"role": ["pool"] * len(ids), "doc_id": [f"id{i}" for i in ids],
-                             "file": ["f"] * len(ids), "line": list(range(line + 1, line + 1 + len(ids)))},
+@hsettings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 12), min_size=0, max_size=15), min_size=1, max_size=5), st.integers(1, 9))
+def test_dedup_by_hash_range_matches_the_in_memory_one(inputs, buckets):
+    """However many hash ranges, the same copies are dropped, each pointing at the same kept copy, as one
+    pass over every id in load order (documents the partition already holds first)."""
+    held = pl.DataFrame({"doc_id": [doc_id("text 3")], "file": ["base"], "line": [9]})
+    mem = Deduplicator().preload(held)
+    every = [sorted_ids(held).with_columns(pos=pl.lit(-1, pl.Int64))]
+    expected = []
+    for pos, ids in enumerate(inputs):
+        good = pl.DataFrame({"role": ["pool"] * len(ids), "doc_id": [doc_id(f"text {i}") for i in ids],
+                             "file": [f"f{pos}"] * len(ids), "line": list(range(1, len(ids) + 1))},
                             schema={"role": pl.String, "doc_id": pl.String, "file": pl.String, "line": pl.Int64})
-        line += len(ids)
-        k1, d1 = mem.update(good)
-        k2, d2 = store.update(good)
-        assert k1.equals(k2) and d1.equals(d2)
-        con.register("kept", k2.to_arrow())
-        con.execute("insert into ingest_docs select 'k', 'pool', doc_idx, doc_id, file, line from kept")
-        con.unregister("kept")
-    assert store.n_kept_ == mem.n_kept_
+        _, dups = mem.update(good)
+        expected += [(pos, *row) for row in dups.select("file", "line", "doc_id", "kept_file", "kept_line").rows()]
+        every.append(sorted_ids(good).with_columns(pos=pl.lit(pos, pl.Int64)))
+    ids = pl.concat(every)
+    ranges = [hash_range(b, buckets) for b in range(buckets)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1 << 32 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    found = pl.concat([first_copies(ids.filter(pl.col("h").is_between(lo, hi, closed="left"))) for lo, hi in ranges])
+    assert found.sort("pos", "line").rows() == expected
 
 
 # --------------------------------------------------------------------------- ingest resumes per input
@@ -374,8 +373,8 @@ def test_inputs_parsed_by_worker_processes_give_the_partition_parsing_here_gives
     here = ingest.fn(settings, files, (), open_store(tmp_path / "here.duckdb"))
 
     @flow(task_runner=ProcessPoolTaskRunner(max_workers=2))
-    def ingest_on_workers():
-        return ingest(settings, files, (), open_store(tmp_path / "workers.duckdb"))
+    def ingest_on_workers():  # and its exact dedup cut into 4 hash ranges (26 ids / (8 x 1)), not 1
+        return ingest(settings, files, (), open_store(tmp_path / "workers.duckdb"), run=RunSettings(shard_docs=1))
 
     ref = ingest_on_workers()
     assert ref.key == here.key
