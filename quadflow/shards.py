@@ -151,11 +151,15 @@ class Parts:
     standard AWS chain of the machine it runs on).
     """
 
-    def __init__(self, root: str | os.PathLike[str], objectstore: ObjectStoreSettings | None = None):
+    def __init__(self, root: str | os.PathLike[str], objectstore: ObjectStoreSettings | None = None,
+                 owned_parent: bool = False):
         root = str(root)
         self.remote = ob.is_s3(root)
         self.root = root.rstrip("/") if self.remote else root
         self.objectstore = objectstore
+        # clean() removes the local parent directory too once it is empty (`<store>.parts`, which quadflow
+        # made; never a directory the user named)
+        self.owned_parent = owned_parent and not self.remote
         self._client: ob.ObjectStoreClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -316,6 +320,11 @@ class Parts:
         """Remove every part (everything is in the store now), and any upload a killed run left open."""
         if not self.remote:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self.owned_parent:
+                try:
+                    os.rmdir(Path(self.root).parent)
+                except OSError:  # not empty: other stages' parts (the shards' texts) are still in use
+                    pass
             return
         bucket, prefix = ob.parse(self.root + "/")
         for item in ob.list_prefix(self.client, bucket, prefix):
@@ -359,7 +368,7 @@ def stage_parts(run: RunSettings, store_path: str, stage: str, key: str,
     root = run.parts or f"{store_path}.parts"
     if ob.is_s3(root):
         return Parts(f"{root.rstrip('/')}/{stage}-{key}", objectstore)
-    return Parts(Path(root) / f"{stage}-{key}")
+    return Parts(Path(root) / f"{stage}-{key}", owned_parent=not run.parts)
 
 
 def text_parts(run: RunSettings, store_path: str, docs_key: str,

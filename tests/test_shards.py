@@ -350,12 +350,13 @@ def test_a_crashed_ingest_resumes_at_the_first_input_it_had_not_committed(tmp_pa
     assert [p.rsplit("/", 1)[1] for p in calls] == ["b.jsonl", "c.jsonl"]  # a.jsonl was committed: not read again
     assert [s.lo for s in parsed.calls] == [1, 2]  # ... nor parsed
     assert ref.key == clean.key and _ingest_tables(store, ref.key) == expected
-    assert not any((tmp_path / "crash.duckdb.parts").iterdir())  # parsed parts removed once the partition is complete
+    assert not (tmp_path / "crash.duckdb.parts").exists()  # parsed parts removed once the partition is complete
 
 
-def test_inputs_parsed_by_worker_processes_give_the_partition_parsing_here_gives(tmp_path, prefect_server):
-    """Shard tasks on a process pool parse the inputs in any order; loading in input order keeps the same
-    copy of every duplicate, so the partition is the one a single process builds."""
+def test_inputs_parsed_by_worker_processes_give_the_partition_parsing_here_gives(tmp_path, prefect_server, caplog):
+    """Shard tasks on a process pool parse the inputs in any order and find the exact duplicates in several
+    hash ranges; loading in input order keeps the same copy of every duplicate, so the partition is the one
+    a single process builds with one range."""
     import os
 
     from prefect import flow
@@ -373,10 +374,11 @@ def test_inputs_parsed_by_worker_processes_give_the_partition_parsing_here_gives
     here = ingest.fn(settings, files, (), open_store(tmp_path / "here.duckdb"))
 
     @flow(task_runner=ProcessPoolTaskRunner(max_workers=2))
-    def ingest_on_workers():  # and its exact dedup cut into 4 hash ranges (26 ids / (8 x 1)), not 1
+    def ingest_on_workers():
         return ingest(settings, files, (), open_store(tmp_path / "workers.duckdb"), run=RunSettings(shard_docs=1))
 
     ref = ingest_on_workers()
+    assert "exact dedup of 22 pool ids in 3 hash ranges" in caplog.text  # 22 / (8 x shard_docs), not 1
     assert ref.key == here.key
     assert _ingest_tables(ref.store, ref.key) == _ingest_tables(here.store, here.key)
     with connect(ref.store, read_only=True) as con:
