@@ -896,6 +896,10 @@ class Deduplicator:
 HASH_SPACE = 1 << 32
 IDS_ROW_GROUP = 8192  # rows per row group of an ids part: at most this many rows are read beyond a range
 IDS_PER_SHARD_DOC = 8  # a dedup task holds run.shard_docs x this many ids (an id costs ~1/20 of a document)
+# At most this many ranges per role: the flow's process reads every range's dropped copies at once (one open
+# part and DROPS_BATCH rows each), and a task holds more ids beyond that (4M ids, ~200 MB, at a billion).
+MAX_HASH_RANGES = 256
+DROPS_BATCH = 2048
 IDS_SCHEMA = {"h": pl.Int64, "doc_id": pl.String, "file": pl.String, "line": pl.Int64}
 DUPS_SCHEMA = {"pos": pl.Int64, "file": pl.String, "line": pl.Int64, "doc_id": pl.String, "kept_file": pl.String,
                "kept_line": pl.Int64}
@@ -907,14 +911,15 @@ def sorted_ids(docs: pl.DataFrame) -> pl.DataFrame:
             .cast(IDS_SCHEMA).sort("h", maintain_order=True))
 
 
-def hash_range(bucket: int, buckets: int) -> tuple[int, int]:
-    """The values lo <= h < hi of dedup task `bucket` of `buckets`."""
-    return bucket * HASH_SPACE // buckets, (bucket + 1) * HASH_SPACE // buckets
+def hash_range(i: int, ranges: int) -> tuple[int, int]:
+    """The values lo <= h < hi of range `i` of `ranges` (dedup task i)."""
+    return i * HASH_SPACE // ranges, (i + 1) * HASH_SPACE // ranges
 
 
-def dedup_buckets(ids: int, shard_docs: int) -> int:
-    """How many dedup tasks share `ids` ids: each holds at most IDS_PER_SHARD_DOC x shard_docs (on average)."""
-    return max(1, -(-ids // (IDS_PER_SHARD_DOC * shard_docs)))
+def hash_ranges(ids: int, shard_docs: int) -> int:
+    """How many dedup tasks share `ids` ids: each holds about IDS_PER_SHARD_DOC x shard_docs, within
+    1..MAX_HASH_RANGES."""
+    return min(MAX_HASH_RANGES, max(1, -(-ids // (IDS_PER_SHARD_DOC * shard_docs))))
 
 
 def first_copies(ids: pl.DataFrame) -> pl.DataFrame:
@@ -933,10 +938,11 @@ def first_copies(ids: pl.DataFrame) -> pl.DataFrame:
 
 class _Drops:
     """One role's dropped copies as the dedup tasks wrote them (each part sorted by (pos, line)), handed out
-    input by input in load order, and the doc_idx the next kept document gets. Memory: one batch per part."""
+    input by input in load order, and the doc_idx the next kept document gets. Memory: DROPS_BATCH rows per
+    part, whatever the pool."""
 
-    def __init__(self, parts: Parts, urls: list[str], batch_rows: int, next_idx: int) -> None:
-        self._streams = [parts.iter_batches(url, batch_rows) for url in urls]
+    def __init__(self, parts: Parts, urls: list[str], next_idx: int) -> None:
+        self._streams = [parts.iter_batches(url, DROPS_BATCH) for url in urls]
         self._heads: list[pl.DataFrame | None] = [None] * len(urls)
         self.next_idx = next_idx
 
@@ -1151,13 +1157,13 @@ def ingest_read(shard: Shard, input_path: str, output_path: str, reads: tuple[tu
 
 @task(name="ingest-dedup", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
 def ingest_dedup(shard: Shard, input_path: str, output_path: str, ids: dict[str, tuple[tuple[int, str], ...]],
-                 buckets: dict[str, int], parts: Parts) -> ShardResult:
-    """Find the exact duplicates in one hash range (`shard.lo` of `buckets[role]`) of one role's ids parts
+                 ranges: dict[str, int], parts: Parts) -> ShardResult:
+    """Find the exact duplicates in one hash range (`shard.lo` of `ranges[role]`) of one role's ids parts
     (`ids[role]`: (load position, url), position -1 for the partition's documents so far): their
     first_copies, written to `output_path` (DUPS_SCHEMA, sorted by input and line). `input_path` is unused."""
     start = time.perf_counter()
     role = shard.role.removeprefix("dedup-")
-    lo, hi = hash_range(shard.lo, buckets[role])
+    lo, hi = hash_range(shard.lo, ranges[role])
     frames = [pl.DataFrame(schema=IDS_SCHEMA).with_columns(pos=pl.lit(0, pl.Int64))]
     for pos, url in ids[role]:
         rows = pl.from_arrow(parts.read_range(url, "h", lo, hi, list(IDS_SCHEMA)))
@@ -1186,11 +1192,11 @@ def _ids_path(output_path: str) -> str:
 
 
 def _find_duplicates(con, key: str, todo: list[Shard], parsed: dict[tuple[str, int], ShardResult], parts: Parts,
-                     run: RunSettings, batch_rows: int) -> dict[str, _Drops]:
+                     run: RunSettings) -> dict[str, _Drops]:
     """Run the dedup tasks over the parsed inputs' ids and the documents partition `key` already holds, one
     task per hash range; returns each role's dropped copies, to be taken input by input in load order."""
     ids: dict[str, list[tuple[int, str]]] = {}
-    buckets: dict[str, int] = {}
+    ranges: dict[str, int] = {}
     held: dict[str, int] = {}
     for role in ROLES:
         mine = [s.lo for s in todo if s.role == role]
@@ -1204,12 +1210,12 @@ def _find_duplicates(con, key: str, todo: list[Shard], parsed: dict[tuple[str, i
                                 .fetch_record_batch(IDS_ROW_GROUP))
             ids[role].insert(0, (-1, url))
         n = held[role] + sum(parsed[(role, pos)].rows for pos in mine)
-        buckets[role] = dedup_buckets(n, run.shard_docs)
-        get_logger().info(f"ingest: exact dedup of {n:,} {role} ids in {buckets[role]} hash ranges")
-    shards = [Shard(f"dedup-{role}", b, b + 1) for role in ids for b in range(buckets[role])]
+        ranges[role] = hash_ranges(n, run.shard_docs)
+        get_logger().info(f"ingest: exact dedup of {n:,} {role} ids in {ranges[role]} hash ranges")
+    shards = [Shard(f"dedup-{role}", i, i + 1) for role in ids for i in range(ranges[role])]
     found = {r.shard: r.path for r in execute_shards(ingest_dedup, shards, parts, {
-        "ids": {role: tuple(v) for role, v in ids.items()}, "buckets": buckets})}
-    return {role: _Drops(parts, [found[s] for s in shards if s.role == f"dedup-{role}"], batch_rows, held[role])
+        "ids": {role: tuple(v) for role, v in ids.items()}, "ranges": ranges})}
+    return {role: _Drops(parts, [found[s] for s in shards if s.role == f"dedup-{role}"], held[role])
             for role in ids}
 
 
@@ -1378,7 +1384,7 @@ def ingest(
             parsed[(result.shard.role, result.shard.lo)] = result
             progress.update(result.info["records"])
         # every input is parsed: which copy of a document is kept depends on all those before it
-        drops = _find_duplicates(con, key, todo, parsed, parts, run, settings.batch_rows) if todo else {}
+        drops = _find_duplicates(con, key, todo, parsed, parts, run) if todo else {}
         try:
             for shard in todo:  # in load order
                 result, fp = parsed[(shard.role, shard.lo)], reads[shard.lo][1]

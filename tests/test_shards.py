@@ -21,7 +21,8 @@ from quadflow.tasks import featurize as featurize_mod
 from quadflow.tasks import score as score_mod
 from quadflow.tasks.cluster import cluster
 from quadflow.tasks.featurize import featurize
-from quadflow.tasks.ingest import Deduplicator, doc_id, first_copies, hash_range, sorted_ids
+from quadflow.tasks.ingest import (MAX_HASH_RANGES, Deduplicator, doc_id, first_copies, hash_range, hash_ranges,
+                                   sorted_ids)
 from quadflow.tasks.score import score
 from tests.test_score_task import PROSE, _pool
 
@@ -272,7 +273,7 @@ def test_parts_must_be_a_directory_or_an_s3_prefix(bad, why):
 
 @hsettings(max_examples=40, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 12), min_size=0, max_size=15), min_size=1, max_size=5), st.integers(1, 9))
-def test_dedup_by_hash_range_matches_the_in_memory_one(inputs, buckets):
+def test_dedup_by_hash_range_matches_the_in_memory_one(inputs, n_ranges):
     """However many hash ranges, the same copies are dropped, each pointing at the same kept copy, as one
     pass over every id in load order (documents the partition already holds first)."""
     held = pl.DataFrame({"doc_id": [doc_id("text 3")], "file": ["base"], "line": [9]})
@@ -287,10 +288,17 @@ def test_dedup_by_hash_range_matches_the_in_memory_one(inputs, buckets):
         expected += [(pos, *row) for row in dups.select("file", "line", "doc_id", "kept_file", "kept_line").rows()]
         every.append(sorted_ids(good).with_columns(pos=pl.lit(pos, pl.Int64)))
     ids = pl.concat(every)
-    ranges = [hash_range(b, buckets) for b in range(buckets)]
+    ranges = [hash_range(i, n_ranges) for i in range(n_ranges)]
     assert ranges[0][0] == 0 and ranges[-1][1] == 1 << 32 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     found = pl.concat([first_copies(ids.filter(pl.col("h").is_between(lo, hi, closed="left"))) for lo, hi in ranges])
     assert found.sort("pos", "line").rows() == expected
+
+
+def test_hash_ranges_follow_the_ids_within_bounds():
+    """About 8 x shard_docs ids per range; at least one; at most MAX_HASH_RANGES, however large the pool
+    (the flow's process reads every range's dropped copies at once)."""
+    assert [hash_ranges(n, 50_000) for n in (0, 1, 400_000, 400_001, 5_000_000)] == [1, 1, 1, 2, 13]
+    assert hash_ranges(10**9, 50_000) == MAX_HASH_RANGES == 256
 
 
 # --------------------------------------------------------------------------- ingest resumes per input
