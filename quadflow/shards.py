@@ -275,6 +275,8 @@ class Parts:
     def read_range(self, url: str, column: str, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
         """The rows with lo <= `column` < hi of a part sorted by that integer column, reading only the row
         groups whose statistics overlap the range (on an object store, ranged reads of those bytes only)."""
+        if columns is not None and column not in columns:
+            raise ValueError(f"read_range: columns {columns} of {url} must include the range column {column!r}")
         with (ob.open_read(self.client, url) if self.remote else open(url, "rb")) as src:
             pf = pq.ParquetFile(src)
             at = pf.schema_arrow.get_field_index(column)
@@ -285,8 +287,6 @@ class Parts:
                     groups.append(g)
             schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
             table = pf.read_row_groups(groups, columns=columns) if groups else schema.empty_table()
-        if column not in table.column_names:
-            raise ValueError(f"read_range: columns {columns} of {url} must include the range column {column!r}")
         values = table[column]
         return table.filter(pc.and_(pc.greater_equal(values, lo), pc.less(values, hi)))
 
