@@ -102,6 +102,26 @@ def plan_shards(counts: dict[str, int], shard_docs: int) -> list[Shard]:
     return [Shard(role, lo, min(lo + shard_docs, n)) for role, n in counts.items() for lo in range(0, n, shard_docs)]
 
 
+# Range partitioning by hash (ingest's exact dedup, dedup's candidate join): a stage whose keys are uniform
+# hashes cuts their space into ranges, each shard task reads one range from every part (parts sorted by the
+# key, so only the row groups that overlap it), and no process holds or scans every key of the pool.
+RANGE_SHARD_DOCS = 8  # a range task covers run.shard_docs x this many documents (a key costs far less than one)
+# At most this many ranges: whoever reads the ranges' outputs back holds one open part per range, and a task
+# holds more keys beyond that (about 4M documents' worth at a billion).
+MAX_HASH_RANGES = 256
+
+
+def hash_range(i: int, ranges: int, space: int) -> tuple[int, int]:
+    """The values lo <= h < hi of range `i` of `ranges` that tile [0, space)."""
+    return i * space // ranges, (i + 1) * space // ranges
+
+
+def hash_ranges(docs: int, shard_docs: int) -> int:
+    """How many range tasks share the keys of `docs` documents: each covers about RANGE_SHARD_DOCS x
+    shard_docs documents, within 1..MAX_HASH_RANGES."""
+    return min(MAX_HASH_RANGES, max(1, -(-docs // (RANGE_SHARD_DOCS * shard_docs))))
+
+
 def write_parquet_atomic(path: Path, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None) -> int:
     """Write batches to `path` via a temporary file renamed into place: a reader never sees half a part.
 
@@ -179,6 +199,12 @@ class Parts:
 
     def input(self, shard: Shard) -> str:
         return self.url(f"in-{shard.name}.parquet")
+
+    @staticmethod
+    def beside(output_url: str, what: str) -> str:
+        """Another file a shard task writes beside its output part: `out-<shard>` becomes `<what>-<shard>`."""
+        head, _, name = output_url.rpartition("out-")
+        return f"{head}{what}-{name}"
 
     def output(self, shard: Shard) -> str:
         return self.url(f"out-{shard.name}.parquet")
@@ -288,7 +314,10 @@ class Parts:
             schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
             table = pf.read_row_groups(groups, columns=columns) if groups else schema.empty_table()
         values = table[column]
-        return table.filter(pc.and_(pc.greater_equal(values, lo), pc.less(values, hi)))
+        keep = pc.greater_equal(values, pa.scalar(lo, values.type))  # typed: a uint64 bound may exceed int64
+        if hi <= _int_max(values.type):  # a range that ends at the type's end (2^64 for uint64) has no top bound
+            keep = pc.and_(keep, pc.less(values, pa.scalar(hi, values.type)))
+        return table.filter(keep)
 
     def local(self, url: str) -> Path:
         """A local path holding the file at `url`: itself, or a copy kept for this process (keyed by ETag,
@@ -345,6 +374,12 @@ class Parts:
     def _download(self, url: str, path: Path) -> None:
         with ob.open_read(self.client, url) as src, open(path, "wb") as dst:
             shutil.copyfileobj(src, dst, 8 * 1024 * 1024)
+
+
+def _int_max(t: pa.DataType) -> int:
+    if not pa.types.is_integer(t):
+        raise TypeError(f"read_range: the range column must be an integer column, not {t}")
+    return 2 ** (t.bit_width - (0 if pa.types.is_unsigned_integer(t) else 1)) - 1
 
 
 _CACHE: list[tuple[Path, int]] = []

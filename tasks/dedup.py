@@ -1,8 +1,9 @@
 """Dedup: near-duplicate documents of the pool, grouped into components that the selection takes one of.
 
 Fuzzy dedup (stage `dedup`, after ingest, on by default) gives every pool document a few 64-bit
-keys; two documents sharing a key are a candidate pair, and candidate pairs are joined into
-connected components (union-find, `components`). Keys come from one of two matchers:
+keys; two documents sharing a key are a candidate pair (found by shard tasks, one per hash range of
+the keys: `dedup_join`), and candidate pairs are joined into connected components (`components`).
+Keys come from one of two matchers:
 
 - **MinHash LSH** (Broder 1997; FineWeb's setting as the reference: word 5-gram shingles, 112
   hashes in 14 bands of 8, candidates above ~0.72 Jaccard similarity). A band's key is a hash of
@@ -36,11 +37,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -49,8 +52,9 @@ from scipy.sparse.csgraph import connected_components
 from quadflow.log import Progress, get_logger
 from quadflow.settings import DedupSettings, RunSettings
 from quadflow.objectstore import ObjectStoreSettings
-from quadflow.shards import (Parts, Shard, ShardResult, drop_loaded_table, export_texts, forget_unusable_shards,
-                             keep_outputs, plan_shards, point_views, run_shards, stage_parts, text_parts, worker_name)
+from quadflow.shards import (Parts, Shard, ShardResult, data_part, drop_loaded_table, execute_shards, export_texts,
+                             forget_unusable_shards, hash_range, hash_ranges, keep_outputs, plan_shards, point_views,
+                             run_shards, stage_parts, text_parts, worker_name)
 from quadflow.store import StageRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction
 from quadflow.tasking import SHARDED_CACHE_POLICY, stage_task, transient_failure
 from quadflow.tasks.featurize import batch_bounds, role_counts
@@ -73,6 +77,13 @@ _U32 = np.uint64(32)
 MINHASH_OVERLAP = 2  # MinHash keys documents from short_words - 1 words up (see minhash_min_words)
 
 KEYS_SCHEMA = pa.schema([("doc_idx", pa.int64()), ("n_words", pa.int32()), ("buckets", pa.list_(pa.uint64()))])
+# The candidate join is range-partitioned on the keys (64-bit hashes, so uniform): each shard task also writes its
+# (key, doc_idx) pairs sorted by key (a "pairs" part, scratch beside its output), and each join task reads one
+# range of keys from every shard's pairs part.
+PAIRS_SCHEMA = pa.schema([("bucket", pa.uint64()), ("doc_idx", pa.int64())])
+PAIRS_ROW_GROUP = 16_384  # rows per row group of a pairs part: at most this many are read beyond a range
+EDGES_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64())])
+BUCKET_SPACE = 1 << 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +292,50 @@ def keys_part(texts: pl.DataFrame, settings: DedupSettings, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# Core: candidate pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def key_pairs(keys: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket uint64, doc_idx int64) of every key of keys rows (doc_idx, n_words, buckets), sorted by
+    (bucket, doc_idx)."""
+    lists = keys.column("buckets")
+    bucket = pc.list_flatten(lists).to_numpy().astype(np.uint64, copy=False)
+    doc = np.repeat(keys.column("doc_idx").to_numpy(), pc.list_value_length(lists).to_numpy())
+    order = np.lexsort((doc, bucket))
+    return bucket[order], doc[order]
+
+
+def pairs_batches(bucket: np.ndarray, doc: np.ndarray) -> Iterator[pa.Table]:
+    """A pairs part's row groups (PAIRS_SCHEMA, PAIRS_ROW_GROUP rows each), from key_pairs' sorted arrays."""
+    for i in range(0, bucket.size, PAIRS_ROW_GROUP):
+        yield pa.table({"bucket": bucket[i:i + PAIRS_ROW_GROUP], "doc_idx": doc[i:i + PAIRS_ROW_GROUP]},
+                       schema=PAIRS_SCHEMA)
+
+
+def star_edges(bucket: np.ndarray, doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate edges from (bucket, doc) pairs sorted by (bucket, doc): every document sharing a key with others,
+    joined to the first of them (a star per shared key is enough for connected components). Distinct (a, b),
+    a < b, sorted."""
+    if bucket.size == 0:
+        return doc[:0], doc[:0]
+    new = np.r_[True, bucket[1:] != bucket[:-1]]  # the first (smallest doc) pair of each key
+    first = doc[new][np.cumsum(new) - 1]
+    keep = doc != first  # a key held by one document only joins nothing
+    return distinct_edges(first[keep], doc[keep])
+
+
+def distinct_edges(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (a, b) pairs, sorted by (a, b)."""
+    if a.size == 0:
+        return a, b
+    order = np.lexsort((b, a))
+    a, b = a[order], b[order]
+    keep = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
+    return a[keep], b[keep]
+
+
+# ---------------------------------------------------------------------------------------------
 # Core: components
 # ---------------------------------------------------------------------------------------------
 
@@ -354,8 +409,64 @@ def dedup_shard(shard: Shard, input_path: str, output_path: str, settings: Dedup
     texts = pl.from_arrow(parts.read_table(input_path, columns=["doc_idx", "text"]))
     if not np.array_equal(texts["doc_idx"].to_numpy(), np.arange(shard.lo, shard.hi)):
         raise ValueError(f"input part {input_path} does not hold doc_idx {shard.lo}..{shard.hi - 1} in order")
-    rows = parts.write_parquet(output_path, keys_part(texts, settings, seed), schema=KEYS_SCHEMA)
+    keys = pa.Table.from_batches([], schema=KEYS_SCHEMA) if texts.height == 0 else pa.concat_tables(
+        keys_part(texts, settings, seed))
+    # the pairs first: a complete output part means its pairs part is complete too
+    parts.write_parquet(pairs_path(output_path), pairs_batches(*key_pairs(keys)), schema=PAIRS_SCHEMA)
+    rows = parts.write_parquet(output_path, [keys], schema=KEYS_SCHEMA)
     return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
+
+
+def pairs_path(output_path: str) -> str:
+    """Where a dedup shard task writes its pairs part, beside its output part."""
+    return Parts.beside(output_path, "pairs")
+
+
+@task(name="dedup-join", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_failure)
+def dedup_join(shard: Shard, input_path: str, output_path: str, pairs: tuple[str, ...], ranges: int,
+               parts: Parts) -> ShardResult:
+    """The candidate edges among the keys in one hash range (`shard.lo` of `ranges`) of every shard's pairs
+    part (`pairs`): star_edges, written to `output_path` (EDGES_SCHEMA). `input_path` is unused."""
+    start = time.perf_counter()
+    lo, hi = hash_range(shard.lo, ranges, BUCKET_SPACE)
+    tables = [parts.read_range(url, "bucket", lo, hi) for url in pairs]
+    held = pa.concat_tables(tables) if tables else PAIRS_SCHEMA.empty_table()
+    bucket, doc = held.column("bucket").to_numpy(), held.column("doc_idx").to_numpy()
+    order = np.lexsort((doc, bucket))
+    a, b = star_edges(bucket[order], doc[order])
+    rows = parts.write_parquet(output_path, [pa.table({"a": a, "b": b}, schema=EDGES_SCHEMA)], schema=EDGES_SCHEMA)
+    return ShardResult(shard, output_path, rows, time.perf_counter() - start, worker_name())
+
+
+def _candidate_edges(key: str, shards: list[Shard], parts: Parts, store_path: str, run: RunSettings
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(a, b, ranges): the partition's distinct candidate edges, found by join tasks, one per hash range of the keys.
+
+    Each shard's pairs part is where its shard task left it; a shard kept from an earlier run whose parts are
+    gone (the stage completed, or `run.parts` moved) has them rebuilt here from its kept keys part."""
+    log = get_logger()
+    urls, rebuilt = [], 0
+    for shard in shards:
+        url = pairs_path(parts.output(shard))
+        if not parts.exists(url):
+            kept = pq.read_table(data_part(store_path, "dedup", key, shard), columns=["doc_idx", "buckets"])
+            parts.write_parquet(url, pairs_batches(*key_pairs(kept)), schema=PAIRS_SCHEMA)
+            rebuilt += 1
+        urls.append(url)
+    if rebuilt:
+        log.info(f"dedup: rebuilt the sorted keys of {rebuilt} shards from their kept parts")
+    docs = sum(s.docs for s in shards)
+    ranges = hash_ranges(docs, run.shard_docs)
+    log.info(f"dedup: candidate join of {docs:,} documents' keys in {ranges} hash ranges")
+    found_a, found_b = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    joins = [Shard("join", i, i + 1) for i in range(ranges)]
+    for result in execute_shards(dedup_join, joins, parts, {"pairs": tuple(urls), "ranges": ranges}):
+        edges = parts.read_table(result.path)
+        found_a.append(edges.column("a").to_numpy())
+        found_b.append(edges.column("b").to_numpy())
+    # a pair of documents sharing keys in two ranges is found by both
+    a, b = distinct_edges(np.concatenate(found_a), np.concatenate(found_b))
+    return a, b, ranges
 
 
 def _write(con: Any, key: str, frame: pl.DataFrame, info: dict[str, Any]) -> None:
@@ -379,8 +490,9 @@ def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings =
 
     Shard by shard (quadflow.shards): each shard task turns its documents into keys (LSH bands
     or one-word-edit hashes), kept as its output part in `<store>.data/dedup/` and read in place
-    through the view dedup_buckets; candidate pairs are documents sharing a key (a join in the
-    store), and their connected components are computed here.
+    through the view dedup_buckets. Candidate pairs (documents sharing a key) are found by join
+    tasks, one per hash range of the keys (dedup_join), and their connected components are
+    computed here, over the candidate edges only.
     """
     key = stage_key("dedup", VERSION, settings, docs, seed)
     log = get_logger()
@@ -410,14 +522,14 @@ def dedup(settings: DedupSettings, docs: StageRef, seed: int, run: RunSettings =
             log.info(f"dedup: {stats.summary()}")
             with transaction(con):
                 point_views(con, "dedup", "dedup_views", docs.store.path)
-            edges = query_sql(con, "dedup_candidates", {"key": key}).fetchnumpy()
-            doc, comp, rep = components(edges["a"], edges["b"])
+            a, b, ranges = _candidate_edges(key, shards, parts, docs.store.path, run)
+            doc, comp, rep = components(a, b)
             frame = dropped_frame(doc, comp, rep, REASON_NEAR)
             methods = dict(query_sql(con, "dedup_methods", {"key": key, "lo_minhash": minhash_min_words(settings),
                                                             "min_words": settings.min_words,
                                                             "short_words": settings.short_words}).fetchall())
-            info.update(candidate_edges=int(edges["a"].size), components=int(np.unique(comp).size),
-                        docs_in_components=int(doc.size), shards=stats.total, **methods)
+            info.update(candidate_edges=int(a.size), components=int(np.unique(comp).size),
+                        docs_in_components=int(doc.size), shards=stats.total, join_ranges=ranges, **methods)
         info.update(dropped=frame.height, seconds=round(time.perf_counter() - start, 3))
         _write(con, key, frame, info)
         ref = _ref(con, "dedup", key, docs)

@@ -69,7 +69,8 @@ from quadflow.settings import ConfigError, IngestSettings, RunSettings
 from quadflow.store import (
     StageRef, StoreRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction,
 )
-from quadflow.shards import Parts, Shard, ShardResult, execute_shards, record_shard, stage_parts, worker_name
+from quadflow.shards import (Parts, Shard, ShardResult, execute_shards, hash_range, hash_ranges, record_shard,
+                             stage_parts, worker_name)
 from quadflow.tasking import IO_RETRIES, stage_task, transient_failure
 from quadflow.text import count_tokens_expr
 
@@ -895,10 +896,8 @@ class Deduplicator:
 # reads one range of it from every input, so no process holds or scans every id of the pool.
 HASH_SPACE = 1 << 32
 IDS_ROW_GROUP = 8192  # rows per row group of an ids part: at most this many rows are read beyond a range
-IDS_PER_SHARD_DOC = 8  # a dedup task holds run.shard_docs x this many ids (an id costs ~1/20 of a document)
-# At most this many ranges per role: the flow's process reads every range's dropped copies at once (one open
-# part and DROPS_BATCH rows each), and a task holds more ids beyond that (4M ids, ~200 MB, at a billion).
-MAX_HASH_RANGES = 256
+# The flow's process reads every range's dropped copies at once: one open part (of at most MAX_HASH_RANGES)
+# and this many rows each.
 DROPS_BATCH = 2048
 IDS_SCHEMA = {"h": pl.Int64, "doc_id": pl.String, "file": pl.String, "line": pl.Int64}
 DUPS_SCHEMA = {"pos": pl.Int64, "file": pl.String, "line": pl.Int64, "doc_id": pl.String, "kept_file": pl.String,
@@ -909,17 +908,6 @@ def sorted_ids(docs: pl.DataFrame) -> pl.DataFrame:
     """IDS_SCHEMA rows of documents (doc_id, file, line), sorted by h (stably: copies stay in file order)."""
     return (docs.select(pl.col("doc_id").str.slice(0, 8).str.to_integer(base=16).alias("h"), "doc_id", "file", "line")
             .cast(IDS_SCHEMA).sort("h", maintain_order=True))
-
-
-def hash_range(i: int, ranges: int) -> tuple[int, int]:
-    """The values lo <= h < hi of range `i` of `ranges` (dedup task i)."""
-    return i * HASH_SPACE // ranges, (i + 1) * HASH_SPACE // ranges
-
-
-def hash_ranges(ids: int, shard_docs: int) -> int:
-    """How many dedup tasks share `ids` ids: each holds about IDS_PER_SHARD_DOC x shard_docs, within
-    1..MAX_HASH_RANGES."""
-    return min(MAX_HASH_RANGES, max(1, -(-ids // (IDS_PER_SHARD_DOC * shard_docs))))
 
 
 def first_copies(ids: pl.DataFrame) -> pl.DataFrame:
@@ -1163,7 +1151,7 @@ def ingest_dedup(shard: Shard, input_path: str, output_path: str, ids: dict[str,
     first_copies, written to `output_path` (DUPS_SCHEMA, sorted by input and line). `input_path` is unused."""
     start = time.perf_counter()
     role = shard.role.removeprefix("dedup-")
-    lo, hi = hash_range(shard.lo, ranges[role])
+    lo, hi = hash_range(shard.lo, ranges[role], HASH_SPACE)
     frames = [pl.DataFrame(schema=IDS_SCHEMA).with_columns(pos=pl.lit(0, pl.Int64))]
     for pos, url in ids[role]:
         rows = pl.from_arrow(parts.read_range(url, "h", lo, hi, list(IDS_SCHEMA)))
@@ -1178,17 +1166,12 @@ _DOC_ARROW = pl.DataFrame(schema=DOC_SCHEMA).to_arrow().schema
 _IDS_ARROW = pl.DataFrame(schema=IDS_SCHEMA).to_arrow().schema
 
 
-def _beside(output_path: str, what: str) -> str:
-    head, _, name = output_path.rpartition("out-")
-    return f"{head}{what}-{name}"
-
-
 def _bad_path(output_path: str) -> str:
-    return _beside(output_path, "bad")
+    return Parts.beside(output_path, "bad")
 
 
 def _ids_path(output_path: str) -> str:
-    return _beside(output_path, "ids")
+    return Parts.beside(output_path, "ids")
 
 
 def _find_duplicates(con, key: str, todo: list[Shard], parsed: dict[tuple[str, int], ShardResult], parts: Parts,

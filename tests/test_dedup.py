@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quadflow.settings import DedupSettings, RunSettings, SelectSettings, build_settings
-from quadflow.store import StageRef, connect, open_store, query_sql
+from quadflow.store import StageRef, connect, open_store
 from quadflow.tasks import dedup as dd
 from quadflow.tasks.select import Novelty, Probe, run_on_kept
 from tests.conftest import REPO, SAMPLE_POOL, SAMPLE_TARGET
@@ -240,7 +240,7 @@ def _dropped(ref: StageRef) -> pl.DataFrame:
                        f"where key = '{ref.key}' order by doc_idx").pl()
 
 
-def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(tmp_path):
+def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(tmp_path, caplog):
     texts = _texts(150)
     docs = _store(tmp_path, texts)
     ref = dd.dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=40))
@@ -254,6 +254,7 @@ def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(t
         info = dict(con.execute("select name, value from dedup_info where key = ?", [ref.key]).fetchall())
         buckets = con.execute("select count(*) from dedup_buckets where key = ?", [ref.key]).fetchone()[0]
     assert info["dropped"] == str(len(planted)) and info["enabled"] == "true" and info["bands"] == "14"
+    assert info["join_ranges"] == "1"  # 150 documents: one range of keys (8 x shard_docs documents each)
     assert buckets == 150 and [(lo, hi) for lo, hi, _ in before] == [(0, 40), (40, 80), (80, 120), (120, 150)]
     # the stage's parts removed once the partition is complete; the shard texts stay for featurize and score
     assert not any(Path(f"{docs.store.path}.parts").glob("dedup-*/*"))
@@ -262,7 +263,9 @@ def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(t
                                                       for lo in range(0, 150, 40)]  # read in place, not loaded
     assert len(list(Path(f"{docs.store.path}.parts").glob("texts-ing/in-pool-*.parquet"))) == 4
 
-    again = dd.dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=40))  # rerun: every shard is in the ledger
+    with caplog.at_level(logging.INFO, logger="quadflow"):  # rerun: every shard is in the ledger, its parts gone
+        again = dd.dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=40))
+    assert "rebuilt the sorted keys of 4 shards from their kept parts" in caplog.text
     with connect(docs.store, read_only=True) as con:
         assert con.execute(ledger).fetchall() == before
     other = dd.dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=1000))  # shard size sets memory, not results
@@ -272,15 +275,54 @@ def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(t
     assert off.rows == 0 and off.key != ref.key
 
 
-def test_candidate_sql_joins_shared_keys_into_stars(tmp_path):
-    store = open_store(tmp_path / "s.duckdb")
-    with connect(store) as con:
-        # the columns of the dedup_buckets view over the shard parts
-        con.execute("create table dedup_buckets (key varchar, doc_idx bigint, n_words integer, buckets ubigint[])")
-        con.execute("insert into dedup_buckets values ('k', 5, 9, [1, 2]), ('k', 3, 9, [2]), ('k', 9, 9, [2, 7]), "
-                    "('k', 4, 9, [7]), ('k', 6, 9, [8]), ('other', 1, 9, [8])")
-        edges = sorted(query_sql(con, "dedup_candidates", {"key": "k"}).fetchall())
-    assert edges == [(3, 5), (3, 9), (4, 9)]  # key 2 -> star at 3, key 7 -> (4, 9); key 8 is shared across partitions only
+def _keys_table(keys: dict[int, list[int]]) -> pa.Table:
+    """dedup's keys rows (doc_idx, n_words, buckets) of {doc_idx: keys}."""
+    return pa.table({"doc_idx": list(keys), "n_words": [9] * len(keys), "buckets": list(keys.values())},
+                    schema=dd.KEYS_SCHEMA)
+
+
+def test_star_edges_join_shared_keys_into_stars():
+    bucket, doc = dd.key_pairs(_keys_table({5: [1, 2], 3: [2], 9: [2, 7], 4: [7], 6: [8]}))
+    assert bucket.tolist() == [1, 2, 2, 2, 7, 7, 8] and doc.tolist() == [5, 3, 5, 9, 4, 9, 6]
+    a, b = dd.star_edges(bucket, doc)
+    assert list(zip(a.tolist(), b.tolist())) == [(3, 5), (3, 9), (4, 9)]  # key 2: a star at 3; key 8 is one doc's
+
+
+TOP = 2**64 - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0, 1, 5, 2**63, TOP - 1, TOP, 12345]), max_size=4), min_size=1,
+                max_size=30), st.integers(1, 12), st.integers(1, 9))
+def test_the_candidate_join_by_hash_range_in_shard_tasks_equals_one_join_over_every_key(keys, shard_docs, n_ranges):
+    """However the pool is cut into shards and its keys into ranges (the last one ending at 2^64), the join
+    tasks find the same distinct candidate edges as a star per shared key over the whole pool."""
+    import tempfile
+
+    from quadflow.shards import Parts, Shard
+
+    by_key: dict[int, list[int]] = {}
+    for d, ks in enumerate(keys):
+        for k in set(ks):
+            by_key.setdefault(k, []).append(d)
+    expected = sorted({(min(ds), d) for ds in by_key.values() for d in ds if d != min(ds)})
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = Parts(tmp)
+        urls = []
+        for lo in range(0, len(keys), shard_docs):
+            shard = {d: sorted(set(keys[d])) for d in range(lo, min(lo + shard_docs, len(keys)))}
+            url = dd.pairs_path(parts.output(Shard("pool", lo, lo + len(shard))))
+            parts.write_parquet(url, dd.pairs_batches(*dd.key_pairs(_keys_table(shard))), schema=dd.PAIRS_SCHEMA)
+            urls.append(url)
+        a, b = [], []
+        for i in range(n_ranges):
+            result = dd.dedup_join.fn(Shard("join", i, i + 1), "", parts.output(Shard("join", i, i + 1)),
+                                      tuple(urls), n_ranges, parts)
+            edges = parts.read_table(result.path)
+            a.append(edges["a"].to_numpy())
+            b.append(edges["b"].to_numpy())
+        got_a, got_b = dd.distinct_edges(np.concatenate(a), np.concatenate(b))
+    assert list(zip(got_a.tolist(), got_b.tolist())) == expected
 
 
 def test_semdedup_joins_near_vectors_inside_a_cluster_only_and_skips_fuzzy_drops(tmp_path):

@@ -355,6 +355,7 @@ def test_shard_parts_on_the_object_store_give_the_same_selection_without_a_share
             stage_dir, name = r.path.split("?")[0].split("/shard-parts/", 1)[1].split("/", 1)
             puts.add((stage_dir.split("-", 1)[0], name.split("-", 1)[0] if name.endswith(".parquet") else name))
     assert puts == {("ingest", "out"), ("ingest", "bad"), ("ingest", "ids"), ("texts", "in"), ("dedup", "out"),
+                    ("dedup", "pairs"),
                     ("featurize", "out"), ("featurize", "lsa.npz"), ("cluster", "in"), ("cluster", "centers.pkl"),
                     ("cluster", "model.pkl"), ("cluster", "out"), ("score", "out"), ("score", "scorers.pkl")}, puts
     assert world.admin.list_objects_v2(Bucket=world.bucket, Prefix="shard-parts/").get("KeyCount") == 0  # cleaned

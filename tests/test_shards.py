@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from quadflow.settings import ClusterSettings, ConfigError, FeaturizeSettings, RunSettings, ScoreSettings
-from quadflow.shards import Shard, part_rows, plan_shards, text_parts, write_parquet_atomic
+from quadflow.shards import (MAX_HASH_RANGES, Shard, hash_range, hash_ranges, part_rows, plan_shards, text_parts,
+                             write_parquet_atomic)
 from quadflow.store import StageRef, connect, open_store
 from quadflow.tasks import cluster as cluster_mod
 from quadflow.tasks import featurize as featurize_mod
 from quadflow.tasks import score as score_mod
 from quadflow.tasks.cluster import cluster
 from quadflow.tasks.featurize import featurize
-from quadflow.tasks.ingest import (MAX_HASH_RANGES, Deduplicator, doc_id, first_copies, hash_range, hash_ranges,
-                                   sorted_ids)
+from quadflow.tasks.ingest import HASH_SPACE, Deduplicator, doc_id, first_copies, sorted_ids
 from quadflow.tasks.score import score
 from tests.test_score_task import PROSE, _pool
 
@@ -288,15 +288,15 @@ def test_dedup_by_hash_range_matches_the_in_memory_one(inputs, n_ranges):
         expected += [(pos, *row) for row in dups.select("file", "line", "doc_id", "kept_file", "kept_line").rows()]
         every.append(sorted_ids(good).with_columns(pos=pl.lit(pos, pl.Int64)))
     ids = pl.concat(every)
-    ranges = [hash_range(i, n_ranges) for i in range(n_ranges)]
+    ranges = [hash_range(i, n_ranges, HASH_SPACE) for i in range(n_ranges)]
     assert ranges[0][0] == 0 and ranges[-1][1] == 1 << 32 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     found = pl.concat([first_copies(ids.filter(pl.col("h").is_between(lo, hi, closed="left"))) for lo, hi in ranges])
     assert found.sort("pos", "line").rows() == expected
 
 
-def test_hash_ranges_follow_the_ids_within_bounds():
-    """About 8 x shard_docs ids per range; at least one; at most MAX_HASH_RANGES, however large the pool
-    (the flow's process reads every range's dropped copies at once)."""
+def test_hash_ranges_follow_the_documents_within_bounds():
+    """About 8 x shard_docs documents per range; at least one; at most MAX_HASH_RANGES, however large the pool
+    (the flow's process reads every range's output at once)."""
     assert [hash_ranges(n, 50_000) for n in (0, 1, 400_000, 400_001, 5_000_000)] == [1, 1, 1, 2, 13]
     assert hash_ranges(10**9, 50_000) == MAX_HASH_RANGES == 256
 
