@@ -126,10 +126,14 @@ def workers_profile(pool: Path, size: int, out: Path, shard_docs: int, workers: 
     ids = sorted(pl.read_parquet(work / "out" / "selection.parquet", columns=["id"])["id"].to_list())
     cpu = re.search(r"flow process CPU: ([\d.]+) s in all; by stage: (.*)", text)
     flow_cpu = {m.group(1): float(m.group(2)) for m in re.finditer(r"(\w+) ([\d.]+) s", cpu.group(2))} if cpu else {}
+    rss = re.search(r"flow process peak RSS: [\d,]+ MB; the high-water mark once each stage is done: (.*)", text)
+    flow_rss = ({m.group(1): int(m.group(2).replace(",", "")) for m in re.finditer(r"(\w+) ([\d,]+) MB", rss.group(1))}
+                if rss else {})
     return {"docs": size, "runner": runner, "workers": workers, "parts": "s3" if s3 else "local",
             "wall_s": round(wall, 1), "docs_per_s": round(size / wall), "peak_rss_mb_main": round(peak),
             "featurize_s": stage.get("featurize"), "score_s": stage.get("score"),
-            "flow_cpu_s": float(cpu.group(1)) if cpu else None, "flow_cpu_by_stage_s": flow_cpu, "selected_docs": len(ids),
+            "flow_cpu_s": float(cpu.group(1)) if cpu else None, "flow_cpu_by_stage_s": flow_cpu,
+            "flow_peak_rss_mb_by_stage": flow_rss, "selected_docs": len(ids),
             "selection_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
 
 

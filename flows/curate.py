@@ -60,12 +60,13 @@ def _run_name() -> str:
 
 
 class _FlowCPU:
-    """CPU seconds (user + system, every thread) the flow's own process spends per stage; shard tasks on
-    the runner's workers are not in it. Logged at the end of a run: the coordinator's cost, which
-    does not shrink with more workers."""
+    """CPU seconds (user + system, every thread) the flow's own process spends per stage, and its peak
+    resident memory once each stage is done; shard tasks on the runner's workers are not in either.
+    Logged at the end of a run: the coordinator's cost, which does not shrink with more workers."""
 
     def __init__(self) -> None:
         self.by_stage: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
         self.start = self._now()
 
     @staticmethod
@@ -79,10 +80,17 @@ class _FlowCPU:
             return fn(*args, **kwargs)
         finally:
             self.by_stage[stage] = self.by_stage.get(stage, 0.0) + self._now() - t0
+            # ru_maxrss: the process's own high-water mark (KiB on Linux), never its children's
+            self.peak_mb[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def line(self) -> str:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.by_stage.items())
         return f"flow process CPU: {self._now() - self.start:.1f} s in all; by stage: {stages}"
+
+    def memory_line(self) -> str:
+        stages = ", ".join(f"{k} {v:,.0f} MB" for k, v in self.peak_mb.items())
+        return (f"flow process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB; "
+                f"the high-water mark once each stage is done: {stages}")
 
 
 @flow(name="curate", flow_run_name=_run_name, validate_parameters=True, task_runner=task_runner(RunSettings()))
@@ -106,6 +114,7 @@ def curate(settings: Settings) -> dict:
     exported = cpu("export", export, settings, files, targets, docs, clusters, scores, selection, features=features)
     reported = cpu("report", report, settings, docs, features, clusters, scores, selection, exported)
     get_run_logger().info(cpu.line())
+    get_run_logger().info(cpu.memory_line())
     return {
         "store": store.path,
         "selection": exported.selection_path,

@@ -111,6 +111,22 @@ def baseline(env):
     return _selected("baseline", env)
 
 
+def test_a_run_logs_its_flow_process_cpu_and_peak_memory_by_stage(env, baseline):
+    """The coordinator's own cost, per stage, in the last lines of a run (what benchmarks/scale.py reads)."""
+    text = (env["tmp"] / "baseline.log").read_text(errors="replace")
+    stages = ["resolve", "ingest", "dedup", "featurize", "cluster", "semdedup", "score", "select", "export", "report"]
+    cpu = re.search(r"flow process CPU: ([\d.]+) s in all; by stage: (.*)", text)
+    assert cpu and [m.group(1) for m in re.finditer(r"(\w+) [\d.]+ s", cpu.group(2))] == stages, text[-3000:]
+    rss = re.search(r"flow process peak RSS: ([\d,]+) MB; the high-water mark once each stage is done: (.*)", text)
+    assert rss, text[-3000:]
+    marks = [(m.group(1), int(m.group(2).replace(",", ""))) for m in re.finditer(r"(\w+) ([\d,]+) MB", rss.group(2))]
+    peaks = [mb for _, mb in marks]
+    assert [name for name, _ in marks] == stages
+    # a high-water mark: it never falls, the run's is at least the last stage's, and a process holding a flow
+    # (Prefect, polars, DuckDB) is over 100 MB
+    assert peaks == sorted(peaks) and peaks[-1] <= int(rss.group(1).replace(",", "")) and peaks[0] > 100
+
+
 def test_sigkill_anywhere_then_rerun_gives_the_same_selection_without_redoing_shards(env, baseline):
     config, tmp = _config(env, "killed"), env["tmp"]
     parts = tmp / "killed" / "quadflow.duckdb.parts"
