@@ -122,7 +122,8 @@ def hash_ranges(docs: int, shard_docs: int) -> int:
     return min(MAX_HASH_RANGES, max(1, -(-docs // (RANGE_SHARD_DOCS * shard_docs))))
 
 
-def write_parquet_atomic(path: Path, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None) -> int:
+def write_parquet_atomic(path: Path, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None,
+                         compression: str = "zstd") -> int:
     """Write batches to `path` via a temporary file renamed into place: a reader never sees half a part.
 
     Returns the number of rows written. A crash leaves at most a `.tmp-*` file, which is ignored.
@@ -134,14 +135,14 @@ def write_parquet_atomic(path: Path, batches: Iterable[pa.RecordBatch | pa.Table
     try:
         for batch in batches:
             if writer is None:
-                writer = pq.ParquetWriter(tmp, schema or batch.schema, compression="zstd")
+                writer = pq.ParquetWriter(tmp, schema or batch.schema, compression=compression)
             table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
             writer.write_table(table)
             rows += table.num_rows
         if writer is None:
             if schema is None:
                 raise ValueError(f"no rows and no schema for part {path}")
-            writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+            writer = pq.ParquetWriter(tmp, schema, compression=compression)
         writer.close()
         writer = None
         with open(tmp, "rb") as fh:
@@ -214,11 +215,11 @@ class Parts:
         if self.remote:
             ob.check_access(self.client, self.root + "/")
 
-    def write_parquet(self, url: str, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None
-                      ) -> int:
+    def write_parquet(self, url: str, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema | None = None,
+                      compression: str = "zstd") -> int:
         """Write a part whole (see write_parquet_atomic); returns its rows."""
         rows = []
-        self.save(url, lambda path: rows.append(write_parquet_atomic(path, batches, schema)))
+        self.save(url, lambda path: rows.append(write_parquet_atomic(path, batches, schema, compression)))
         return rows[0]
 
     def save(self, url: str, write: Callable[[Path], None]) -> None:
@@ -412,12 +413,18 @@ def text_parts(run: RunSettings, store_path: str, docs_key: str,
     return stage_parts(run, store_path, "texts", docs_key, objectstore)
 
 
+# Text parts are written by the flow's process, one per shard of the pool: LZ4 compresses a 50,000-document
+# shard's texts in 0.13 s of CPU where zstd takes 0.30 s, for parts a third larger (BENCHMARKS.md, "Dedup's
+# candidate join in shard tasks"). Everything else a shard task writes stays zstd: its CPU is the workers'.
+TEXTS_COMPRESSION = "lz4"
+
+
 def export_texts(con: Any, docs_key: str, texts: Parts) -> Callable[[Shard, str], None]:
     """run_shards' export_input for text parts: the shard's (doc_idx, text) rows, in doc_idx order."""
     def export(shard: Shard, url: str) -> None:
         reader = query_sql(con, "shard_texts_range", {"key": docs_key, "role": shard.role, "lo": shard.lo,
                                                           "hi": shard.hi}).fetch_record_batch(10_000)
-        texts.write_parquet(url, reader, schema=reader.schema)
+        texts.write_parquet(url, reader, schema=reader.schema, compression=TEXTS_COMPRESSION)
     return export
 
 

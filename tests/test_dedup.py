@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -261,7 +262,11 @@ def test_dedup_task_drops_every_planted_copy_keeps_the_first_and_is_idempotent(t
     kept = Path(f"{docs.store.path}.data") / "dedup" / f"key={ref.key}" / "role=pool"
     assert sorted(p.name for p in kept.iterdir()) == [f"{lo:012d}-{min(lo + 40, 150):012d}.parquet"
                                                       for lo in range(0, 150, 40)]  # read in place, not loaded
-    assert len(list(Path(f"{docs.store.path}.parts").glob("texts-ing/in-pool-*.parquet"))) == 4
+    text_files = sorted(Path(f"{docs.store.path}.parts").glob("texts-ing/in-pool-*.parquet"))
+    assert len(text_files) == 4
+    # written by the flow's process: LZ4, cheaper to write than zstd (what the workers' own parts use)
+    assert pq.ParquetFile(text_files[0]).metadata.row_group(0).column(1).compression in ("LZ4", "LZ4_RAW")
+    assert pq.ParquetFile(kept / "000000000000-000000000040.parquet").metadata.row_group(0).column(0).compression == "ZSTD"
 
     with caplog.at_level(logging.INFO, logger="quadflow"):  # rerun: every shard is in the ledger, its parts gone
         again = dd.dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=40))
