@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="worker processes/threads for the runner (default: one per core)")
     run.add_argument("--shard-docs", type=int,
                      help="documents per dedup/featurize/cluster/score shard (default 50,000; ingest's exact dedup "
-                     "takes 8x as many ids per hash range): sets peak memory, not results")
+                     "and dedup's candidate join take 8x as many documents' keys per hash range): sets peak "
+                     "memory, not results")
     run.add_argument("--parts", metavar="DIR|s3://BUCKET/PREFIX",
                      help="where shard parts go: a directory the workers share, or an s3:// prefix (then workers "
                           "need no shared file system; endpoint from objectstore.*) (default: <store>.parts)")

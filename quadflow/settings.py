@@ -408,7 +408,8 @@ class RunSettings(Section):
     workers: int | None = Field(None, ge=1, description="Worker processes/threads (default: one per core).")
     shard_docs: int = Field(
         50_000, ge=1, description="Documents per shard of dedup, featurize, cluster and score (ingest's exact "
-        "dedup takes 8x as many ids per hash range): sets their peak memory, not the results."
+        "dedup and dedup's candidate join take 8x as many documents' keys per hash range): sets their peak "
+        "memory, not the results."
     )
     parts: str | None = Field(
         None, description="Where shard parts go: a directory the workers share, or an s3://bucket/prefix on the "
