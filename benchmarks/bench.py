@@ -430,7 +430,7 @@ def load_pool_data(refs: PipelineRefs, settings: Settings) -> PoolData:
         row = query_sql(con, "select_read_scorer_info", {"key": refs.scores.key, "scorer": "classifier"}).fetchone()
         keep = np.ones(n, dtype=bool)
         if refs.dedup:
-            keep[query_sql(con, "select_read_dropped", {"keys": [r.key for r in refs.dedup]}).fetchnumpy()["doc_idx"]] = False
+            keep[query_sql(con, "select_read_dropped", {"keys": [r.key for r in refs.dedup], "lo": 0, "hi": None}).fetchnumpy()["doc_idx"]] = False
     log_weights = np.asarray(DSIR().fit(target, pool).log_weights(pool), dtype=np.float64)
     return PoolData(
         doc_id=meta["doc_id"].to_numpy(), ids=meta["source_id"].cast(pl.String).to_numpy(),

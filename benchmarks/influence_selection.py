@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     scores = timed("score", score.fn, settings.score, docs, features, settings.seed)
 
     with connect(store, read_only=True) as con:
-        tokens = query_sql(con, "select_read_tokens", {"key": docs.key}).fetchnumpy()["n_tokens"].astype(np.int64)
+        tokens = query_sql(con, "select_read_tokens", {"key": docs.key, "lo": 0, "hi": None}).fetchnumpy()["n_tokens"].astype(np.int64)
         pool_ngrams = load_ngrams(con, features.key, "pool")
         target_ngrams = np.asarray(load_ngrams(con, features.key, "target").sum(axis=0)).ravel()
         (fit,) = query_sql(con, "select_read_scorer_info", {"key": scores.key, "scorer": "influence"}).fetchone()

@@ -297,7 +297,7 @@ def _fit_input(con: Any, scorers: list[Scorer], docs_key: str, features_key: str
 
 def pool_tokens(con: Any, docs_key: str, n_pool: int) -> np.ndarray:
     """(n_pool,) int64 token count of every pool document, by doc_idx."""
-    cols = query_sql(con, "select_read_tokens", {"key": docs_key}).fetchnumpy()
+    cols = query_sql(con, "select_read_tokens", {"key": docs_key, "lo": 0, "hi": None}).fetchnumpy()
     if not np.array_equal(np.asarray(cols["doc_idx"]), np.arange(n_pool)):
         raise ValueError(f"ingest_docs {docs_key}/pool does not hold doc_idx 0..{n_pool - 1} exactly once")
     return np.asarray(cols["n_tokens"], dtype=np.int64)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +77,7 @@ class Probe:
         self.pool_wide = pool_wide
         self.seconds_ = 0.0  # wall time spent in score_fn
         self.calls_ = 0
-        self._values = np.zeros(0 if pool_wide else self.n_docs)  # (n_docs,) scores of scored docs
-        self._known = np.zeros(0 if pool_wide else self.n_docs, dtype=bool)  # (n_docs,)
+        self._scores: dict[int, float] = {}  # doc_idx -> score of every document scored so far (on demand)
 
     @classmethod
     def lookup(cls, scores: np.ndarray) -> "Probe":
@@ -86,10 +85,26 @@ class Probe:
         scores = np.asarray(scores, dtype=np.float64)
         return cls(lambda idx: scores[idx], scores.size, pool_wide=True)
 
+    @classmethod
+    def lookup_at(cls, doc_idx: np.ndarray, scores: np.ndarray, n_docs: int) -> "Probe":
+        """Probe by pool-wide scores known for the documents doc_idx only (the candidates): a pool of n_docs."""
+        doc_idx = np.asarray(doc_idx, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64)
+        order = np.argsort(doc_idx, kind="stable")
+        known, values = doc_idx[order], scores[order]
+
+        def score_fn(idx: np.ndarray) -> np.ndarray:
+            pos = np.minimum(np.searchsorted(known, idx), max(known.size - 1, 0))
+            if known.size == 0 or not np.array_equal(known[pos], idx):
+                raise ValueError(f"no score known for some probed documents (doc_idx {idx[:5].tolist()}...)")
+            return values[pos]
+
+        return cls(score_fn, n_docs, pool_wide=True)
+
     @property
     def docs_scored_(self) -> int:
         """Distinct documents whose score was computed: the whole pool for a pool-wide score."""
-        return self.n_docs if self.pool_wide else int(self._known.sum())
+        return self.n_docs if self.pool_wide else len(self._scores)
 
     def _timed(self, idx: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -104,11 +119,12 @@ class Probe:
         idx = np.asarray(idx, dtype=np.int64)
         if self.pool_wide:
             return self._timed(idx)
-        new = np.unique(idx[~self._known[idx]])  # sorted, so a round's call does not depend on probe order
+        known = self._scores
+        # sorted, so a round's call does not depend on probe order
+        new = np.unique(np.fromiter((i for i in idx.tolist() if i not in known), dtype=np.int64))
         if new.size:
-            self._values[new] = self._timed(new)
-            self._known[new] = True
-        return self._values[idx]
+            known.update(zip(new.tolist(), self._timed(new).tolist()))
+        return np.fromiter((known[i] for i in idx.tolist()), dtype=np.float64, count=idx.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,34 +523,171 @@ class NoveltyGains:
                 / np.maximum(np.asarray(tokens, dtype=np.float64), 1.0))
 
 
-def candidate_tiers(rank_scores: np.ndarray, tokens: np.ndarray, budget: int, multiple: float,
-                    theta: float | None, theta_likely: float | None, max_doc_share: float) -> tuple[np.ndarray, dict]:
-    """(n,) tier of every document and what decided it.
+@dataclass(frozen=True)
+class PoolBatch:
+    """Documents of the selector's pool in ascending doc_idx: all the two-level bandit reads of each.
 
-    Candidates are the best documents by rank score holding `multiple` x the budget in tokens. Among
-    them, SURE: scores at least theta, the score most of the target's own documents reach (out of
-    fold), whatever its length; LIKELY: at least theta_likely, a score nearly all of them reach;
-    RELATED: the other candidates. A LIKELY or RELATED document longer than max_doc_share of the
-    budget is no candidate (it is left to the fill): one such document could otherwise take a tenth
-    of the budget on an uncertain score. Without theta (no classifier fitted on a target) every
-    candidate is RELATED.
+    doc_idx (b,) int64; tokens (b,) int64 >= 0; clusters (b,) int64 labels; rank (b,) float64 finite rank
+    scores; probe (b,) float64, a pool-wide probe score other than the rank score (None: probes look up rank).
     """
-    n = rank_scores.size
-    order = np.lexsort((np.arange(n), -rank_scores))  # best first, ties by doc_idx
-    cum = np.cumsum(tokens[order], dtype=np.int64)
-    n_cand = min(n, int(np.searchsorted(cum, multiple * budget, side="left")) + 1)
-    cand = np.zeros(n, dtype=bool)
-    cand[order[:n_cand]] = True
-    tier = np.full(n, OUTSIDE, dtype=np.int8)
-    short = cand & (tokens <= max_doc_share * budget)
+
+    doc_idx: np.ndarray
+    tokens: np.ndarray
+    clusters: np.ndarray
+    rank: np.ndarray
+    probe: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.doc_idx.size)
+
+    def take(self, idx: np.ndarray) -> "PoolBatch":
+        """The documents at positions (or a mask) idx, in that order."""
+        return PoolBatch(self.doc_idx[idx], self.tokens[idx], self.clusters[idx], self.rank[idx],
+                         None if self.probe is None else self.probe[idx])
+
+    @classmethod
+    def concat(cls, batches: list["PoolBatch"]) -> "PoolBatch":
+        probes = [b.probe for b in batches]
+        return cls(*(np.concatenate([getattr(b, name) for b in batches])
+                     for name in ("doc_idx", "tokens", "clusters", "rank")),
+                   probe=None if any(p is None for p in probes) else np.concatenate(probes))
+
+    @classmethod
+    def empty(cls) -> "PoolBatch":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+
+
+# One pass over the selector's pool, in ascending doc_idx, as batches; every call starts a fresh pass.
+PoolScan = Callable[[], Iterable[PoolBatch]]
+
+
+def array_pool(tokens: np.ndarray, clusters: np.ndarray, rank_scores: np.ndarray,
+               batch_docs: int | None = None) -> PoolScan:
+    """The pool held in arrays as a PoolScan (doc_idx = position), in batches of batch_docs (None: one)."""
+    n = np.asarray(tokens).size
+    step = max(n, 1) if batch_docs is None else int(batch_docs)
+
+    def scan() -> Iterator[PoolBatch]:
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            yield PoolBatch(np.arange(lo, hi, dtype=np.int64), tokens[lo:hi], clusters[lo:hi], rank_scores[lo:hi])
+
+    return scan
+
+
+def _checked_batch(batch: PoolBatch, after_doc: int) -> PoolBatch:
+    """The batch with its columns as int64 / float64, checked: ascending doc_idx past after_doc, tokens >= 0,
+    integer labels, finite rank scores."""
+    doc_idx, clusters = np.asarray(batch.doc_idx), np.asarray(batch.clusters)
+    tokens, rank = np.asarray(batch.tokens), np.asarray(batch.rank, dtype=np.float64)
+    n = doc_idx.size
+    if not (tokens.size == clusters.size == rank.size == n) or (batch.probe is not None and batch.probe.size != n):
+        raise ValueError(f"a pool batch's columns differ in length: {n} doc_idx, {tokens.size} tokens, "
+                         f"{clusters.size} clusters, {rank.size} rank scores")
+    if n and (doc_idx[0] <= after_doc or (n > 1 and not (np.diff(doc_idx) > 0).all())):
+        raise ValueError(f"a pool scan must yield ascending doc_idx; got {doc_idx[:3].tolist()}... after {after_doc}")
+    if n and not np.issubdtype(clusters.dtype, np.integer):
+        raise ValueError(f"cluster labels must be integers, got dtype {clusters.dtype}")
+    if n and (not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0):
+        raise ValueError(f"tokens must be integers >= 0, got dtype {tokens.dtype}, min {tokens.min()!r}")
+    if not np.isfinite(rank).all():
+        bad = int(np.flatnonzero(~np.isfinite(rank))[0])
+        raise ValueError(f"rank score of doc {int(doc_idx[bad])} is {float(rank[bad])!r}; rank scores must be finite")
+    probe = None if batch.probe is None else np.asarray(batch.probe, dtype=np.float64)
+    return PoolBatch(doc_idx.astype(np.int64, copy=False), tokens.astype(np.int64, copy=False),
+                     clusters.astype(np.int64, copy=False), rank, probe)
+
+
+@dataclass(frozen=True)
+class RankPrefix:
+    """The head of a pool by rank score, from one pass of its scan.
+
+    docs: best rank score first, ties by doc_idx; cut: (rank, doc_idx) of its last document when documents
+    rank after it (None: docs is every document that counted); n_docs: documents the pass read; labels: their
+    distinct cluster labels, sorted.
+    """
+
+    docs: PoolBatch
+    cut: tuple[float, int] | None
+    n_docs: int
+    labels: np.ndarray
+
+
+def rank_prefix(scan: PoolScan, limit: float, after: tuple[float, int] | None = None,
+                max_tokens: int | None = None) -> RankPrefix:
+    """The shortest head of the pool by rank score (ties by doc_idx) holding at least `limit` tokens, in one pass.
+
+    Only documents ranked after `after` and no longer than `max_tokens` count. Memory follows the head, not
+    the pool: each batch is merged into the head held so far and the merge is cut again at `limit` tokens;
+    once the head is that long, a document ranked after its last one can never enter, and is dropped on
+    arrival (batches come in ascending doc_idx, so a later tie with the last document ranks after it).
+    """
+    held: PoolBatch | None = None
+    bar: float | None = None  # rank score of the head's last document, once the head holds `limit` tokens
+    n, last, labels = 0, -1, np.zeros(0, dtype=np.int64)
+    for raw in scan():
+        batch = _checked_batch(raw, last)
+        if batch.size == 0:
+            continue
+        n += batch.size
+        last = int(batch.doc_idx[-1])
+        labels = np.union1d(labels, batch.clusters)
+        keep = np.ones(batch.size, dtype=bool)
+        if after is not None:
+            keep &= (batch.rank < after[0]) | ((batch.rank == after[0]) & (batch.doc_idx > after[1]))
+        if max_tokens is not None:
+            keep &= batch.tokens <= max_tokens
+        if bar is not None:
+            keep &= batch.rank > bar
+        if not keep.any():
+            continue
+        held = batch.take(keep) if held is None else PoolBatch.concat([held, batch.take(keep)])
+        order = np.lexsort((held.doc_idx, -held.rank))
+        cum = np.cumsum(held.tokens[order])
+        if cum[-1] >= limit:
+            order = order[: int(np.searchsorted(cum, limit, side="left")) + 1]
+            bar = float(held.rank[order[-1]])
+        held = held.take(order)
+    if held is None:
+        held = PoolBatch.empty()
+    cut = None if bar is None else (bar, int(held.doc_idx[-1]))
+    return RankPrefix(held, cut, n, labels)
+
+
+def prefix_tiers(head: PoolBatch, budget: int, theta: float | None, theta_likely: float | None,
+                 max_doc_share: float) -> tuple[np.ndarray, dict]:
+    """(len(head),) tier of every candidate (the head of the pool by rank score) and what decided it.
+
+    SURE: scores at least theta, the score most of the target's own documents reach (out of fold), whatever
+    its length; LIKELY: at least theta_likely, a score nearly all of them reach; RELATED: the other
+    candidates. A LIKELY or RELATED document longer than max_doc_share of the budget is no candidate (OUTSIDE:
+    it is left to the fill): one such document could otherwise take a tenth of the budget on an uncertain
+    score. Without theta (no classifier fitted on a target) every candidate is RELATED.
+    """
+    tier = np.full(head.size, OUTSIDE, dtype=np.int8)
+    short = head.tokens <= max_doc_share * budget
     tier[short] = RELATED
     if theta is not None:
         low = theta if theta_likely is None else min(theta, theta_likely)
-        tier[short & (rank_scores >= low)] = LIKELY
-        tier[cand & (rank_scores >= theta)] = SURE
-    info: dict[str, Any] = {"candidate_docs": n_cand, "theta": theta, "theta_likely": theta_likely}
+        tier[short & (head.rank >= low)] = LIKELY
+        tier[head.rank >= theta] = SURE
+    info: dict[str, Any] = {"candidate_docs": head.size, "theta": theta, "theta_likely": theta_likely}
     for name, t in (("target_kind_tokens", SURE), ("likely_target_kind_tokens", LIKELY), ("related_tokens", RELATED)):
-        info[name] = int(tokens[tier == t].sum())
+        info[name] = int(head.tokens[tier == t].sum())
+    return tier, info
+
+
+def candidate_tiers(rank_scores: np.ndarray, tokens: np.ndarray, budget: int, multiple: float,
+                    theta: float | None, theta_likely: float | None, max_doc_share: float) -> tuple[np.ndarray, dict]:
+    """(n,) tier of every document and what decided it (prefix_tiers of the pool's head holding `multiple` x
+    the budget in tokens; every other document is OUTSIDE)."""
+    rank_scores = np.asarray(rank_scores, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    head = rank_prefix(array_pool(tokens, np.zeros(tokens.size, dtype=np.int64), rank_scores), multiple * budget).docs
+    head_tier, info = prefix_tiers(head, budget, theta, theta_likely, max_doc_share)
+    tier = np.full(tokens.size, OUTSIDE, dtype=np.int8)
+    tier[head.doc_idx] = head_tier
     return tier, info
 
 
@@ -599,28 +752,49 @@ class TwoLevelQuad:
             probe_fn: ProbeFn, novelty: Novelty, theta: float | None = None, theta_likely: float | None = None,
             probe_is_rank: bool = True, neighbors: pl.DataFrame | None = None,
             gamma: float | None = None, progress: Callable[[int], None] | None = None) -> "TwoLevelQuad":
-        """Run the rounds to the budget; every round, probe and accepted block is kept as fitted state.
-
-        `progress(tokens)` is called after every round with the tokens it took.
-        """
+        """fit_pool on a pool held in arrays (doc_idx = position)."""
         self._check_params()
         clusters, tokens = _checked_pool(clusters, tokens, budget_tokens)
         rank_scores = np.asarray(rank_scores, dtype=np.float64).ravel()
         if rank_scores.shape != tokens.shape:
             raise ValueError(f"rank_scores has {rank_scores.size} entries, tokens {tokens.size}")
-        if not np.isfinite(rank_scores).all():
-            bad = int(np.flatnonzero(~np.isfinite(rank_scores))[0])
-            raise ValueError(f"rank score of doc {bad} is {float(rank_scores[bad])!r}; rank scores must be finite")
-        n, budget = tokens.size, int(budget_tokens)
+        return self.fit_pool(array_pool(tokens, clusters, rank_scores), budget_tokens, novelty, probe_fn, theta,
+                             theta_likely, probe_is_rank, neighbors, gamma, progress)
+
+    def fit_pool(self, pool: PoolScan, budget_tokens: int, novelty: Novelty, probe_fn: ProbeFn | None = None,
+                 theta: float | None = None, theta_likely: float | None = None, probe_is_rank: bool = True,
+                 neighbors: pl.DataFrame | None = None, gamma: float | None = None,
+                 progress: Callable[[int], None] | None = None) -> "TwoLevelQuad":
+        """Run the rounds to the budget; every round, probe and accepted block is kept as fitted state.
+
+        One pass of `pool` keeps its head by rank score holding `candidate_multiple` x the budget (the
+        candidates, and the first documents of the fill); nothing else of the pool is held, so memory
+        follows the budget, not the pool. A fill that walks past the head scans the pool again.
+        `probe_fn` None: probes look up the batches' probe score, or their rank score. `progress(tokens)` is
+        called after every round with the tokens it took.
+        """
+        self._check_params()
+        if budget_tokens < 0:
+            raise ValueError(f"budget_tokens must be >= 0, got {budget_tokens!r}")
+        budget = int(budget_tokens)
+        head = rank_prefix(pool, self.candidate_multiple * budget)
+        if head.n_docs == 0:
+            raise ValueError("the pool is empty: there is nothing to select from")
+        if probe_fn is None:
+            probe_fn = Probe.lookup_at(head.docs.doc_idx, head.docs.rank if head.docs.probe is None
+                                       else head.docs.probe, head.n_docs)
+        self.probe_ = probe_fn
         rng_calib, rng_probe = (np.random.default_rng(s) for s in np.random.SeedSequence(self.random_state).spawn(2))
         m = int(self.probes)
-        labels, arm_of_doc = np.unique(clusters, return_inverse=True)  # (k,), (n,)
+        labels = head.labels  # (k,) every cluster of the pool
         k = labels.size
         share = _neighbour_matrix(labels, neighbors, gamma)
 
-        tier, self.tiers_ = candidate_tiers(rank_scores, tokens, budget, self.candidate_multiple, theta,
-                                            theta_likely, self.max_doc_share)
-        cand = np.flatnonzero(tier < OUTSIDE)  # (c,) sorted doc_idx
+        head_tier, self.tiers_ = prefix_tiers(head.docs, budget, theta, theta_likely, self.max_doc_share)
+        in_cand = np.flatnonzero(head_tier < OUTSIDE)
+        in_cand = in_cand[np.argsort(head.docs.doc_idx[in_cand], kind="stable")]
+        cands = head.docs.take(in_cand)  # the candidates by doc_idx
+        cand = cands.doc_idx  # (c,) sorted doc_idx
         counts = sp.csr_matrix(novelty.rows(cand), dtype=np.float64)  # (c, V)
         if counts.shape[0] != cand.size:
             raise ValueError(f"novelty.rows returned {counts.shape[0]} rows for {cand.size} candidates")
@@ -632,29 +806,31 @@ class TwoLevelQuad:
             raise ValueError(f"n-gram spaces differ: target {p_target.size}, pool {p_pool.size}, rows {counts.shape[1]}")
         prior = float(self.novelty_prior) * max(budget, 1)
         gains = NoveltyGains(counts, p_target) if self.diversity else None
-        c_tier, c_tok, c_arm, c_rank = tier[cand], tokens[cand], arm_of_doc[cand], rank_scores[cand]
+        c_tier, c_tok, c_rank = head_tier[in_cand], cands.tokens, cands.rank
+        c_arm = np.searchsorted(labels, cands.clusters)  # (c,) arm of each candidate
         state = np.zeros(cand.size, dtype=np.int8)  # 0 live, 1 taken, 2 rejected
         selected = np.zeros(p_pool.size)  # (V,) n-gram counts of the selection
 
         # Round 0: probe every arm's candidates once; tau and alpha come from these means.
-        probe_rounds, probe_docs, probe_scores = [], [], []
+        probe_rounds, probe_docs, probe_scores, probe_arms = [], [], [], []
         arms_with = np.unique(c_arm)
-        calib_idx, calib_arm = [], []
+        calib_pos, calib_arm = [], []
         for a in arms_with:
             pos = np.flatnonzero(c_arm == a)
             pick = rng_calib.choice(pos, size=min(m, pos.size), replace=False)
-            calib_idx.append(cand[np.sort(pick)])
+            calib_pos.append(np.sort(pick))
             calib_arm.append(np.full(pick.size, a))
-        flat = np.concatenate(calib_idx) if calib_idx else np.zeros(0, dtype=np.int64)
-        scores0 = _probe(probe_fn, flat) if flat.size else np.zeros(0)
+        flat0 = np.concatenate(calib_pos) if calib_pos else np.zeros(0, dtype=np.int64)
+        scores0 = _probe(probe_fn, cand[flat0]) if flat0.size else np.zeros(0)
         arm0 = np.concatenate(calib_arm) if calib_arm else np.zeros(0, dtype=np.int64)
         means0 = np.bincount(arm0, weights=scores0, minlength=k)[arms_with] / np.bincount(arm0, minlength=k)[arms_with]
         q_tau = self.tau_quantile if self.tau_quantile is not None else (0.0 if probe_is_rank else 0.5)
         tau = self.tau if self.tau is not None else (float(np.quantile(means0, q_tau)) if means0.size else 0.0)
         alpha = self.alpha if self.alpha is not None else (float(np.std(means0)) if means0.size else 0.0)
-        probe_rounds.append(np.zeros(flat.size, dtype=np.int32))
-        probe_docs.append(flat)
+        probe_rounds.append(np.zeros(flat0.size, dtype=np.int32))
+        probe_docs.append(cand[flat0])
         probe_scores.append(scores0)
+        probe_arms.append(c_arm[flat0])
         reward_sum = np.zeros(k)
         pulls = np.zeros(k)
         reward_sum[arms_with] = means0 - tau
@@ -665,7 +841,7 @@ class TwoLevelQuad:
         remaining = budget
         round_tokens = int(np.ceil(budget / int(self.rounds)))
         rows: dict[str, list[Any]] = {c: [] for c in ROUNDS_SCHEMA}
-        sel_docs, sel_rounds, sel_reasons = [], [], []
+        sel_docs, sel_clusters, sel_rounds, sel_reasons = [], [], [], []
         stop, n_rounds = "max_rounds", 0
         for rnd in range(1, int(self.max_rounds) + 1):
             if budget - remaining >= FULL_FRACTION * budget:
@@ -708,6 +884,7 @@ class TwoLevelQuad:
                     if fits.size:
                         selected += np.asarray(counts[fits].sum(axis=0)).ravel()
                         sel_docs.append(cand[fits])
+                        sel_clusters.append(cands.clusters[fits])
                         sel_rounds.append(np.full(fits.size, rnd, dtype=np.int64))
                         sel_reasons.append(np.array([TIER_REASONS[int(t)] for t in c_tier[fits]], dtype=object))
                 else:
@@ -717,6 +894,7 @@ class TwoLevelQuad:
             probe_rounds.append(np.full(flat_pos.size, rnd, dtype=np.int32))
             probe_docs.append(cand[flat_pos])
             probe_scores.append(scores)
+            probe_arms.append(c_arm[flat_pos])
             reward_sum[pulled] += rewards
             pulls[pulled] += 1.0
             direct[pulled] += 1
@@ -728,29 +906,46 @@ class TwoLevelQuad:
             stop = "budget_full" if budget - remaining >= FULL_FRACTION * budget else "max_rounds"
 
         # Fill: what the rounds left of the budget goes to the best remaining documents by rank score,
-        # documents of rejected blocks last.
-        n_fill = 0
+        # documents of rejected blocks last: the head's, then (scanning the pool again) those ranked after it
+        # that still fit, then the rejected ones.
+        n_fill, self.fill_scans_ = 0, 0
         if remaining > 0 and budget - remaining < FULL_FRACTION * budget:
-            taken = np.zeros(n, dtype=bool)
-            for d in sel_docs:
-                taken[d] = True
-            rejected = np.zeros(n, dtype=bool)
-            rejected[cand[state == 2]] = True
-            order = np.lexsort((np.arange(n), -rank_scores, rejected))
-            took = fill_budget(order[~taken[order]], tokens, remaining)
-            remaining -= int(tokens[took].sum())
-            sel_docs.append(took)
-            sel_rounds.append(np.full(took.size, FILL_ROUND, dtype=np.int64))
-            sel_reasons.append(np.full(took.size, REASON_FILL, dtype=object))
-            n_fill = int(took.size)
+            in_taken = np.isin(head.docs.doc_idx, cand[state == 1], assume_unique=True)
+            in_rejected = np.isin(head.docs.doc_idx, cand[state == 2], assume_unique=True)
+            walks = [head.docs.take(~in_taken & ~in_rejected)]
+            after = head.cut
+            while True:
+                for docs in walks:
+                    took = docs.take(fill_budget(np.arange(docs.size), docs.tokens, remaining))
+                    remaining -= int(took.tokens.sum())
+                    sel_docs.append(took.doc_idx)
+                    sel_clusters.append(took.clusters)
+                    n_fill += took.size
+                if after is None:
+                    break
+                # The next documents by rank score that could still fit, candidate_multiple x (remaining + 1)
+                # tokens of them: more than fit, so each scan ends the fill or walks past documents that no
+                # longer fit (and the next scan leaves those out).
+                more = rank_prefix(pool, self.candidate_multiple * (remaining + 1), after=after, max_tokens=remaining)
+                self.fill_scans_ += 1
+                walks, after = [more.docs], more.cut
+            rejected = head.docs.take(in_rejected)
+            took = rejected.take(fill_budget(np.arange(rejected.size), rejected.tokens, remaining))
+            remaining -= int(took.tokens.sum())
+            sel_docs.append(took.doc_idx)
+            sel_clusters.append(took.clusters)
+            n_fill += took.size
+            sel_rounds.append(np.full(n_fill, FILL_ROUND, dtype=np.int64))
+            sel_reasons.append(np.full(n_fill, REASON_FILL, dtype=object))
 
         self.selected_ = np.concatenate(sel_docs) if sel_docs else np.zeros(0, dtype=np.int64)
+        self.selected_clusters_ = np.concatenate(sel_clusters) if sel_clusters else np.zeros(0, dtype=np.int64)
         self.rounds_of_ = np.concatenate(sel_rounds) if sel_rounds else np.zeros(0, dtype=np.int64)
         self.reasons_ = np.concatenate(sel_reasons) if sel_reasons else np.zeros(0, dtype=object)
         self.rounds_ = pl.DataFrame(rows, schema=ROUNDS_SCHEMA)
         p_docs = np.concatenate(probe_docs)
         self.probes_ = pl.DataFrame({
-            "round": np.concatenate(probe_rounds), "cluster": clusters[p_docs].astype(np.int64),
+            "round": np.concatenate(probe_rounds), "cluster": labels[np.concatenate(probe_arms)].astype(np.int64),
             "doc_idx": p_docs.astype(np.int64), "score": np.concatenate(probe_scores),
         }, schema=PROBES_SCHEMA)
         size = np.bincount(c_arm, minlength=k).astype(np.int64)
@@ -763,6 +958,8 @@ class TwoLevelQuad:
         self.tau_, self.alpha_, self.tau_quantile_ = float(tau), float(alpha), float(q_tau)
         self.n_rounds_, self.n_fill_, self.stop_reason_ = n_rounds, n_fill, stop
         self.n_probed_ = int(np.unique(p_docs).size)
+        self.n_docs_ = head.n_docs
+        self.rejected_ = cand[state == 2]  # candidates of rejected blocks, by doc_idx
         self.tokens_selected_ = int(budget - remaining)
         self.round_tokens_ = round_tokens
         return self
@@ -879,9 +1076,7 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
     tokens = np.asarray(tokens, dtype=np.int64)
     clusters = np.asarray(clusters, dtype=np.int64)
     budget = settings.budget_tokens
-    info: dict[str, Any] = dict.fromkeys(("blocks", "tau", "tau_quantile", "alpha", "block_docs", "rounds",
-                                          "docs_probed", "stop", "probe_scorer", "docs_scored", "probe_seconds"))
-    info["pool_docs"] = int(tokens.size)
+    info = _blank_info(tokens.size)
     out: dict[str, pl.DataFrame] = {}
     selector = settings.selector
     if selector == "quad":
@@ -896,21 +1091,18 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
         if probe.n_docs != tokens.size:
             raise ValueError(f"the probe scorer covers {probe.n_docs} documents, the pool has {tokens.size}")
         if ranked:
-            bandit = TwoLevelQuad.from_settings(settings, seed).fit(
-                clusters, tokens, budget, rank_scores, probe, novelty, theta, theta_likely, probe_is_rank, neighbors,
-                gamma, progress)
-            info.update(bandit.tiers_)
-            info.update(round_tokens=bandit.round_tokens_, rank_scorer=settings.rank_scorer)
-        else:
-            bandit = QuadBandit.from_settings(settings, seed).fit(clusters, tokens, budget, probe, neighbors, gamma)
-            info.update(block_docs=bandit.block_docs_)
+            clusters, tokens = _checked_pool(clusters, tokens, budget)
+            rank_scores = np.asarray(rank_scores, dtype=np.float64).ravel()
+            if rank_scores.shape != tokens.shape:
+                raise ValueError(f"rank_scores has {rank_scores.size} entries, tokens {tokens.size}")
+            return run_ranked(settings, seed, array_pool(tokens, clusters, rank_scores), novelty, probe, theta,
+                              theta_likely, probe_is_rank, neighbors, gamma, progress)
+        bandit = QuadBandit.from_settings(settings, seed).fit(clusters, tokens, budget, probe, neighbors, gamma)
+        info.update(block_docs=bandit.block_docs_)
+        _bandit_info(info, settings, bandit, probe)
+        out.update(rounds=bandit.rounds_, probes=bandit.probes_, arms=bandit.arms_)
         chosen, reasons = bandit.selected_, bandit.reasons_
         rounds = np.where(bandit.rounds_of_ == FILL_ROUND, None, bandit.rounds_of_)  # fill: no round
-        out.update(rounds=bandit.rounds_, probes=bandit.probes_, arms=bandit.arms_)
-        info.update(blocks=settings.blocks, tau=bandit.tau_, tau_quantile=bandit.tau_quantile_, alpha=bandit.alpha_,
-                    rounds=bandit.n_rounds_, docs_probed=bandit.n_probed_, stop=bandit.stop_reason_,
-                    probe_scorer=settings.probe_scorer, docs_scored=probe.docs_scored_,
-                    probe_seconds=round(probe.seconds_, 3))
     else:
         if selector == "random":
             chosen = select_random(tokens, budget, seed)
@@ -927,16 +1119,61 @@ def run_selector(settings: SelectSettings, seed: int, tokens: np.ndarray, cluste
             raise ValueError(f"unknown selector {selector!r}")
         reasons = np.full(chosen.size, selector, dtype=object)
         rounds = np.full(chosen.size, None, dtype=object)
+    return _selector_frames(out, settings, info, chosen, clusters[chosen], int(tokens[chosen].sum()), rounds, reasons)
+
+
+def run_ranked(settings: SelectSettings, seed: int, pool: PoolScan, novelty: Novelty, probe: Probe | None = None,
+               theta: float | None = None, theta_likely: float | None = None, probe_is_rank: bool = True,
+               neighbors: pl.DataFrame | None = None, gamma: float | None = None,
+               progress: Callable[[int], None] | None = None) -> dict[str, pl.DataFrame]:
+    """run_selector's frames for quad with ranked blocks over a pool scan: what the select stage runs by default.
+
+    `probe` None: the probes look up the pool batches' probe score, or their rank score.
+    """
+    bandit = TwoLevelQuad.from_settings(settings, seed).fit_pool(
+        pool, settings.budget_tokens, novelty, probe, theta, theta_likely, probe_is_rank, neighbors, gamma, progress)
+    info = _blank_info(bandit.n_docs_)
+    info.update(bandit.tiers_)
+    info.update(round_tokens=bandit.round_tokens_, rank_scorer=settings.rank_scorer)
+    _bandit_info(info, settings, bandit, bandit.probe_)
+    out = {"rounds": bandit.rounds_, "probes": bandit.probes_, "arms": bandit.arms_}
+    rounds = np.where(bandit.rounds_of_ == FILL_ROUND, None, bandit.rounds_of_)  # fill: no round
+    if bandit.fill_scans_:
+        get_logger().info(f"select: the fill scanned the pool {bandit.fill_scans_} more time(s) for documents "
+                          "ranked after the candidates")
+    return _selector_frames(out, settings, info, bandit.selected_, bandit.selected_clusters_,
+                            bandit.tokens_selected_, rounds, bandit.reasons_)
+
+
+def _blank_info(pool_docs: int) -> dict[str, Any]:
+    info: dict[str, Any] = dict.fromkeys(("blocks", "tau", "tau_quantile", "alpha", "block_docs", "rounds",
+                                          "docs_probed", "stop", "probe_scorer", "docs_scored", "probe_seconds"))
+    info["pool_docs"] = int(pool_docs)
+    return info
+
+
+def _bandit_info(info: dict[str, Any], settings: SelectSettings, bandit: "QuadBandit | TwoLevelQuad",
+                 probe: Probe) -> None:
+    info.update(blocks=settings.blocks, tau=bandit.tau_, tau_quantile=bandit.tau_quantile_, alpha=bandit.alpha_,
+                rounds=bandit.n_rounds_, docs_probed=bandit.n_probed_, stop=bandit.stop_reason_,
+                probe_scorer=settings.probe_scorer, docs_scored=probe.docs_scored_,
+                probe_seconds=round(probe.seconds_, 3))
+
+
+def _selector_frames(out: dict[str, pl.DataFrame], settings: SelectSettings, info: dict[str, Any],
+                     chosen: np.ndarray, chosen_clusters: np.ndarray, tokens_selected: int, rounds: np.ndarray,
+                     reasons: np.ndarray) -> dict[str, pl.DataFrame]:
+    """`out` with the selection (in selection order) and info frames added."""
+    budget = settings.budget_tokens
     out["selection"] = pl.DataFrame({
         "doc_idx": chosen.astype(np.int64),
         "rank": np.arange(chosen.size, dtype=np.int64),
-        "cluster": clusters[chosen],
+        "cluster": np.asarray(chosen_clusters, dtype=np.int64),
         "round": pl.Series(rounds.tolist(), dtype=pl.Int32),
         "reason": pl.Series(reasons.tolist(), dtype=pl.String),
     })
-    selected_tokens = int(tokens[chosen].sum())
-    info.update(selector=selector, budget_tokens=budget, tokens_selected=selected_tokens,
-                docs_selected=int(chosen.size), fill_fraction=selected_tokens / budget)
+    info.update(selector=settings.selector, budget_tokens=budget, tokens_selected=tokens_selected,
+                docs_selected=int(chosen.size), fill_fraction=tokens_selected / budget)
     out["info"] = pl.DataFrame({
         "name": list(info), "value": [None if v is None else str(v) for v in info.values()],
     }, schema={"name": pl.String, "value": pl.String})
@@ -981,45 +1218,62 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
     """Select within the token budget and record every round, probe and accepted block.
 
     `dedup`: the dedup partitions (fuzzy, semantic) whose dropped documents the selector never sees.
+    Quad with ranked blocks (the default) streams the pool in doc_idx ranges and keeps only its candidates;
+    the other selectors read one value per pool document.
     """
     key = stage_key("select", VERSION, settings, docs, features, clusters, scores, seed, *dedup)
     log = get_logger()
     with connect(docs.store) as con:
-        tokens = _by_doc(query_sql(con, "select_read_tokens", {"key": docs.key}), "n_tokens", "ingest_docs")
-        labels = _by_doc(query_sql(con, "select_read_clusters", {"key": clusters.key}), "cluster",
-                         "cluster_assignments", n=tokens.size)
-        kwargs: dict[str, Any] = {}
+        n_pool = int(dict(query_sql(con, "select_count_docs", {"key": docs.key}).fetchall()).get("pool", 0))
+        dedup_keys = [d.key for d in dedup]
         extra: dict[str, Any] = {}
-        if settings.selector == "topk":
-            kwargs["scores"] = _pool_scores(con, scores.key, "combined", tokens.size)
-        if settings.selector == "quad":
-            settings, kwargs = quad_inputs(
-                settings, ran=lambda name: _scorer_info(con, scores.key, name) is not None,
-                pool_scores=lambda name: _pool_scores(con, scores.key, name, tokens.size),
-                classifier_params=lambda: _scorer_info(con, scores.key, "classifier"),
-                novelty=lambda: _novelty(con, docs.key, features.key))
-            _warn_unused_influence(con, settings, scores.key)
-            if settings.probe_scorer == INFLUENCE:
-                kwargs["probe"], extra = _influence_probe(con, docs, scores, tokens.size)
-            kwargs["neighbors"] = query_sql(con, "select_read_neighbors", {"key": clusters.key}).pl()
-            row = query_sql(con, "select_read_gamma", {"key": clusters.key}).fetchone()
-            if row is None:
-                raise ValueError(f"cluster_info has no row for cluster partition {clusters.key!r}")
-            kwargs["gamma"] = row[0]
-        if settings.selector == "dsir":
-            kwargs["log_weights"] = _dsir_log_weights(con, features.key, n=tokens.size)
-        keep = np.ones(tokens.size, dtype=bool)
-        if dedup:
-            dropped = query_sql(con, "select_read_dropped", {"keys": [d.key for d in dedup]}).fetchnumpy()["doc_idx"]
-            keep[np.asarray(dropped, dtype=np.int64)] = False
-            extra.update(dedup_keys=",".join(d.key for d in dedup), docs_dropped_by_dedup=int(tokens.size - keep.sum()))
         progress = None
-        if settings.selector == "quad" and settings.blocks == "ranked":  # rounds take seconds each on big pools
-            progress = Progress("select", settings.budget_tokens, unit="tokens")
-            kwargs["progress"] = progress.update
-        frames = run_on_kept(keep, settings, seed, tokens, labels, **kwargs)
+        if settings.selector == "quad" and settings.blocks == "ranked":
+            settings = resolve_scorers(settings, ran=lambda name: _scorer_info(con, scores.key, name) is not None)
+            theta, theta_likely = quad_thetas(settings, lambda: _scorer_info(con, scores.key, "classifier"))
+            _warn_unused_influence(con, settings, scores.key)
+            probe = None
+            if settings.probe_scorer == INFLUENCE:
+                probe, extra = _influence_probe(con, docs, scores, n_pool)
+            probe_scorer = None if probe is not None or settings.probe_scorer == settings.rank_scorer \
+                else settings.probe_scorer
+            pool = _pool_scan(con, n_pool, docs.key, clusters.key, scores.key, settings.rank_scorer, probe_scorer,
+                              dedup_keys)
+            neighbors, gamma = _neighbors(con, clusters.key)
+            progress = Progress("select", settings.budget_tokens, unit="tokens")  # rounds take seconds on big pools
+            frames = run_ranked(settings, seed, pool, _novelty(con, docs.key, features.key), probe, theta,
+                                theta_likely, probe is None and probe_scorer is None, neighbors, gamma,
+                                progress.update)
+            pool_docs = int(dict(zip(frames["info"]["name"], frames["info"]["value"]))["pool_docs"])
+        else:
+            tokens = _by_doc(query_sql(con, "select_read_tokens", {"key": docs.key, "lo": 0, "hi": None}),
+                             "n_tokens", "ingest_docs")
+            labels = _by_doc(query_sql(con, "select_read_clusters", {"key": clusters.key, "lo": 0, "hi": None}),
+                             "cluster", "cluster_assignments", hi=tokens.size)
+            kwargs: dict[str, Any] = {}
+            if settings.selector == "topk":
+                kwargs["scores"] = _pool_scores(con, scores.key, "combined", 0, tokens.size)
+            if settings.selector == "quad":
+                settings, kwargs = quad_inputs(
+                    settings, ran=lambda name: _scorer_info(con, scores.key, name) is not None,
+                    pool_scores=lambda name: _pool_scores(con, scores.key, name, 0, tokens.size),
+                    classifier_params=lambda: _scorer_info(con, scores.key, "classifier"),
+                    novelty=lambda: _novelty(con, docs.key, features.key))
+                _warn_unused_influence(con, settings, scores.key)
+                if settings.probe_scorer == INFLUENCE:
+                    kwargs["probe"], extra = _influence_probe(con, docs, scores, tokens.size)
+                kwargs["neighbors"], kwargs["gamma"] = _neighbors(con, clusters.key)
+            if settings.selector == "dsir":
+                kwargs["log_weights"] = _dsir_log_weights(con, features.key, n=tokens.size)
+            keep = np.ones(tokens.size, dtype=bool)
+            if dedup:
+                keep[_dropped(con, dedup_keys, 0, None)] = False
+            frames = run_on_kept(keep, settings, seed, tokens, labels, **kwargs)
+            pool_docs = int(keep.sum())
         if progress is not None:
             progress.close()
+        if dedup:
+            extra.update(dedup_keys=",".join(dedup_keys), docs_dropped_by_dedup=n_pool - pool_docs)
         if extra:
             frames["info"] = pl.concat([frames["info"], pl.DataFrame(
                 {"name": list(extra), "value": [str(v) for v in extra.values()]}, schema=frames["info"].schema)])
@@ -1035,9 +1289,56 @@ def select(settings: SelectSettings, docs: StageRef, features: StageRef, cluster
              f"{settings.budget_tokens} tokens ({float(info['fill_fraction']):.1%}), rounds={info['rounds']}, "
              f"probed={info['docs_probed']}")
     if settings.selector == "quad":
-        log.info(f"select: probe scorer {info['probe_scorer']!r} scored {info['docs_scored']} of {tokens.size} "
+        log.info(f"select: probe scorer {info['probe_scorer']!r} scored {info['docs_scored']} of {n_pool} "
                  f"pool docs in {float(info['probe_seconds']):.1f}s")
     return ref
+
+
+# Pool documents per read of the select stage's scan: about 10 MB of columns at a time.
+READ_DOCS = 1 << 18
+
+
+def _pool_scan(con, n_pool: int, docs_key: str, clusters_key: str, scores_key: str, rank_scorer: str,
+               probe_scorer: str | None, dedup_keys: list[str]) -> PoolScan:
+    """The pool as the two-level bandit scans it: READ_DOCS documents at a time, dedup's dropped ones left out.
+
+    Each range's token counts, cluster labels and scores are checked to cover its doc_idx exactly once.
+    """
+    read_docs = READ_DOCS
+
+    def scan() -> Iterator[PoolBatch]:
+        for lo in range(0, n_pool, read_docs):
+            hi = min(lo + read_docs, n_pool)
+            span = {"lo": lo, "hi": hi}
+            tokens = _by_doc(query_sql(con, "select_read_tokens", {"key": docs_key, **span}), "n_tokens",
+                             "ingest_docs", lo, hi)
+            labels = _by_doc(query_sql(con, "select_read_clusters", {"key": clusters_key, **span}), "cluster",
+                             "cluster_assignments", lo, hi)
+            batch = PoolBatch(np.arange(lo, hi, dtype=np.int64), tokens.astype(np.int64), labels.astype(np.int64),
+                              _pool_scores(con, scores_key, rank_scorer, lo, hi),
+                              None if probe_scorer is None else _pool_scores(con, scores_key, probe_scorer, lo, hi))
+            if dedup_keys:
+                keep = np.ones(hi - lo, dtype=bool)
+                keep[_dropped(con, dedup_keys, lo, hi) - lo] = False
+                batch = batch.take(keep)
+            yield batch
+
+    return scan
+
+
+def _dropped(con, dedup_keys: list[str], lo: int, hi: int | None) -> np.ndarray:
+    """doc_idx in [lo, hi) that the dedup partitions dropped (hi None: to the end)."""
+    cols = query_sql(con, "select_read_dropped", {"keys": dedup_keys, "lo": lo, "hi": hi}).fetchnumpy()
+    return np.asarray(cols["doc_idx"], dtype=np.int64)
+
+
+def _neighbors(con, clusters_key: str) -> tuple[pl.DataFrame, float]:
+    """The cluster partition's neighbour pairs and its radius gamma, for reward sharing."""
+    neighbors = query_sql(con, "select_read_neighbors", {"key": clusters_key}).pl()
+    row = query_sql(con, "select_read_gamma", {"key": clusters_key}).fetchone()
+    if row is None:
+        raise ValueError(f"cluster_info has no row for cluster partition {clusters_key!r}")
+    return neighbors, row[0]
 
 
 def resolve_scorers(settings: SelectSettings, ran: Callable[[str], bool]) -> SelectSettings:
@@ -1057,24 +1358,32 @@ def quad_inputs(settings: SelectSettings, ran: Callable[[str], bool], pool_score
     novelty and, ranking by the classifier, theta and theta_likely (scores of the target's own kind); probes look up
     a pool-wide score unless they are the rank score itself or 'influence' (scored on demand).
     """
-    from quadflow.tasks.scorers.classifier import target_quantile
-
     settings = resolve_scorers(settings, ran)
     kwargs: dict[str, Any] = {}
     if settings.blocks == "ranked":
         kwargs["rank_scores"] = pool_scores(settings.rank_scorer)
         kwargs["novelty"] = novelty()
         if settings.rank_scorer == "classifier":
-            params = classifier_params()
-            if params is None:
-                raise ConfigError("select.rank_scorer = 'classifier', but the score stage did not run it: add it "
-                                  "to score.scorers")
-            kwargs["theta"] = target_quantile(params, settings.target_quantile)
-            kwargs["theta_likely"] = target_quantile(params, settings.likely_quantile)
+            kwargs["theta"], kwargs["theta_likely"] = quad_thetas(settings, classifier_params)
     if settings.probe_scorer != INFLUENCE and (settings.blocks == "random"
                                                or settings.probe_scorer != settings.rank_scorer):
         kwargs["scores"] = pool_scores(settings.probe_scorer)
     return settings, kwargs
+
+
+def quad_thetas(settings: SelectSettings, classifier_params: Callable[[], dict | None]
+                ) -> tuple[float | None, float | None]:
+    """(theta, theta_likely): the classifier scores most and nearly all of the target's own documents reach,
+    when ranked blocks rank by the classifier (None, None otherwise)."""
+    from quadflow.tasks.scorers.classifier import target_quantile
+
+    if settings.rank_scorer != "classifier":
+        return None, None
+    params = classifier_params()
+    if params is None:
+        raise ConfigError("select.rank_scorer = 'classifier', but the score stage did not run it: add it "
+                          "to score.scorers")
+    return target_quantile(params, settings.target_quantile), target_quantile(params, settings.likely_quantile)
 
 
 def _novelty(con, docs_key: str, features_key: str) -> Novelty:
@@ -1090,11 +1399,11 @@ def _novelty(con, docs_key: str, features_key: str) -> Novelty:
     return Novelty(target_totals, pool_totals, lambda idx: read_pool_rows(con, features_key, idx, n_buckets))
 
 
-def _pool_scores(con, scores_key: str, scorer: str, n: int) -> np.ndarray:
-    """One pool-wide scorer's score per pool document, from the score partition."""
-    result = query_sql(con, "select_read_scores", {"key": scores_key, "scorer": scorer})
+def _pool_scores(con, scores_key: str, scorer: str, lo: int, hi: int) -> np.ndarray:
+    """One pool-wide scorer's score per pool document with doc_idx in [lo, hi), from the score partition."""
+    result = query_sql(con, "select_read_scores", {"key": scores_key, "scorer": scorer, "lo": lo, "hi": hi})
     try:
-        return _by_doc(result, "score", f"score_docs (scorer {scorer!r})", n=n).astype(np.float64)
+        return _by_doc(result, "score", f"score_docs (scorer {scorer!r})", lo, hi).astype(np.float64)
     except ValueError as e:
         if _scorer_info(con, scores_key, scorer) is not None:
             raise
@@ -1172,14 +1481,15 @@ def _probe_texts(con, docs_key: str, idx: np.ndarray, max_chars: int) -> list[st
     return [texts[i] for i in order[pos]]
 
 
-def _by_doc(result, column: str, table: str, n: int | None = None) -> np.ndarray:
-    """One value per pool document, checked to cover doc_idx 0..n-1 exactly once, in order."""
+def _by_doc(result, column: str, table: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """One value per pool document, checked to cover doc_idx lo..hi-1 exactly once, in order (hi None: a
+    whole pool, however many rows it holds)."""
     cols = result.fetchnumpy()
     doc_idx, values = np.asarray(cols["doc_idx"]), np.asarray(cols[column])
-    expected = doc_idx.size if n is None else n
-    if doc_idx.size != expected or not np.array_equal(doc_idx, np.arange(expected)):
-        raise ValueError(f"{table} holds {doc_idx.size} rows for the pool, expected one per doc_idx "
-                         f"0..{expected - 1}")
+    expected = doc_idx.size if hi is None else hi - lo
+    if doc_idx.size != expected or not np.array_equal(doc_idx, np.arange(lo, lo + expected)):
+        raise ValueError(f"{table} holds {doc_idx.size} rows for pool doc_idx {lo}..{lo + expected - 1}, expected "
+                         "one per doc_idx")
     if doc_idx.size == 0:
         raise ValueError(f"{table} holds no rows for this partition")
     return values

@@ -218,3 +218,53 @@ def test_missing_scores_fail_with_the_table_named(upstream):
     refs = dict(upstream["refs"], scores=_ref("score", "nope", upstream["store"], 0))
     with pytest.raises(ValueError, match="score_docs"):
         select.fn(SelectSettings(budget_tokens=1000), seed=0, **refs)
+
+
+@pytest.mark.parametrize("read_docs", [7, 128, 100_000])
+def test_quad_ranked_scans_the_pool_in_ranges_and_selects_as_from_whole_arrays(upstream, monkeypatch, read_docs):
+    # the default selector streams the pool in doc_idx ranges, leaving out dedup's dropped documents, and keeps
+    # only its candidates: every table it writes must equal the selector's on the whole pool held in arrays
+    import quadflow.tasks.select as sel_mod
+    from quadflow.store import connect, run_sql
+
+    store, refs = upstream["store"], upstream["refs"]
+    tokens, labels, scores = upstream["tokens"], upstream["labels"], upstream["scores"]
+    rng = np.random.default_rng(5)
+    dropped = np.sort(rng.choice(N_POOL, 150, replace=False))
+    with duckdb.connect(store.path) as con:
+        run_sql(con, "dedup_create")
+        for key, idx in (("dd", dropped), ("dd-decoy", np.arange(0, N_POOL, 2))):  # the decoy must not count
+            _insert(con, "dedup_duplicates", pl.DataFrame({
+                "key": key, "doc_idx": idx, "component": 0, "representative": 0, "component_size": 2,
+                "reason": "near_duplicate"}))
+    dedup = (_ref("dedup", "dd", store, N_POOL),)
+    # a short run with few candidates: the fill walks past them, scanning the pool again
+    settings = SelectSettings(budget_tokens=int(tokens.sum() * 0.3), arms_per_round=2, probes=3, rounds=4,
+                              max_rounds=2, candidate_multiple=1.2)
+    monkeypatch.setattr(sel_mod, "READ_DOCS", read_docs)
+    scans = []
+    head = sel_mod.rank_prefix
+    monkeypatch.setattr(sel_mod, "rank_prefix", lambda *a, **kw: scans.append(kw.get("after")) or head(*a, **kw))
+    ref = select.fn(settings, seed=2, dedup=dedup, **refs)
+    assert len(scans) >= 2 and scans[0] is None  # the candidates' scan, then the fill's past them
+
+    keep = np.ones(N_POOL, dtype=bool)
+    keep[dropped] = False
+    resolved = settings.model_copy(update={"rank_scorer": "combined", "probe_scorer": "combined"})
+    with connect(store) as con:
+        neighbors, gamma = sel_mod._neighbors(con, "clu")
+        want = sel_mod.run_on_kept(keep, resolved, 2, tokens, labels, rank_scores=scores,
+                                   novelty=sel_mod._novelty(con, "docs", "feat"), neighbors=neighbors, gamma=gamma)
+    for name, columns in (("selection", "doc_idx, rank, cluster, round, reason"),
+                          ("rounds", "round, cluster, ucb, mean_probe, reward, accepted, block_start, block_docs, "
+                                     "tokens_accepted"),
+                          ("probes", "round, cluster, doc_idx, score"),
+                          ("arms", "cluster, reward_sum, pulls, direct_pulls, cursor, size, exhausted")):
+        got = _rows(store, f"select {columns} from select_{name} where key = ? order by all", [ref.key])
+        assert got == sorted(want[name].select(columns.split(", ")).rows()), name
+    info = dict(_rows(store, "select name, value from select_info where key = ?", [ref.key]))
+    assert {k: v for k, v in info.items() if k != "probe_seconds"} == {
+        **{k: v for k, v in want["info"].iter_rows() if k != "probe_seconds"},
+        "dedup_keys": "dd", "docs_dropped_by_dedup": "150"}
+    fill = _rows(store, "select count(*) from select_selection where key = ? and reason = 'quad_fill'", [ref.key])
+    assert fill[0][0] > 0

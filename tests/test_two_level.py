@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from quadflow.settings import SelectSettings
 from quadflow.tasks.select import (LIKELY, OUTSIDE, RELATED, SURE, Novelty, NoveltyGains, Probe, TwoLevelQuad,
-                                   candidate_tiers, novelty_gain, quad_inputs, run_selector)
+                                   array_pool, candidate_tiers, fill_budget, novelty_gain, quad_inputs, rank_prefix,
+                                   run_selector)
 
 
 def _kl(p_target: np.ndarray, counts: np.ndarray, prior: float, p_pool: np.ndarray) -> float:
@@ -205,3 +206,78 @@ def test_quad_inputs_resolve_auto_scorers():
     got, kwargs = quad_inputs(SelectSettings(blocks="random"), ran=lambda name: True, pool_scores=pool.__getitem__,
                               classifier_params=lambda: params, novelty=lambda: novelty)
     assert got.probe_scorer == "combined" and set(kwargs) == {"scores"}
+
+
+def _tied_pool(rng, n):
+    """Token counts with zeros and rank scores with many ties: the cases a cut by tokens can get wrong."""
+    tokens = rng.integers(0, 40, n) * (rng.random(n) > 0.1)
+    rank = rng.integers(0, 8, n) / 4.0
+    return tokens.astype(np.int64), rank
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 120), st.integers(1, 50), st.floats(0, 800),
+       st.booleans(), st.one_of(st.none(), st.integers(0, 40)))
+def test_the_head_of_a_scanned_pool_is_the_head_of_one_sort(seed, n, batch, limit, cut_after, max_tokens):
+    # the select stage keeps only the head of the pool by rank score while it scans the pool in batches: it
+    # must be the head one sort of the whole pool gives, whatever the batches, ties and zero-token documents
+    rng = np.random.default_rng(seed)
+    tokens, rank = _tied_pool(rng, n)
+    clusters = rng.integers(0, 5, n)
+    order = np.lexsort((np.arange(n), -rank))
+    after = None
+    if cut_after:
+        at = order[rng.integers(0, n)]
+        after = (float(rank[at]), int(at))
+        order = order[np.flatnonzero(order == at)[0] + 1:]  # only documents ranked after `after` count
+    if max_tokens is not None:
+        order = order[tokens[order] <= max_tokens]
+    cum = np.cumsum(tokens[order])
+    want = order[: int(np.searchsorted(cum, limit, side="left")) + 1] if cum.size and cum[-1] >= limit else order
+    got = rank_prefix(array_pool(tokens, clusters, rank, batch_docs=batch), limit, after, max_tokens)
+    assert got.docs.doc_idx.tolist() == want.tolist()
+    assert (got.docs.tokens == tokens[want]).all() and (got.docs.clusters == clusters[want]).all()
+    assert got.n_docs == n and got.labels.tolist() == np.unique(clusters).tolist()
+    if got.cut is not None:
+        assert got.cut == (float(rank[want[-1]]), int(want[-1])) and tokens[want].sum() >= limit
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(20, 150), st.integers(1, 40), st.integers(1, 3),
+       st.floats(1.0, 2.5), st.floats(0.05, 0.9))
+def test_the_fill_walks_the_whole_pool_by_rank_with_rejected_blocks_last(seed, n, batch, max_rounds, multiple,
+                                                                        share):
+    # a short bandit run leaves most of the budget to the fill, which walks past the candidates the scan kept
+    # (scanning the pool again): it must take exactly what one walk of the whole pool by rank score takes,
+    # with the documents of rejected blocks last, and in any batches
+    rng = np.random.default_rng(seed)
+    tokens, rank = _tied_pool(rng, n)
+    clusters = rng.integers(0, 6, n)
+    harm = rng.random(n)
+    budget = max(1, int(share * tokens.sum()))
+    novelty = Novelty(np.ones(4), np.ones(4), lambda idx: sp.csr_matrix(np.ones((len(idx), 4))))
+    fits = []
+    for batch_docs in (None, batch):
+        q = TwoLevelQuad(arms_per_round=2, probes=2, rounds=4, max_rounds=max_rounds, candidate_multiple=multiple,
+                         random_state=seed)
+        fits.append(q.fit_pool(array_pool(tokens, clusters, rank, batch_docs), budget, novelty,
+                               Probe(lambda idx: harm[idx], n), probe_is_rank=False))
+    one, batched = fits
+    for name in ("selected_", "selected_clusters_", "rounds_of_", "reasons_", "rejected_"):
+        assert np.array_equal(getattr(one, name), getattr(batched, name)), name
+    assert one.rounds_.equals(batched.rounds_) and one.probes_.equals(batched.probes_)
+    assert one.arms_.equals(batched.arms_) and one.tiers_ == batched.tiers_
+
+    by_rounds = one.selected_[one.rounds_of_ != -1]
+    remaining = budget - int(tokens[by_rounds].sum())
+    taken = np.zeros(n, dtype=bool)
+    taken[by_rounds] = True
+    rejected = np.zeros(n, dtype=bool)
+    rejected[one.rejected_] = True
+    order = np.lexsort((np.arange(n), -rank, rejected))
+    want = []
+    if remaining > 0 and budget - remaining < 0.999 * budget:
+        want = fill_budget(order[~taken[order]], tokens, remaining).tolist()
+    assert one.selected_[one.rounds_of_ == -1].tolist() == want
+    assert (one.selected_clusters_ == clusters[one.selected_]).all()
+    assert one.tokens_selected_ == tokens[one.selected_].sum() <= budget
