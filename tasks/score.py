@@ -334,18 +334,35 @@ def pool_ngram_totals(con: Any, features_key: str) -> tuple[int, np.ndarray]:
     return n_buckets, totals
 
 
-def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int) -> sp.csr_matrix:
-    """(len(idx), n_buckets) CSR n-gram counts of the pool documents idx, in the order of idx."""
+# Documents per query of read_pool_rows: its scratch (DuckDB's result, the arrow columns) is one query's.
+ROWS_READ = 1 << 15
+
+
+def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int,
+                   rows_read: int | None = None) -> sp.csr_matrix:
+    """(len(idx), n_buckets) CSR n-gram counts of the pool documents idx, in the order of idx.
+
+    Read ROWS_READ documents at a time, by ascending doc_idx, each query bounded to its documents' range.
+    """
     idx = np.asarray(idx, dtype=np.int64)
-    con.register("picked", pa.table({"doc_idx": pa.array(idx)}))
-    try:
-        table = query_sql(con, "score_ngrams_at", {"key": features_key, "role": "pool"}).fetch_arrow_table()
-    finally:
-        con.unregister("picked")
-    if not np.array_equal(table.column("doc_idx").to_numpy(), np.sort(idx)):
-        raise ValueError(f"featurize_ngrams {features_key}/pool lacks some of the {idx.size} requested documents")
-    rows = _csr(table, n_buckets)
-    return rows[np.argsort(np.argsort(idx))] if not np.all(np.diff(idx) >= 0) else rows
+    order = np.argsort(idx, kind="stable")
+    want = idx[order]
+    step = rows_read or ROWS_READ
+    parts = [sp.csr_matrix((0, n_buckets), dtype=np.float32)]
+    for lo in range(0, want.size, step):
+        chunk = want[lo:lo + step]
+        con.register("picked", pa.table({"doc_idx": pa.array(chunk)}))
+        try:
+            table = query_sql(con, "score_ngrams_at", {"key": features_key, "role": "pool", "lo": int(chunk[0]),
+                                                       "hi": int(chunk[-1])}).fetch_arrow_table()
+        finally:
+            con.unregister("picked")
+        if not np.array_equal(table.column("doc_idx").to_numpy(), chunk):
+            raise ValueError(f"featurize_ngrams {features_key}/pool lacks some of the {idx.size} requested documents")
+        parts.append(_csr(table, n_buckets))
+        del table
+    rows = sp.vstack(parts, format="csr") if len(parts) > 2 else parts[-1].tocsr()
+    return rows[np.argsort(order)] if not np.all(np.diff(idx) >= 0) else rows
 
 
 def score_part(table: pa.Table, scorers: list[Scorer], n_buckets: int, max_chars: int

@@ -224,6 +224,7 @@ def test_missing_scores_fail_with_the_table_named(upstream):
 def test_quad_ranked_scans_the_pool_in_ranges_and_selects_as_from_whole_arrays(upstream, monkeypatch, read_docs):
     # the default selector streams the pool in doc_idx ranges, leaving out dedup's dropped documents, and keeps
     # only its candidates: every table it writes must equal the selector's on the whole pool held in arrays
+    import quadflow.tasks.score as score_mod
     import quadflow.tasks.select as sel_mod
     from quadflow.store import connect, run_sql
 
@@ -242,12 +243,14 @@ def test_quad_ranked_scans_the_pool_in_ranges_and_selects_as_from_whole_arrays(u
     settings = SelectSettings(budget_tokens=int(tokens.sum() * 0.3), arms_per_round=2, probes=3, rounds=4,
                               max_rounds=2, candidate_multiple=1.2)
     monkeypatch.setattr(sel_mod, "READ_DOCS", read_docs)
+    monkeypatch.setattr(score_mod, "ROWS_READ", max(1, read_docs // 4))  # the candidates' n-grams, in ranges too
     scans = []
     head = sel_mod.rank_prefix
     monkeypatch.setattr(sel_mod, "rank_prefix", lambda *a, **kw: scans.append(kw.get("after")) or head(*a, **kw))
     ref = select.fn(settings, seed=2, dedup=dedup, **refs)
     assert len(scans) >= 2 and scans[0] is None  # the candidates' scan, then the fill's past them
 
+    monkeypatch.setattr(score_mod, "ROWS_READ", 1 << 15)
     keep = np.ones(N_POOL, dtype=bool)
     keep[dropped] = False
     resolved = settings.model_copy(update={"rank_scorer": "combined", "probe_scorer": "combined"})

@@ -47,12 +47,14 @@ def test_novelty_gains_of_candidate_rows_equal_novelty_gain_bit_for_bit(seed, vo
     dense[0] = 0.0
     counts = sp.csr_matrix(dense)
     tokens = rng.integers(1, 50, n_docs)
-    gains = NoveltyGains(counts, p_target)
-    for selected in (np.zeros(vocab), rng.integers(0, 100, vocab).astype(float)):
-        rows = np.sort(rng.choice(n_docs, size=rng.integers(1, n_docs + 1), replace=False))
-        want = novelty_gain(counts[rows], tokens[rows], selected, p_target, p_pool, 7.5)
-        got = gains(rows, tokens[rows], selected, p_pool, 7.5)
-        assert np.array_equal(got, want)
+    # the store's float32 counts as they are, and a round summed a few stored counts at a time
+    for gains in (NoveltyGains(counts, p_target), NoveltyGains(counts.astype(np.float32), p_target, chunk=5),
+                  NoveltyGains(counts, p_target, chunk=1)):
+        for selected in (np.zeros(vocab), rng.integers(0, 100, vocab).astype(float)):
+            rows = np.sort(rng.choice(n_docs, size=rng.integers(1, n_docs + 1), replace=False))
+            want = novelty_gain(counts[rows], tokens[rows], selected, p_target, p_pool, 7.5)
+            got = gains(rows, tokens[rows], selected, p_pool, 7.5)
+            assert np.array_equal(got, want)
 
 
 def test_novelty_prefers_what_the_selection_lacks():
