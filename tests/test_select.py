@@ -240,15 +240,28 @@ def test_quad_ranked_scans_the_pool_in_ranges_and_selects_as_from_whole_arrays(u
                 "reason": "near_duplicate"}))
     dedup = (_ref("dedup", "dd", store, N_POOL),)
     # a short run with few candidates: the fill walks past them, scanning the pool again
-    settings = SelectSettings(budget_tokens=int(tokens.sum() * 0.3), arms_per_round=2, probes=3, rounds=4,
-                              max_rounds=2, candidate_multiple=1.2)
+    settings = SelectSettings(budget_tokens=int(tokens.sum() * 0.15), arms_per_round=2, probes=3, rounds=4,
+                              max_rounds=2, candidate_multiple=1.5)
     monkeypatch.setattr(sel_mod, "READ_DOCS", read_docs)
     monkeypatch.setattr(score_mod, "ROWS_READ", max(1, read_docs // 4))  # the candidates' n-grams, in ranges too
-    scans = []
-    head = sel_mod.rank_prefix
-    monkeypatch.setattr(sel_mod, "rank_prefix", lambda *a, **kw: scans.append(kw.get("after")) or head(*a, **kw))
+    scans = []  # per scan: where it started, what it held after each merge, the head it kept
+    rank_prefix, concat = sel_mod.rank_prefix, sel_mod.PoolBatch.concat
+
+    def scan(*a, **kw):
+        scans.append((kw.get("after"), []))
+        got = rank_prefix(*a, **kw)
+        scans[-1] += (got.docs.size,)
+        return got
+
+    monkeypatch.setattr(sel_mod, "rank_prefix", scan)
+    monkeypatch.setattr(sel_mod.PoolBatch, "concat",
+                        classmethod(lambda cls, b: scans[-1][1].append(sum(x.size for x in b)) or concat(b)))
     ref = select.fn(settings, seed=2, dedup=dedup, **refs)
-    assert len(scans) >= 2 and scans[0] is None  # the candidates' scan, then the fill's past them
+    assert len(scans) >= 2 and scans[0][0] is None  # the candidates' scan, then the fill's past them
+    # no scan holds more than its head and one range: memory follows the budget, not the pool
+    if read_docs < 64:  # no scan holds the pool: about its head (the candidates) and a range or two
+        held = max(max(h, default=0) for _, h, _ in scans)
+        assert held <= scans[0][2] + 2 * read_docs < (N_POOL - 150) / 2, scans
 
     monkeypatch.setattr(score_mod, "ROWS_READ", 1 << 15)
     keep = np.ones(N_POOL, dtype=bool)
