@@ -323,7 +323,8 @@ class SelectSettings(Section):
     )
     candidate_multiple: float = Field(
         8.0, ge=1, le=1000, description="Ranked blocks: candidates are the best documents by rank score holding this "
-        "many times the budget in tokens.",
+        "many times the budget in tokens. The select stage holds only them, so its memory follows budget x this "
+        "multiple, not the pool (about 0.5 GB for a 5M-token budget at 8).",
     )
     target_quantile: float = Field(
         0.25, ge=0, lt=1, description="Ranked blocks: a pool document is of the target's own kind when its classifier "

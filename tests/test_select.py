@@ -220,8 +220,9 @@ def test_missing_scores_fail_with_the_table_named(upstream):
         select.fn(SelectSettings(budget_tokens=1000), seed=0, **refs)
 
 
-@pytest.mark.parametrize("read_docs", [7, 128, 100_000])
-def test_quad_ranked_scans_the_pool_in_ranges_and_selects_as_from_whole_arrays(upstream, monkeypatch, read_docs):
+@pytest.mark.parametrize("read_docs, probe_scorer", [(7, None), (128, "heuristic"), (100_000, None)])
+def test_quad_ranked_scans_the_pool_in_ranges_and_selects_as_from_whole_arrays(upstream, monkeypatch, read_docs,
+                                                                               probe_scorer):
     # the default selector streams the pool in doc_idx ranges, leaving out dedup's dropped documents, and keeps
     # only its candidates: every table it writes must equal the selector's on the whole pool held in arrays
     import quadflow.tasks.score as score_mod
@@ -241,7 +242,7 @@ def test_quad_ranked_scans_the_pool_in_ranges_and_selects_as_from_whole_arrays(u
     dedup = (_ref("dedup", "dd", store, N_POOL),)
     # a short run with few candidates: the fill walks past them, scanning the pool again
     settings = SelectSettings(budget_tokens=int(tokens.sum() * 0.15), arms_per_round=2, probes=3, rounds=4,
-                              max_rounds=2, candidate_multiple=1.5)
+                              max_rounds=2, candidate_multiple=1.5, probe_scorer=probe_scorer)
     monkeypatch.setattr(sel_mod, "READ_DOCS", read_docs)
     monkeypatch.setattr(score_mod, "ROWS_READ", max(1, read_docs // 4))  # the candidates' n-grams, in ranges too
     scans = []  # per scan: where it started, what it held after each merge, the head it kept
@@ -266,11 +267,14 @@ def test_quad_ranked_scans_the_pool_in_ranges_and_selects_as_from_whole_arrays(u
     monkeypatch.setattr(score_mod, "ROWS_READ", 1 << 15)
     keep = np.ones(N_POOL, dtype=bool)
     keep[dropped] = False
-    resolved = settings.model_copy(update={"rank_scorer": "combined", "probe_scorer": "combined"})
+    resolved = settings.model_copy(update={"rank_scorer": "combined", "probe_scorer": probe_scorer or "combined"})
+    # a pool-wide probe scorer other than the rank score is looked up (the fixture's heuristic is 1 - combined)
+    probes = {} if probe_scorer is None else {"scores": 1 - scores}
     with connect(store) as con:
         neighbors, gamma = sel_mod._neighbors(con, "clu")
         want = sel_mod.run_on_kept(keep, resolved, 2, tokens, labels, rank_scores=scores,
-                                   novelty=sel_mod._novelty(con, "docs", "feat"), neighbors=neighbors, gamma=gamma)
+                                   novelty=sel_mod._novelty(con, "docs", "feat"), neighbors=neighbors, gamma=gamma,
+                                   **probes)
     for name, columns in (("selection", "doc_idx, rank, cluster, round, reason"),
                           ("rounds", "round, cluster, ucb, mean_probe, reward, accepted, block_start, block_docs, "
                                      "tokens_accepted"),
