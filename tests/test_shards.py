@@ -147,6 +147,28 @@ def test_each_shards_texts_are_exported_once_for_every_stage_that_reads_them(tmp
         assert con.execute("select count(*) from score_docs where key = ?", [scores.key]).fetchone()[0] == 45 * 4
 
 
+def test_shard_texts_are_exported_under_the_lower_duckdb_cap(tmp_path, monkeypatch):
+    # DuckDB keeps the blocks it reads cached up to its cap, so exporting every shard's texts grew the flow
+    # process with the pool: each export runs under LOAD_MEMORY_LIMIT, and the store's cap comes back after
+    import quadflow.shards as shards_mod
+    from quadflow.settings import DedupSettings
+    from quadflow.tasks.dedup import dedup
+
+    docs = make_docs(tmp_path)
+    caps, real = [], shards_mod.query_sql
+
+    def spy(con, name, params=None):
+        if name == "shard_texts_range":
+            caps.append(con.execute("select current_setting('memory_limit')").fetchone()[0])
+        return real(con, name, params)
+
+    monkeypatch.setattr(shards_mod, "query_sql", spy)
+    dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=10))
+    with connect(docs.store) as con:
+        store_cap = con.execute("select current_setting('memory_limit')").fetchone()[0]
+    assert len(caps) == 5 and set(caps) == {caps[0]} and caps[0] != store_cap
+
+
 class _Crash(RuntimeError):
     pass
 
