@@ -123,7 +123,13 @@ def capped_memory(con: duckdb.DuckDBPyConnection, limit: str = LOAD_MEMORY_LIMIT
     Yields the cap in force."""
     configured = _config()["memory_limit"]
     use = limit if _size_bytes(limit) < _size_bytes(configured) else configured
-    con.execute(f"set memory_limit = '{use}'")
+    try:
+        con.execute(f"set memory_limit = '{use}'")
+    except duckdb.OutOfMemoryException as e:  # more than `limit` is in use and cannot be evicted: go on as it is
+        from quadflow.log import get_logger
+
+        get_logger().warning(f"DuckDB's memory cap stays at {configured} ({e})")
+        use = configured
     try:
         yield use
     finally:
