@@ -67,7 +67,7 @@ from quadflow.log import Progress, get_logger
 from quadflow.objectstore import ObjectStoreError, ObjectStoreIOError, ObjectStoreSettings
 from quadflow.settings import ConfigError, IngestSettings, RunSettings
 from quadflow.store import (
-    StageRef, StoreRef, capped_memory, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction,
+    StageRef, StoreRef, connect, insert_frame, make_ref, query_sql, run_sql, stage_key, transaction,
 )
 from quadflow.shards import (Parts, Shard, ShardResult, execute_shards, hash_range, hash_ranges, record_shard,
                              stage_parts, worker_name)
@@ -1369,17 +1369,16 @@ def ingest(
         # every input is parsed: which copy of a document is kept depends on all those before it
         drops = _find_duplicates(con, key, todo, parsed, parts, run) if todo else {}
         try:
-            with capped_memory(con):  # DuckDB's cache of what the load writes would grow with the pool
-                for shard in todo:  # in load order
-                    result, fp = parsed[(shard.role, shard.lo)], reads[shard.lo][1]
-                    part = _Totals()
-                    with transaction(con):
-                        _load_input(con, key, fp, result, parts, settings, drops[shard.role], part)
-                        record_shard(con, "ingest", key, ShardResult(shard, fp.path, part.docs, result.seconds,
-                                                                     result.worker), "computed", part.to_json())
-                    totals.add(part)
-                    for path in (result.path, _bad_path(result.path), _ids_path(result.path)):
-                        parts.delete(path)
+            for shard in todo:  # in load order
+                result, fp = parsed[(shard.role, shard.lo)], reads[shard.lo][1]
+                part = _Totals()
+                with transaction(con):
+                    _load_input(con, key, fp, result, parts, settings, drops[shard.role], part)
+                    record_shard(con, "ingest", key, ShardResult(shard, fp.path, part.docs, result.seconds,
+                                                                 result.worker), "computed", part.to_json())
+                totals.add(part)
+                for path in (result.path, _bad_path(result.path), _ids_path(result.path)):
+                    parts.delete(path)
         finally:
             for d in drops.values():
                 d.close()

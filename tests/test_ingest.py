@@ -521,25 +521,3 @@ def test_task_refuses_a_target_set_whose_every_record_is_bad(corpus):
     with pytest.raises(InputError, match="target set"):  # and again when the partition is reused as is
         _run(corpus)
 
-
-def test_the_load_runs_under_a_lower_duckdb_cap_and_restores_the_stores(corpus, monkeypatch):
-    # DuckDB caches the table blocks the load writes up to its cap, so the flow process's peak grew with the
-    # pool during ingest: the load runs under LOAD_MEMORY_LIMIT, and later queries get the store's cap back
-    import quadflow.tasks.ingest as ingest_mod
-    from quadflow.store import capped_memory
-
-    caps = []
-    load = ingest_mod._load_input
-    monkeypatch.setattr(ingest_mod, "_load_input", lambda con, *a: caps.append(
-        con.execute("select current_setting('memory_limit')").fetchone()[0]) or load(con, *a))
-    ref, store = _run(corpus)
-    assert ref.rows == 4 and len(caps) == 3  # two pool inputs and a target, each loaded under the lower cap
-    with duckdb.connect(store.path) as con:
-        default = con.execute("select current_setting('memory_limit')").fetchone()[0]
-        with capped_memory(con) as cap:
-            assert cap == "256MB" and con.execute("select current_setting('memory_limit')").fetchone()[0] == caps[0]
-        assert con.execute("select current_setting('memory_limit')").fetchone()[0] != caps[0]
-    assert set(caps) == {caps[0]} and caps[0] != default
-    monkeypatch.setenv("QUADFLOW_DUCKDB_MEMORY", "128MB")  # a store capped lower keeps its own cap
-    with duckdb.connect(store.path) as con, capped_memory(con) as cap:
-        assert cap == "128MB"

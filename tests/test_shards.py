@@ -16,7 +16,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from quadflow.settings import ClusterSettings, ConfigError, FeaturizeSettings, RunSettings, ScoreSettings
 from quadflow.shards import (MAX_HASH_RANGES, Shard, hash_range, hash_ranges, part_rows, plan_shards, text_parts,
                              write_parquet_atomic)
-from quadflow.store import StageRef, connect, open_store
+from quadflow.store import StageRef, capped_memory, connect, open_store
 from quadflow.tasks import cluster as cluster_mod
 from quadflow.tasks import featurize as featurize_mod
 from quadflow.tasks import score as score_mod
@@ -166,7 +166,13 @@ def test_shard_texts_are_exported_under_the_lower_duckdb_cap(tmp_path, monkeypat
     dedup.fn(DedupSettings(), docs, 0, RunSettings(shard_docs=10))
     with connect(docs.store) as con:
         store_cap = con.execute("select current_setting('memory_limit')").fetchone()[0]
+        with capped_memory(con) as cap:
+            assert cap == "256MB" and con.execute("select current_setting('memory_limit')").fetchone()[0] == caps[0]
+        assert con.execute("select current_setting('memory_limit')").fetchone()[0] == store_cap
     assert len(caps) == 5 and set(caps) == {caps[0]} and caps[0] != store_cap
+    monkeypatch.setenv("QUADFLOW_DUCKDB_MEMORY", "128MB")  # a store capped lower keeps its own cap
+    with connect(docs.store) as con, capped_memory(con) as cap:
+        assert cap == "128MB"
 
 
 class _Crash(RuntimeError):
