@@ -107,18 +107,19 @@ _MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 # from 1M to 5M documents). They run under this cap, measured no slower; nothing reads those blocks again
 # through that connection. (Ingest's load, whose cache grows the same way, stays under the store's cap: under
 # this one it took 11 s more CPU at 5M documents, and dedup 8 s more after it.)
-LOAD_MEMORY_LIMIT = "256MB"
+EXPORT_MEMORY_LIMIT = "256MB"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
 def _size_bytes(size: str) -> float:
-    number, unit = re.match(r"^(\d+(?:\.\d+)?)\s*(\w+)$", size).groups()
-    return float(number) * _UNITS[unit]
+    """Bytes of a size _MEMORY accepts, such as 256MB or 1.5GiB."""
+    unit = _MEMORY.match(size).group(2)
+    return float(size[: -len(unit)]) * _UNITS[unit]
 
 
 @contextmanager
-def capped_memory(con: duckdb.DuckDBPyConnection, limit: str = LOAD_MEMORY_LIMIT) -> Iterator[str]:
+def capped_memory(con: duckdb.DuckDBPyConnection, limit: str = EXPORT_MEMORY_LIMIT) -> Iterator[str]:
     """DuckDB's memory cap lowered to `limit` while the block runs (never raised above the store's), then restored.
 
     Yields the cap in force."""

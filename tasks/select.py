@@ -609,10 +609,8 @@ def _checked_batch(batch: PoolBatch, after_doc: int) -> PoolBatch:
                          f"{clusters.size} clusters, {rank.size} rank scores")
     if n and (doc_idx[0] <= after_doc or (n > 1 and not (np.diff(doc_idx) > 0).all())):
         raise ValueError(f"a pool scan must yield ascending doc_idx; got {doc_idx[:3].tolist()}... after {after_doc}")
-    if n and not np.issubdtype(clusters.dtype, np.integer):
-        raise ValueError(f"cluster labels must be integers, got dtype {clusters.dtype}")
-    if n and (not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0):
-        raise ValueError(f"tokens must be integers >= 0, got dtype {tokens.dtype}, min {tokens.min()!r}")
+    if n:
+        _check_labels_and_tokens(clusters, tokens)
     if not np.isfinite(rank).all():
         bad = int(np.flatnonzero(~np.isfinite(rank))[0])
         raise ValueError(f"rank score of doc {int(doc_idx[bad])} is {float(rank[bad])!r}; rank scores must be finite")
@@ -1027,13 +1025,18 @@ def _checked_pool(clusters: np.ndarray, tokens: np.ndarray, budget_tokens: int) 
         raise ValueError(f"clusters has {clusters.size} entries, tokens {tokens.size}")
     if clusters.size == 0:
         raise ValueError("clusters is empty: there is nothing to select from")
+    _check_labels_and_tokens(clusters, tokens)
+    if budget_tokens < 0:
+        raise ValueError(f"budget_tokens must be >= 0, got {budget_tokens!r}")
+    return clusters, tokens.astype(np.int64, copy=False)
+
+
+def _check_labels_and_tokens(clusters: np.ndarray, tokens: np.ndarray) -> None:
+    """Integer cluster labels and integer token counts >= 0 (non-empty arrays)."""
     if not np.issubdtype(clusters.dtype, np.integer):
         raise ValueError(f"cluster labels must be integers, got dtype {clusters.dtype}")
     if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0:
         raise ValueError(f"tokens must be integers >= 0, got dtype {tokens.dtype}, min {tokens.min()!r}")
-    if budget_tokens < 0:
-        raise ValueError(f"budget_tokens must be >= 0, got {budget_tokens!r}")
-    return clusters, tokens.astype(np.int64, copy=False)
 
 
 def _calibration_groups(rng: np.random.Generator, n: int, m: int, groups: int) -> np.ndarray:

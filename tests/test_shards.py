@@ -149,7 +149,7 @@ def test_each_shards_texts_are_exported_once_for_every_stage_that_reads_them(tmp
 
 def test_shard_texts_are_exported_under_the_lower_duckdb_cap(tmp_path, monkeypatch):
     # DuckDB keeps the blocks it reads cached up to its cap, so exporting every shard's texts grew the flow
-    # process with the pool: each export runs under LOAD_MEMORY_LIMIT, and the store's cap comes back after
+    # process with the pool: each export runs under EXPORT_MEMORY_LIMIT, and the store's cap comes back after
     import quadflow.shards as shards_mod
     from quadflow.settings import DedupSettings
     from quadflow.tasks.dedup import dedup
