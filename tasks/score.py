@@ -338,8 +338,7 @@ def pool_ngram_totals(con: Any, features_key: str) -> tuple[int, np.ndarray]:
 ROWS_READ = 1 << 15
 
 
-def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int,
-                   rows_read: int | None = None) -> sp.csr_matrix:
+def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int) -> sp.csr_matrix:
     """(len(idx), n_buckets) CSR n-gram counts of the pool documents idx, in the order of idx.
 
     Read ROWS_READ documents at a time, by ascending doc_idx, each query bounded to its documents' range.
@@ -347,10 +346,9 @@ def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int,
     idx = np.asarray(idx, dtype=np.int64)
     order = np.argsort(idx, kind="stable")
     want = idx[order]
-    step = rows_read or ROWS_READ
-    parts = [sp.csr_matrix((0, n_buckets), dtype=np.float32)]
-    for lo in range(0, want.size, step):
-        chunk = want[lo:lo + step]
+    parts = []
+    for lo in range(0, want.size, ROWS_READ):
+        chunk = want[lo:lo + ROWS_READ]
         con.register("picked", pa.table({"doc_idx": pa.array(chunk)}))
         try:
             table = query_sql(con, "score_ngrams_at", {"key": features_key, "role": "pool", "lo": int(chunk[0]),
@@ -361,7 +359,7 @@ def read_pool_rows(con: Any, features_key: str, idx: np.ndarray, n_buckets: int,
             raise ValueError(f"featurize_ngrams {features_key}/pool lacks some of the {idx.size} requested documents")
         parts.append(_csr(table, n_buckets))
         del table
-    rows = sp.vstack(parts, format="csr") if len(parts) > 2 else parts[-1].tocsr()
+    rows = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, n_buckets), dtype=np.float32)
     return rows[np.argsort(order)] if not np.all(np.diff(idx) >= 0) else rows
 
 
